@@ -1,0 +1,116 @@
+"""The aiohttp application factory: routes, the ``POST /rpc`` handler, app-wide resources.
+
+Resources (engine, unit-of-work factory) are created in ``cleanup_ctx`` and kept under
+typed app keys; nothing is global at import time, so tests build apps with their own
+settings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from rpc_server.config import Settings
+from rpc_server.context import RpcContext
+from rpc_server.database import create_engine
+from rpc_server.domain.links import FrontendLinks
+from rpc_server.envelope import ParseError, answer, invalid_request, parse, parse_error
+from rpc_server.methods import REGISTRY
+from rpc_server.registry import MethodRegistry
+from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY_KEY = web.AppKey("registry", MethodRegistry)
+UOW_FACTORY = web.AppKey("uow_factory", SqlAlchemyUnitOfWorkFactory)
+
+# An oversized body is read and thrown away (so the client sees our 413 rather than a
+# reset connection) up to this many bytes; beyond it the connection is closed.
+MAX_DISCARD_BYTES = 64 * 1024 * 1024
+
+
+def json_response(payload: Any, *, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(),
+        status=status,
+        content_type="application/json",
+    )
+
+
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """Return the body, or None (after discarding it) when it is larger than ``limit``."""
+    if request.content_length is not None and request.content_length > limit:
+        await _discard(request)
+        return None
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            await _discard(request)
+            return None
+    return bytes(body)
+
+
+async def _discard(request: web.Request) -> None:
+    discarded = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        discarded += len(chunk)
+        if discarded > MAX_DISCARD_BYTES:
+            if request.transport is not None:
+                request.transport.close()
+            return
+
+
+def bearer_token(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def handle_rpc(request: web.Request) -> web.StreamResponse:
+    """POST /rpc: one JSON-RPC 2.0 request, notification or batch."""
+    settings = request.app[SETTINGS]
+    body = await read_body(request, settings.max_body_bytes)
+    if body is None:
+        return json_response(
+            invalid_request(f"The body is larger than {settings.max_body_bytes} bytes."),
+            status=413,
+        )
+    try:
+        payload = parse(body)
+    except ParseError as exc:
+        return json_response(parse_error(str(exc)))
+    ctx = RpcContext(
+        uow=request.app[UOW_FACTORY],
+        links=FrontendLinks(settings.frontend_url),
+        token=bearer_token(request),
+    )
+    result = await answer(
+        payload, request.app[REGISTRY_KEY], ctx, max_batch_length=settings.max_batch_length
+    )
+    if result is None:
+        return web.Response(status=204)
+    return json_response(result)
+
+
+async def handle_healthz(request: web.Request) -> web.Response:
+    """GET /healthz: 200 while the process runs (liveness; says nothing of the database)."""
+    return json_response({"status": "ok"})
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    engine = create_engine(app[SETTINGS].database_url)
+    app[UOW_FACTORY] = SqlAlchemyUnitOfWorkFactory(engine)
+    yield
+    await engine.dispose()
+
+
+def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.Application:
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[REGISTRY_KEY] = registry
+    app.cleanup_ctx.append(database_ctx)
+    app.router.add_post("/rpc", handle_rpc)
+    app.router.add_get("/healthz", handle_healthz)
+    return app

@@ -1,0 +1,157 @@
+"""The ``rpc-server`` command: migrate, create-token, create-course, seed-demo, serve.
+
+Configuration comes from ``RPC_SERVER_*`` environment variables (see ``config.Settings``);
+flags override them where offered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from aiohttp import web
+from marshmallow import ValidationError
+
+from rpc_server import __version__
+from rpc_server.app import create_app
+from rpc_server.config import ConfigError, Settings
+from rpc_server.database import create_engine, is_sqlite
+from rpc_server.demo import seed_demo
+from rpc_server.domain import services
+from rpc_server.domain.links import FrontendLinks
+from rpc_server.migrate import migrate
+from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from schemas import CourseSaveParams
+
+T = TypeVar("T")
+log = logging.getLogger("rpc_server")
+
+
+def with_database(
+    settings: Settings, work: Callable[[SqlAlchemyUnitOfWorkFactory], Awaitable[T]]
+) -> T:
+    """Run ``work`` with a unit-of-work factory on the configured database."""
+
+    async def run() -> T:
+        engine = create_engine(settings.database_url)
+        try:
+            return await work(SqlAlchemyUnitOfWorkFactory(engine))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    asyncio.run(migrate(settings.database_url))
+    print("database schema is up to date")
+    return 0
+
+
+def cmd_create_token(settings: Settings, args: argparse.Namespace) -> int:
+    token = with_database(
+        settings, lambda uow: services.issue_token(uow, args.email, is_staff=args.staff)
+    )
+    kind = "staff user" if args.staff else "user"
+    print(f"new token for {kind} {args.email} (shown once, store it now):")
+    print(token)
+    return 0
+
+
+def cmd_create_course(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        course = CourseSaveParams().load(
+            {"slug": args.slug, "title": args.title, "price": args.price, "currency": args.currency}
+        )
+    except ValidationError as exc:
+        for field, messages in exc.messages_dict.items():
+            print(f"error: --{field}: {' '.join(map(str, messages))}", file=sys.stderr)
+        return 2
+    saved = with_database(settings, lambda uow: services.save_course(uow, **course))
+    print(f"course {saved.slug}: {saved.title}, {saved.price} {saved.currency}")
+    return 0
+
+
+def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
+    if is_sqlite(settings.database_url):
+        asyncio.run(migrate(settings.database_url))
+    users = with_database(
+        settings, lambda uow: seed_demo(uow, FrontendLinks(settings.frontend_url))
+    )
+    print("demo data ready. Demo tokens (well-known: never use them in production):")
+    for user in users:
+        role = " (staff)" if user.is_staff else ""
+        print(f"  {user.email}{role}: {user.token}")
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    host = args.host or settings.host
+    port = args.port or settings.port
+    if is_sqlite(settings.database_url):
+        # The embedded database needs no separate step: bring it up to date here.
+        asyncio.run(migrate(settings.database_url))
+    print(f"JSON-RPC 2.0 endpoint: POST http://{host}:{port}/rpc", flush=True)
+    web.run_app(create_app(settings), host=host, port=port, print=None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rpc-server",
+        description="JSON-RPC 2.0 purchase fulfillment server. "
+        "Configured by RPC_SERVER_* environment variables.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("migrate", help="create or upgrade the database schema").set_defaults(
+        run=cmd_migrate
+    )
+
+    token = commands.add_parser(
+        "create-token", help="create the user if needed and print a new token (last line)"
+    )
+    token.add_argument("email")
+    token.add_argument("--staff", action="store_true", help="the user is staff (support desk)")
+    token.set_defaults(run=cmd_create_token)
+
+    course = commands.add_parser("create-course", help="create or update a course")
+    course.add_argument("slug")
+    course.add_argument("--title", required=True)
+    course.add_argument("--price", required=True, help="a decimal, for example 49.00")
+    course.add_argument("--currency", required=True, help="ISO 4217 code, for example USD")
+    course.set_defaults(run=cmd_create_course)
+
+    commands.add_parser(
+        "seed-demo", help="create demo users, courses and purchases; print demo tokens"
+    ).set_defaults(run=cmd_seed_demo)
+
+    serve = commands.add_parser("serve", help="start the HTTP server")
+    serve.add_argument("--host", help="address to listen on (RPC_SERVER_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (RPC_SERVER_PORT)")
+    serve.set_defaults(run=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run: Callable[[Settings, argparse.Namespace], int] = args.run
+    return run(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

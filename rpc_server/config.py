@@ -1,0 +1,65 @@
+"""Settings: read once from ``RPC_SERVER_*`` environment variables into a frozen object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./rpc_server.sqlite3"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting, its default, and the environment variable it comes from.
+
+    The variable of a field is ``RPC_SERVER_`` + its upper-cased name, for example
+    ``database_url`` comes from ``RPC_SERVER_DATABASE_URL``.
+    """
+
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = "127.0.0.1"
+    port: int = 8080
+    frontend_url: str = "http://localhost:3000"
+    log_level: str = "INFO"
+    # Envelope limits: every client request is bounded before any work is done.
+    max_body_bytes: int = 1024 * 1024
+    max_batch_length: int = 100
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``environ`` (default ``os.environ``), then ``overrides``.
+
+        Raises ConfigError naming the variable when a value does not parse.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            variable = f"RPC_SERVER_{field.name.upper()}"
+            if variable not in environ:
+                continue
+            raw = environ[variable]
+            if field.type == "int":
+                try:
+                    values[field.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(f"{variable} must be an integer, got {raw!r}") from None
+            else:
+                values[field.name] = raw
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ConfigError("RPC_SERVER_MAX_BODY_BYTES must be at least 1")
+        if self.max_batch_length < 1:
+            raise ConfigError("RPC_SERVER_MAX_BATCH_LENGTH must be at least 1")
+        if not 0 < self.port < 65536:
+            raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")

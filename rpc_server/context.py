@@ -1,0 +1,32 @@
+"""The per-request context jsonrpcserver passes as every method's first argument.
+
+It carries a unit-of-work factory (never a session: batch items run concurrently and
+each opens its own transaction), the frontend links, and the caller's token. The token
+is looked up at most once per HTTP request, however many batch items need it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from rpc_server.domain import services
+from rpc_server.domain.links import FrontendLinks
+from rpc_server.domain.ports import UnitOfWorkFactory
+from rpc_server.domain.records import Actor
+
+
+@dataclass
+class RpcContext:
+    uow: UnitOfWorkFactory
+    links: FrontendLinks
+    token: str | None = None
+    _actor: asyncio.Task[Actor | None] | None = field(default=None, repr=False)
+
+    async def authenticate(self) -> Actor | None:
+        """Return the caller, or None without a valid token; one lookup per request."""
+        if self.token is None:
+            return None
+        if self._actor is None:
+            self._actor = asyncio.ensure_future(services.authenticate(self.uow, self.token))
+        return await asyncio.shield(self._actor)

@@ -1,0 +1,47 @@
+"""Domain errors. The method layer maps them to JSON-RPC codes in one table.
+
+Each error carries a message meant for the person calling and, optionally, structured
+``data``. Neither ever holds internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    message: str = "Domain error"
+
+    def __init__(self, message: str | None = None, data: dict[str, Any] | None = None):
+        super().__init__(message or self.message)
+        if message is not None:
+            self.message = message
+        self.data = data
+
+
+class Unauthenticated(DomainError):
+    message = "Unauthenticated: send a valid token as 'Authorization: Bearer <token>'"
+
+
+class NotFound(DomainError):
+    message = "Not found"
+
+
+class Conflict(DomainError):
+    message = "Conflict"
+
+
+class InvalidTransition(Conflict):
+    def __init__(self, current: str, requested: str):
+        super().__init__(
+            f"A {current} purchase cannot become {requested}",
+            {"current_state": current, "requested_state": requested},
+        )
+
+
+class IdempotencyKeyReused(Conflict):
+    def __init__(self, idempotency_key: str, course: str):
+        super().__init__(
+            "This idempotency_key was already used for a purchase of another course",
+            {"idempotency_key": idempotency_key, "course": course},
+        )

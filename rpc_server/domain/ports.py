@@ -1,0 +1,132 @@
+"""What the domain needs from storage, as Protocols.
+
+The SQLAlchemy implementation lives in ``rpc_server.unit_of_work``; unit tests use
+in-memory fakes. Repositories never commit: the unit of work does, once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from types import TracebackType
+from typing import Protocol, Self
+
+from rpc_server.domain.records import Actor, Course, Purchase, Registration
+from rpc_server.domain.states import PurchaseState
+
+
+class CourseRepository(Protocol):
+    async def list_all(self) -> list[Course]: ...
+
+    async def get_by_slug(self, slug: str) -> Course | None: ...
+
+    async def save(self, *, slug: str, title: str, price: Decimal, currency: str) -> Course:
+        """Create the course, or update the one with this slug."""
+        ...
+
+
+class PurchaseRepository(Protocol):
+    async def add(
+        self,
+        *,
+        purchase_id: str,
+        owner_id: int,
+        course: Course,
+        idempotency_key: str | None,
+        now: datetime,
+    ) -> Purchase | None:
+        """Insert a purchase; return None if (owner, idempotency_key) already exists."""
+        ...
+
+    async def get(self, purchase_id: str, *, owner_id: int | None) -> Purchase | None:
+        """Return the purchase, only if owned by ``owner_id`` (None: any owner)."""
+        ...
+
+    async def get_by_idempotency_key(self, owner_id: int, key: str) -> Purchase | None: ...
+
+    async def list_page(
+        self,
+        *,
+        owner_id: int | None,
+        state: PurchaseState | None,
+        limit: int,
+        before: int | None,
+    ) -> list[Purchase]:
+        """Return up to ``limit`` purchases with pk < ``before``, newest first."""
+        ...
+
+    async def transition(
+        self,
+        pk: int,
+        *,
+        sources: frozenset[PurchaseState],
+        target: PurchaseState,
+        error_msg: str | None,
+        now: datetime,
+    ) -> bool:
+        """Atomically move the purchase to ``target`` if its state is in ``sources``.
+
+        Returns True if this call made the change. This is one conditional UPDATE in
+        the database, never a read-then-write, so concurrent callers cannot both win.
+        """
+        ...
+
+
+class RegistrationRepository(Protocol):
+    async def add(self, purchase: Purchase, *, now: datetime) -> None: ...
+
+    async def list_for_user(self, user_id: int) -> list[Registration]: ...
+
+
+class ReceiptOutboxRepository(Protocol):
+    async def add(self, purchase: Purchase, *, now: datetime) -> None: ...
+
+
+class UserRepository(Protocol):
+    async def find_actor(self, token_hash: str, *, now: datetime) -> Actor | None:
+        """Return the owner of a live (not expired, not revoked) token, or None."""
+        ...
+
+    async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> Actor:
+        """Return the user with this email, creating it (or updating its staff flag)."""
+        ...
+
+    async def add_token(self, user_id: int, token_hash: str, *, now: datetime) -> bool:
+        """Store a token hash for the user; False if that hash is already stored."""
+        ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction: rolled back on exit unless ``commit`` was called."""
+
+    @property
+    def users(self) -> UserRepository: ...
+
+    @property
+    def courses(self) -> CourseRepository: ...
+
+    @property
+    def purchases(self) -> PurchaseRepository: ...
+
+    @property
+    def registrations(self) -> RegistrationRepository: ...
+
+    @property
+    def receipts(self) -> ReceiptOutboxRepository: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def commit(self) -> None: ...
+
+
+class UnitOfWorkFactory(Protocol):
+    def __call__(self, *, write: bool = False) -> UnitOfWork:
+        """Return a new unit of work; ``write=True`` if it will write."""
+        ...

@@ -1,0 +1,71 @@
+"""Exceptions to JSON-RPC errors: one table, looked up along the exception's class hierarchy.
+
+Application errors use codes outside the range JSON-RPC reserves (-32768..-32000) and
+mirror HTTP: 401, 404, 409. ``-32000`` "Service unavailable" is the one
+implementation-defined server error (the database cannot be reached). Anything not in
+the table is an internal error: logged with an error id; the client gets only the id.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from jsonrpcserver import Error
+from jsonrpcserver.result import Result
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from rpc_server.domain.errors import Conflict, DomainError, NotFound, Unauthenticated
+
+logger = logging.getLogger("rpc_server.errors")
+
+# Standard JSON-RPC 2.0 codes.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# Implementation-defined server error.
+SERVICE_UNAVAILABLE = -32000
+# Application errors, mirroring HTTP.
+UNAUTHENTICATED = 401
+NOT_FOUND = 404
+CONFLICT = 409
+
+ERROR_CODES: dict[type[BaseException], int] = {
+    Unauthenticated: UNAUTHENTICATED,
+    NotFound: NOT_FOUND,
+    Conflict: CONFLICT,
+}
+
+# Failures of the database itself (unreachable, locked, pool exhausted): the call may
+# be retried later. Never shown with their text.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+    ConnectionError,
+)
+
+
+def code_for(exc: BaseException) -> int | None:
+    """Return the JSON-RPC code of a domain error, walking up its class hierarchy."""
+    for klass in type(exc).__mro__:
+        if klass in ERROR_CODES:
+            return ERROR_CODES[klass]
+    return None
+
+
+def error_result(exc: Exception, *, method: str) -> Result:
+    """Turn an exception raised by a method into a JSON-RPC error result."""
+    if isinstance(exc, DomainError) and (code := code_for(exc)) is not None:
+        return Error(code, exc.message, *([exc.data] if exc.data is not None else []))
+    if isinstance(exc, UNAVAILABLE) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        logger.warning("database unavailable in %s: %s", method, type(exc).__name__)
+        return Error(SERVICE_UNAVAILABLE, "Service unavailable: try again later")
+    error_id = uuid.uuid4().hex
+    logger.exception("internal error %s in %s", error_id, method)
+    data: dict[str, Any] = {"error_id": error_id}
+    return Error(INTERNAL_ERROR, "Internal error", data)

@@ -1,0 +1,53 @@
+"""purchase.create, purchase.get, purchase.list, purchase.fulfill."""
+
+from __future__ import annotations
+
+from rpc_server.context import RpcContext
+from rpc_server.domain import services
+from rpc_server.domain.records import Actor, Fulfillment, Purchase, PurchasePage
+from rpc_server.domain.states import PurchaseState
+
+
+async def create_purchase(
+    ctx: RpcContext, actor: Actor, *, course: str, idempotency_key: str | None = None
+) -> Purchase:
+    """Create a pending purchase of a course; retry-safe with an idempotency_key."""
+    return await services.create_purchase(
+        ctx.uow, actor, course=course, idempotency_key=idempotency_key
+    )
+
+
+async def get_purchase(ctx: RpcContext, actor: Actor, *, purchase_id: str) -> Purchase:
+    """Return one purchase: the caller's own, or any for staff."""
+    return await services.get_purchase(ctx.uow, actor, purchase_id=purchase_id)
+
+
+async def list_purchases(
+    ctx: RpcContext,
+    actor: Actor,
+    *,
+    state: PurchaseState | None = None,
+    limit: int = 20,
+    cursor: int | None = None,
+) -> PurchasePage:
+    """List purchases newest first, a page at a time (pass next_cursor back as cursor)."""
+    return await services.list_purchases(ctx.uow, actor, state=state, limit=limit, cursor=cursor)
+
+
+async def fulfill_purchase(
+    ctx: RpcContext,
+    actor: Actor,
+    *,
+    purchase_id: str,
+    purchase_state: PurchaseState,
+    error_msg: str | None = None,
+) -> Fulfillment:
+    """Record a payment outcome: fulfilled, failed or canceled; idempotent."""
+    return await services.fulfill_purchase(
+        ctx.uow,
+        actor,
+        ctx.links,
+        purchase_id=purchase_id,
+        purchase_state=purchase_state,
+        error_msg=error_msg,
+    )

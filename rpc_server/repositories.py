@@ -1,0 +1,274 @@
+"""SQLAlchemy repositories: rows in, frozen domain records out. They never commit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Select, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from models import ApiToken as TokenRow
+from models import Course as CourseRow
+from models import CourseRegistration as RegistrationRow
+from models import Purchase as PurchaseRow
+from models import ReceiptOutbox as ReceiptRow
+from models import User as UserRow
+from rpc_server.domain.records import Actor, Course, Purchase, Registration
+from rpc_server.domain.states import PurchaseState
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+class SqlUserRepository:
+    def __init__(self, session: AsyncSession):
+        self.session = session
+
+    async def find_actor(self, token_hash: str, *, now: datetime) -> Actor | None:
+        row = (
+            await self.session.execute(
+                select(UserRow.id, UserRow.email, UserRow.is_staff)
+                .join(TokenRow, TokenRow.user_id == UserRow.id)
+                .where(
+                    TokenRow.token_hash == token_hash,
+                    TokenRow.revoked_at.is_(None),
+                    or_(TokenRow.expires_at.is_(None), TokenRow.expires_at > now),
+                )
+            )
+        ).first()
+        return None if row is None else Actor(row.id, row.email, row.is_staff)
+
+    async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> Actor:
+        user = await self.session.scalar(select(UserRow).where(UserRow.email == email))
+        if user is None:
+            user = UserRow(email=email, is_staff=is_staff, created_at=now)
+            self.session.add(user)
+        else:
+            user.is_staff = is_staff
+        await self.session.flush()
+        return Actor(user.id, user.email, user.is_staff)
+
+    async def add_token(self, user_id: int, token_hash: str, *, now: datetime) -> bool:
+        stored = await self.session.scalar(
+            select(TokenRow.id).where(TokenRow.token_hash == token_hash)
+        )
+        if stored is not None:
+            return False
+        self.session.add(TokenRow(user_id=user_id, token_hash=token_hash, created_at=now))
+        await self.session.flush()
+        return True
+
+
+def _course(row: CourseRow) -> Course:
+    return Course(row.id, row.slug, row.title, row.price, row.currency)
+
+
+class SqlCourseRepository:
+    def __init__(self, session: AsyncSession):
+        self.session = session
+
+    async def list_all(self) -> list[Course]:
+        rows = await self.session.scalars(select(CourseRow).order_by(CourseRow.slug))
+        return [_course(row) for row in rows]
+
+    async def get_by_slug(self, slug: str) -> Course | None:
+        row = await self.session.scalar(select(CourseRow).where(CourseRow.slug == slug))
+        return None if row is None else _course(row)
+
+    async def save(self, *, slug: str, title: str, price: Decimal, currency: str) -> Course:
+        row = await self.session.scalar(select(CourseRow).where(CourseRow.slug == slug))
+        if row is None:
+            row = CourseRow(slug=slug)
+            self.session.add(row)
+        row.title, row.price, row.currency = title, price, currency
+        await self.session.flush()
+        return _course(row)
+
+
+_PURCHASE_COLUMNS = (
+    PurchaseRow.id,
+    PurchaseRow.purchase_id,
+    PurchaseRow.owner_id,
+    UserRow.email,
+    PurchaseRow.course_id,
+    CourseRow.slug,
+    CourseRow.title,
+    PurchaseRow.amount,
+    PurchaseRow.currency,
+    PurchaseRow.state,
+    PurchaseRow.error_msg,
+    PurchaseRow.created_at,
+    PurchaseRow.updated_at,
+    PurchaseRow.fulfilled_at,
+)
+
+
+def _purchase_query() -> Select[*tuple[Any, ...]]:
+    return (
+        select(*_PURCHASE_COLUMNS)
+        .join(UserRow, UserRow.id == PurchaseRow.owner_id)
+        .join(CourseRow, CourseRow.id == PurchaseRow.course_id)
+    )
+
+
+def _purchase(row: Sequence[Any]) -> Purchase:
+    (pk, purchase_id, owner_id, email, course_pk, slug, title, amount, currency,
+     state, error_msg, created_at, updated_at, fulfilled_at) = row  # fmt: skip
+    return Purchase(
+        pk=pk,
+        purchase_id=purchase_id,
+        owner_id=owner_id,
+        owner_email=email,
+        course_pk=course_pk,
+        course_slug=slug,
+        course_title=title,
+        amount=amount,
+        currency=currency,
+        state=PurchaseState(state),
+        error_msg=error_msg,
+        created_at=as_utc(created_at),
+        updated_at=as_utc(updated_at),
+        fulfilled_at=None if fulfilled_at is None else as_utc(fulfilled_at),
+    )
+
+
+class SqlPurchaseRepository:
+    def __init__(self, session: AsyncSession):
+        self.session = session
+
+    async def _one(self, query: Select[*tuple[Any, ...]]) -> Purchase | None:
+        row = (await self.session.execute(query)).first()
+        return None if row is None else _purchase(row)
+
+    async def add(
+        self,
+        *,
+        purchase_id: str,
+        owner_id: int,
+        course: Course,
+        idempotency_key: str | None,
+        now: datetime,
+    ) -> Purchase | None:
+        statement = insert(PurchaseRow).values(
+            purchase_id=purchase_id,
+            owner_id=owner_id,
+            course_id=course.pk,
+            amount=course.price,
+            currency=course.currency,
+            state=PurchaseState.PENDING.value,
+            idempotency_key=idempotency_key,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            # A savepoint, so that losing an idempotency-key race leaves the
+            # transaction usable for reading the winner's purchase.
+            async with self.session.begin_nested():
+                await self.session.execute(statement)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            return None
+        return await self.get(purchase_id, owner_id=owner_id)
+
+    async def get(self, purchase_id: str, *, owner_id: int | None) -> Purchase | None:
+        query = _purchase_query().where(PurchaseRow.purchase_id == purchase_id)
+        if owner_id is not None:
+            query = query.where(PurchaseRow.owner_id == owner_id)
+        return await self._one(query)
+
+    async def get_by_idempotency_key(self, owner_id: int, key: str) -> Purchase | None:
+        return await self._one(
+            _purchase_query().where(
+                PurchaseRow.owner_id == owner_id, PurchaseRow.idempotency_key == key
+            )
+        )
+
+    async def list_page(
+        self,
+        *,
+        owner_id: int | None,
+        state: PurchaseState | None,
+        limit: int,
+        before: int | None,
+    ) -> list[Purchase]:
+        query = _purchase_query().order_by(PurchaseRow.id.desc()).limit(limit)
+        if owner_id is not None:
+            query = query.where(PurchaseRow.owner_id == owner_id)
+        if state is not None:
+            query = query.where(PurchaseRow.state == state.value)
+        if before is not None:
+            query = query.where(PurchaseRow.id < before)
+        return [_purchase(row) for row in await self.session.execute(query)]
+
+    async def transition(
+        self,
+        pk: int,
+        *,
+        sources: frozenset[PurchaseState],
+        target: PurchaseState,
+        error_msg: str | None,
+        now: datetime,
+    ) -> bool:
+        values: dict[str, object] = {
+            "state": target.value,
+            "error_msg": error_msg,
+            "updated_at": now,
+        }
+        if target is PurchaseState.FULFILLED:
+            values["fulfilled_at"] = now
+        result = await self.session.execute(
+            update(PurchaseRow)
+            .where(PurchaseRow.id == pk, PurchaseRow.state.in_([s.value for s in sources]))
+            .values(**values)
+            .returning(PurchaseRow.id)
+        )
+        return result.first() is not None
+
+
+class SqlRegistrationRepository:
+    def __init__(self, session: AsyncSession):
+        self.session = session
+
+    async def add(self, purchase: Purchase, *, now: datetime) -> None:
+        await self.session.execute(
+            insert(RegistrationRow).values(
+                purchase_id=purchase.pk,
+                user_id=purchase.owner_id,
+                course_id=purchase.course_pk,
+                created_at=now,
+            )
+        )
+
+    async def list_for_user(self, user_id: int) -> list[Registration]:
+        rows = await self.session.execute(
+            select(CourseRow.slug, PurchaseRow.purchase_id, RegistrationRow.created_at)
+            .join(CourseRow, CourseRow.id == RegistrationRow.course_id)
+            .join(PurchaseRow, PurchaseRow.id == RegistrationRow.purchase_id)
+            .where(RegistrationRow.user_id == user_id)
+            .order_by(RegistrationRow.id.desc())
+        )
+        return [Registration(slug, pid, as_utc(created)) for slug, pid, created in rows]
+
+
+class SqlReceiptOutboxRepository:
+    def __init__(self, session: AsyncSession):
+        self.session = session
+
+    async def add(self, purchase: Purchase, *, now: datetime) -> None:
+        await self.session.execute(
+            insert(ReceiptRow).values(
+                purchase_id=purchase.pk,
+                recipient=purchase.owner_email,
+                status="pending",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )

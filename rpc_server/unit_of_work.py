@@ -1,0 +1,66 @@
+"""The SQLAlchemy unit of work: one session, one transaction, rolled back unless committed.
+
+Each JSON-RPC call (each item of a batch, too) gets its own unit of work from the
+factory in its context, so concurrent items never share a session.
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Self
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from rpc_server.database import SQLITE_IMMEDIATE
+from rpc_server.repositories import (
+    SqlCourseRepository,
+    SqlPurchaseRepository,
+    SqlReceiptOutboxRepository,
+    SqlRegistrationRepository,
+    SqlUserRepository,
+)
+
+
+class SqlAlchemyUnitOfWork:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]):
+        self._sessions = sessions
+
+    async def __aenter__(self) -> Self:
+        self.session = self._sessions()
+        self.users = SqlUserRepository(self.session)
+        self.courses = SqlCourseRepository(self.session)
+        self.purchases = SqlPurchaseRepository(self.session)
+        self.registrations = SqlRegistrationRepository(self.session)
+        self.receipts = SqlReceiptOutboxRepository(self.session)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.session.rollback()
+        finally:
+            await self.session.close()
+
+    async def commit(self) -> None:
+        await self.session.commit()
+
+
+class SqlAlchemyUnitOfWorkFactory:
+    """Makes units of work; write units of work take SQLite's write lock up front."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self._readers = async_sessionmaker(engine, expire_on_commit=False)
+        writer_engine = (
+            engine.execution_options(**{SQLITE_IMMEDIATE: True})
+            if engine.dialect.name == "sqlite"
+            else engine
+        )
+        self._writers = async_sessionmaker(writer_engine, expire_on_commit=False)
+
+    def __call__(self, *, write: bool = False) -> SqlAlchemyUnitOfWork:
+        return SqlAlchemyUnitOfWork(self._writers if write else self._readers)

@@ -1,0 +1,37 @@
+"""Marshmallow schemas: what each JSON-RPC method accepts and what it returns.
+
+Inputs are ``*Params`` schemas (every field write-only, unknown fields rejected, so a
+server-owned field sent as input is an invalid param); outputs are ``*Out`` schemas
+(every field read-only). The field order of a ``*Params`` schema is the positional order
+of the method's params.
+"""
+
+from schemas.base import Out, Params
+from schemas.course import CourseListParams, CourseOut, CourseSaveParams
+from schemas.purchase import (
+    FulfillmentOut,
+    PurchaseCreateParams,
+    PurchaseFulfillParams,
+    PurchaseGetParams,
+    PurchaseListParams,
+    PurchaseOut,
+    PurchasePageOut,
+)
+from schemas.registration import RegistrationListParams, RegistrationOut
+
+__all__ = [
+    "CourseListParams",
+    "CourseOut",
+    "CourseSaveParams",
+    "FulfillmentOut",
+    "Out",
+    "Params",
+    "PurchaseCreateParams",
+    "PurchaseFulfillParams",
+    "PurchaseGetParams",
+    "PurchaseListParams",
+    "PurchaseOut",
+    "PurchasePageOut",
+    "RegistrationListParams",
+    "RegistrationOut",
+]
