@@ -1,8 +1,21 @@
 """course.list."""
 
-from marshmallow import fields, validate
+from decimal import Decimal
+from typing import NoReturn
+
+from marshmallow import ValidationError, fields, validate
 
 from schemas.base import Out, Params
+
+
+def _raise(message: str) -> NoReturn:
+    raise ValidationError(message)
+
+
+def _cents(price: Decimal) -> None:
+    """Reject rather than round: 1.234 is a typo, not a price."""
+    if price != price.quantize(Decimal("0.01")):
+        raise ValidationError("Use at most two decimal places.")
 
 
 class CourseListParams(Params):
@@ -26,7 +39,11 @@ class CourseSaveParams(Params):
         ),
     )
     title = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    price = fields.Decimal(required=True, places=2, validate=validate.Range(min=0), allow_nan=False)
+    price = fields.Decimal(
+        required=True,
+        allow_nan=False,
+        validate=[validate.Range(min=0, max=Decimal("9999999999.99")), _cents],
+    )
     currency = fields.String(
         required=True,
         validate=validate.Regexp(r"^[A-Z]{3}$", error="Use a three-letter ISO 4217 code."),
