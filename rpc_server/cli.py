@@ -95,7 +95,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     if is_sqlite(settings.database_url):
         # The embedded database needs no separate step: bring it up to date here.
         asyncio.run(migrate(settings.database_url))
-    print(f"JSON-RPC 2.0 endpoint: POST http://{host}:{port}/rpc", flush=True)
+    url = f"http://{host}:{port}/rpc"
+    print(f"JSON-RPC 2.0 endpoint: POST {url}", flush=True)
+    print(
+        "try: curl -s -H 'Authorization: Bearer demo-alice' "
+        f"""-d '{{"jsonrpc": "2.0", "method": "purchase.list", "id": 1}}' {url}""",
+        flush=True,
+    )
     web.run_app(create_app(settings), host=host, port=port, print=None)
     return 0
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 RPC_SERVER = str(Path(sys.executable).parent / "rpc-server")
 
 
@@ -111,6 +112,13 @@ def test_seed_demo_is_idempotent_and_serve_answers(workdir: Path) -> None:
                 time.sleep(0.1)
         courses = post(port, {"jsonrpc": "2.0", "method": "course.list", "id": 1})
         purchases = post(port, {"jsonrpc": "2.0", "method": "purchase.list", "id": 2}, "demo-alice")
+        example = subprocess.run(
+            [str(EXAMPLES / "curl.sh")],
+            env={**os.environ, "RPC_URL": f"http://127.0.0.1:{port}/rpc"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     finally:
         server.send_signal(signal.SIGTERM)
         output, _ = server.communicate(timeout=30)
@@ -118,3 +126,6 @@ def test_seed_demo_is_idempotent_and_serve_answers(workdir: Path) -> None:
     # Seeding twice created alice's two demo purchases once.
     assert len(purchases["result"]["items"]) == 2  # type: ignore[index]
     assert server.returncode == 0, output
+    assert example.returncode == 0, example.stdout + example.stderr
+    assert "(identical)" in example.stdout
+    assert "HTTP 500" not in example.stderr
