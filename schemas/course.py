@@ -35,7 +35,7 @@ class CourseSaveParams(Params):
     slug = fields.String(
         required=True,
         validate=validate.Regexp(
-            r"^[a-z0-9][a-z0-9-]{0,99}$", error="Use lowercase letters, digits and dashes."
+            r"^[a-z0-9][a-z0-9-]{0,99}\Z", error="Use lowercase letters, digits and dashes."
         ),
     )
     title = fields.String(required=True, validate=validate.Length(min=1, max=200))
@@ -46,5 +46,5 @@ class CourseSaveParams(Params):
     )
     currency = fields.String(
         required=True,
-        validate=validate.Regexp(r"^[A-Z]{3}$", error="Use a three-letter ISO 4217 code."),
+        validate=validate.Regexp(r"^[A-Z]{3}\Z", error="Use a three-letter ISO 4217 code."),
     )

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Any
 
 from marshmallow import fields
+
+_KEYSET = re.compile(r"p([0-9]{1,19})")
+MAX_ROW_NUMBER = 2**63 - 1  # row numbers are 64-bit integers on every engine
 
 
 class Cursor(fields.Field[int]):
@@ -32,6 +36,7 @@ class Cursor(fields.Field[int]):
             decoded = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise self.make_error("invalid") from None
-        if not decoded.startswith("p") or not decoded[1:].isdigit() or len(decoded) > 20:
+        match = _KEYSET.fullmatch(decoded)
+        if match is None or int(match[1]) > MAX_ROW_NUMBER:
             raise self.make_error("invalid")
-        return int(decoded[1:])
+        return int(match[1])

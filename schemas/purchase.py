@@ -11,9 +11,10 @@ from rpc_server.domain.states import REQUESTABLE_STATES, PurchaseState
 from schemas.base import Out, Params
 from schemas.fields import Cursor
 
+REQUESTABLE = "Must be one of: " + ", ".join(REQUESTABLE_STATES) + "."
 PURCHASE_ID = fields.String(
     required=True,
-    validate=validate.Regexp(r"^[0-9a-z]{1,64}$", error="Not a valid purchase id."),
+    validate=validate.Regexp(r"^[0-9a-z]{1,64}\Z", error="Not a valid purchase id."),
 )
 SLUG = fields.String(required=True, validate=validate.Length(min=1, max=100))
 
@@ -39,9 +40,8 @@ class PurchaseFulfillParams(Params):
         PurchaseState,
         by_value=True,
         required=True,
-        validate=validate.OneOf(
-            REQUESTABLE_STATES, error="Must be one of: fulfilled, failed, canceled."
-        ),
+        error_messages={"unknown": REQUESTABLE},
+        validate=validate.OneOf(REQUESTABLE_STATES, error=REQUESTABLE),
     )
     error_msg = fields.String(validate=validate.Length(max=1000))
 

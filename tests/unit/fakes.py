@@ -1,0 +1,521 @@
+"""In-memory fakes of the ports in ``rpc_server.domain.ports``, for the unit tests.
+
+A ``FakeStore`` is the "database": committed rows. Each ``FakeUnitOfWork`` copies the
+committed store on enter and works on that copy; ``commit`` publishes the copy, and
+leaving without a commit discards it, like a rolled-back transaction. Read-only units
+of work (``factory()``) refuse to write, so a service that forgets ``write=True`` fails.
+
+The database guarantees the SQL schema gives (one registration and one receipt per
+purchase, one purchase per owner and idempotency key) are enforced here too.
+
+To act out concurrency, ``FakeUnitOfWorkFactory.interleave`` runs another writer's
+committed change just before a repository call of the unit of work under test, and
+makes it visible to that call (READ COMMITTED, as a conditional UPDATE sees it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from types import TracebackType
+from typing import Self
+
+from rpc_server.domain.records import Actor, Course, Purchase, Registration
+from rpc_server.domain.states import PurchaseState
+from rpc_server.domain.tokens import hash_token
+
+
+class UniqueViolation(Exception):
+    """What the database's unique constraints would raise."""
+
+
+class ReadOnlyUnitOfWork(AssertionError):
+    """A write was attempted in a unit of work opened without ``write=True``."""
+
+
+class FixedClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self, start: datetime | None = None):
+        self.now = start or datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float = 1) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    user_id: int
+    token_hash: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class PurchaseRow:
+    purchase: Purchase
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class RegistrationRow:
+    pk: int
+    purchase_pk: int
+    purchase_id: str
+    user_id: int
+    course_pk: int
+    course_slug: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ReceiptRow:
+    pk: int
+    purchase_pk: int
+    recipient: str
+    created_at: datetime
+
+
+@dataclass
+class FakeStore:
+    """The rows of the fake database. Records are frozen, so copies share them safely."""
+
+    users: dict[int, Actor] = field(default_factory=dict)
+    tokens: dict[str, TokenRow] = field(default_factory=dict)
+    courses: dict[str, Course] = field(default_factory=dict)
+    purchases: dict[int, PurchaseRow] = field(default_factory=dict)
+    registrations: list[RegistrationRow] = field(default_factory=list)
+    receipts: list[ReceiptRow] = field(default_factory=list)
+    next_pk: int = 1
+
+    def clone(self) -> FakeStore:
+        return FakeStore(
+            users=dict(self.users),
+            tokens=dict(self.tokens),
+            courses=dict(self.courses),
+            purchases=dict(self.purchases),
+            registrations=list(self.registrations),
+            receipts=list(self.receipts),
+            next_pk=self.next_pk,
+        )
+
+    def new_pk(self) -> int:
+        pk = self.next_pk
+        self.next_pk += 1
+        return pk
+
+    def purchase_by_id(self, purchase_id: str) -> PurchaseRow | None:
+        for row in self.purchases.values():
+            if row.purchase.purchase_id == purchase_id:
+                return row
+        return None
+
+    # The writes, shared by the repositories and by the concurrent writers of tests.
+
+    def set_state(
+        self,
+        pk: int,
+        *,
+        sources: frozenset[PurchaseState],
+        target: PurchaseState,
+        error_msg: str | None,
+        now: datetime,
+    ) -> bool:
+        """The conditional UPDATE of ``SqlPurchaseRepository.transition``."""
+        row = self.purchases.get(pk)
+        if row is None or row.purchase.state not in sources:
+            return False
+        updated = replace(row.purchase, state=target, error_msg=error_msg, updated_at=now)
+        if target is PurchaseState.FULFILLED:
+            updated = replace(updated, fulfilled_at=now)
+        self.purchases[pk] = replace(row, purchase=updated)
+        return True
+
+    def add_registration(self, purchase: Purchase, *, now: datetime) -> None:
+        if any(r.purchase_pk == purchase.pk for r in self.registrations):
+            raise UniqueViolation(f"registration for purchase {purchase.pk} exists")
+        self.registrations.append(
+            RegistrationRow(
+                pk=self.new_pk(),
+                purchase_pk=purchase.pk,
+                purchase_id=purchase.purchase_id,
+                user_id=purchase.owner_id,
+                course_pk=purchase.course_pk,
+                course_slug=purchase.course_slug,
+                created_at=now,
+            )
+        )
+
+    def add_receipt(self, purchase: Purchase, *, now: datetime) -> None:
+        if any(r.purchase_pk == purchase.pk for r in self.receipts):
+            raise UniqueViolation(f"receipt for purchase {purchase.pk} exists")
+        self.receipts.append(
+            ReceiptRow(
+                pk=self.new_pk(),
+                purchase_pk=purchase.pk,
+                recipient=purchase.owner_email,
+                created_at=now,
+            )
+        )
+
+    def add_purchase(
+        self,
+        *,
+        purchase_id: str,
+        owner_id: int,
+        course: Course,
+        idempotency_key: str | None,
+        now: datetime,
+    ) -> Purchase | None:
+        if idempotency_key is not None and any(
+            row.idempotency_key == idempotency_key and row.purchase.owner_id == owner_id
+            for row in self.purchases.values()
+        ):
+            return None
+        if self.purchase_by_id(purchase_id) is not None:
+            raise UniqueViolation(f"purchase_id {purchase_id} exists")
+        owner = self.users[owner_id]
+        purchase = Purchase(
+            pk=self.new_pk(),
+            purchase_id=purchase_id,
+            owner_id=owner_id,
+            owner_email=owner.email,
+            course_pk=course.pk,
+            course_slug=course.slug,
+            course_title=course.title,
+            amount=course.price,
+            currency=course.currency,
+            state=PurchaseState.PENDING,
+            error_msg=None,
+            created_at=now,
+            updated_at=now,
+            fulfilled_at=None,
+        )
+        self.purchases[purchase.pk] = PurchaseRow(purchase, idempotency_key)
+        return purchase
+
+
+# A change another transaction commits while the unit of work under test runs.
+Writer = Callable[[FakeStore], None]
+
+
+def winner_moves(
+    purchase_id: str, target: PurchaseState, *, now: datetime, error_msg: str | None = None
+) -> Writer:
+    """Another ``fulfill_purchase`` call that wins: the state change and its side effects."""
+
+    def write(store: FakeStore) -> None:
+        row = store.purchase_by_id(purchase_id)
+        assert row is not None
+        moved = store.set_state(
+            row.purchase.pk,
+            sources=frozenset(PurchaseState) - {target},
+            target=target,
+            error_msg=error_msg if target is PurchaseState.FAILED else None,
+            now=now,
+        )
+        assert moved, "the concurrent writer must change the state"
+        if target is PurchaseState.FULFILLED:
+            moved_row = store.purchases[row.purchase.pk]
+            store.add_registration(moved_row.purchase, now=now)
+            store.add_receipt(moved_row.purchase, now=now)
+
+    return write
+
+
+def winner_creates(
+    purchase_id: str, owner_id: int, course_slug: str, idempotency_key: str, *, now: datetime
+) -> Writer:
+    """Another ``create_purchase`` call with the same idempotency key that wins."""
+
+    def write(store: FakeStore) -> None:
+        created = store.add_purchase(
+            purchase_id=purchase_id,
+            owner_id=owner_id,
+            course=store.courses[course_slug],
+            idempotency_key=idempotency_key,
+            now=now,
+        )
+        assert created is not None
+
+    return write
+
+
+class FakeUserRepository:
+    def __init__(self, uow: FakeUnitOfWork):
+        self._uow = uow
+
+    async def find_actor(self, token_hash: str, *, now: datetime) -> Actor | None:
+        store = self._uow.store
+        token = store.tokens.get(token_hash)
+        if token is None or token.revoked_at is not None:
+            return None
+        if token.expires_at is not None and token.expires_at <= now:
+            return None
+        return store.users[token.user_id]
+
+    async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> Actor:
+        store = self._uow.writable()
+        for user in store.users.values():
+            if user.email == email:
+                updated = replace(user, is_staff=is_staff)
+                store.users[user.user_id] = updated
+                return updated
+        actor = Actor(store.new_pk(), email, is_staff)
+        store.users[actor.user_id] = actor
+        return actor
+
+    async def add_token(self, user_id: int, token_hash: str, *, now: datetime) -> bool:
+        store = self._uow.writable()
+        if token_hash in store.tokens:
+            return False
+        store.tokens[token_hash] = TokenRow(user_id, token_hash, now)
+        return True
+
+
+class FakeCourseRepository:
+    def __init__(self, uow: FakeUnitOfWork):
+        self._uow = uow
+
+    async def list_all(self) -> list[Course]:
+        return sorted(self._uow.store.courses.values(), key=lambda course: course.slug)
+
+    async def get_by_slug(self, slug: str) -> Course | None:
+        return self._uow.store.courses.get(slug)
+
+    async def save(self, *, slug: str, title: str, price: Decimal, currency: str) -> Course:
+        store = self._uow.writable()
+        existing = store.courses.get(slug)
+        pk = existing.pk if existing is not None else store.new_pk()
+        course = Course(pk, slug, title, price, currency)
+        store.courses[slug] = course
+        return course
+
+
+class FakePurchaseRepository:
+    def __init__(self, uow: FakeUnitOfWork):
+        self._uow = uow
+
+    async def add(
+        self,
+        *,
+        purchase_id: str,
+        owner_id: int,
+        course: Course,
+        idempotency_key: str | None,
+        now: datetime,
+    ) -> Purchase | None:
+        self._uow.factory._run_interleaved("purchases.add", self._uow)
+        store = self._uow.writable()
+        return store.add_purchase(
+            purchase_id=purchase_id,
+            owner_id=owner_id,
+            course=course,
+            idempotency_key=idempotency_key,
+            now=now,
+        )
+
+    async def get(self, purchase_id: str, *, owner_id: int | None) -> Purchase | None:
+        row = self._uow.store.purchase_by_id(purchase_id)
+        if row is None or (owner_id is not None and row.purchase.owner_id != owner_id):
+            return None
+        return row.purchase
+
+    async def get_by_idempotency_key(self, owner_id: int, key: str) -> Purchase | None:
+        for row in self._uow.store.purchases.values():
+            if row.purchase.owner_id == owner_id and row.idempotency_key == key:
+                return row.purchase
+        return None
+
+    async def list_page(
+        self,
+        *,
+        owner_id: int | None,
+        state: PurchaseState | None,
+        limit: int,
+        before: int | None,
+    ) -> list[Purchase]:
+        rows = [
+            row.purchase
+            for row in self._uow.store.purchases.values()
+            if (owner_id is None or row.purchase.owner_id == owner_id)
+            and (state is None or row.purchase.state is state)
+            and (before is None or row.purchase.pk < before)
+        ]
+        rows.sort(key=lambda purchase: purchase.pk, reverse=True)
+        return rows[:limit]
+
+    async def transition(
+        self,
+        pk: int,
+        *,
+        sources: frozenset[PurchaseState],
+        target: PurchaseState,
+        error_msg: str | None,
+        now: datetime,
+    ) -> bool:
+        factory = self._uow.factory
+        factory.transition_calls.append((pk, sources, target, error_msg))
+        factory._run_interleaved("purchases.transition", self._uow)
+        store = self._uow.writable()
+        if factory.lost_transitions > 0:
+            factory.lost_transitions -= 1
+            return False
+        return store.set_state(pk, sources=sources, target=target, error_msg=error_msg, now=now)
+
+
+class FakeRegistrationRepository:
+    def __init__(self, uow: FakeUnitOfWork):
+        self._uow = uow
+
+    async def add(self, purchase: Purchase, *, now: datetime) -> None:
+        self._uow.writable().add_registration(purchase, now=now)
+
+    async def list_for_user(self, user_id: int) -> list[Registration]:
+        rows = [r for r in self._uow.store.registrations if r.user_id == user_id]
+        rows.sort(key=lambda r: r.pk, reverse=True)
+        return [Registration(r.course_slug, r.purchase_id, r.created_at) for r in rows]
+
+
+class FakeReceiptOutboxRepository:
+    def __init__(self, uow: FakeUnitOfWork):
+        self._uow = uow
+
+    async def add(self, purchase: Purchase, *, now: datetime) -> None:
+        self._uow.writable().add_receipt(purchase, now=now)
+
+
+class FakeUnitOfWork:
+    """One fake transaction: a private copy of the store, published only by ``commit``."""
+
+    def __init__(self, factory: FakeUnitOfWorkFactory, *, write: bool):
+        self.factory = factory
+        self.write = write
+        self.committed = False
+        self._store: FakeStore | None = None
+        self.users = FakeUserRepository(self)
+        self.courses = FakeCourseRepository(self)
+        self.purchases = FakePurchaseRepository(self)
+        self.registrations = FakeRegistrationRepository(self)
+        self.receipts = FakeReceiptOutboxRepository(self)
+
+    @property
+    def store(self) -> FakeStore:
+        assert self._store is not None, "unit of work used outside 'async with'"
+        return self._store
+
+    def writable(self) -> FakeStore:
+        if not self.write:
+            raise ReadOnlyUnitOfWork("write in a unit of work opened without write=True")
+        return self.store
+
+    async def __aenter__(self) -> Self:
+        assert self._store is None, "a unit of work is entered once"
+        self._store = self.factory.committed.clone()
+        self.factory.open_units.append(self)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.factory.open_units.remove(self)
+        if not self.committed:
+            self.factory.rollbacks += 1
+        self._store = None  # discard whatever was not committed
+
+    async def commit(self) -> None:
+        self.writable()
+        self.factory.committed = self.store.clone()
+        self.factory.commits += 1
+        self.committed = True
+
+
+class FakeUnitOfWorkFactory:
+    """``factory(write=False)`` -> a new ``FakeUnitOfWork``; also the test's view of the data."""
+
+    def __init__(self) -> None:
+        self.committed = FakeStore()
+        self.commits = 0
+        self.rollbacks = 0
+        self.opened: list[bool] = []  # the ``write`` flag of each unit of work made
+        self.open_units: list[FakeUnitOfWork] = []
+        self.transition_calls: list[
+            tuple[int, frozenset[PurchaseState], PurchaseState, str | None]
+        ] = []
+        self.lost_transitions = 0
+        self._interleaved: dict[str, list[Writer]] = {}
+
+    def __call__(self, *, write: bool = False) -> FakeUnitOfWork:
+        self.opened.append(write)
+        return FakeUnitOfWork(self, write=write)
+
+    # Concurrency.
+
+    def interleave(self, before: str, writer: Writer) -> None:
+        """Commit ``writer``'s change just before the next ``before`` repository call.
+
+        ``before`` is ``"purchases.transition"`` or ``"purchases.add"``. The change is
+        committed (so it survives whatever the unit of work under test does) and seen by
+        that unit of work from then on, as a statement sees rows committed before it.
+        """
+        self._interleaved.setdefault(before, []).append(writer)
+
+    def lose_next_transitions(self, count: int = 1) -> None:
+        """Make the next ``count`` transitions report False and change nothing."""
+        self.lost_transitions += count
+
+    def _run_interleaved(self, call: str, uow: FakeUnitOfWork) -> None:
+        writers = self._interleaved.pop(call, [])
+        for writer in writers:
+            writer(self.committed)
+            writer(uow.store)
+
+    # Seeding and reading committed rows, outside any unit of work.
+
+    def add_user(self, email: str, *, is_staff: bool = False) -> Actor:
+        actor = Actor(self.committed.new_pk(), email, is_staff)
+        self.committed.users[actor.user_id] = actor
+        return actor
+
+    def add_course(
+        self, slug: str, title: str, price: str | Decimal, currency: str = "USD"
+    ) -> Course:
+        course = Course(self.committed.new_pk(), slug, title, Decimal(price), currency)
+        self.committed.courses[slug] = course
+        return course
+
+    def add_token(self, actor: Actor, token: str) -> str:
+        token_hash = hash_token(token)
+        self.committed.tokens[token_hash] = TokenRow(actor.user_id, token_hash, FixedClock()())
+        return token
+
+    def purchase(self, purchase_id: str) -> Purchase:
+        row = self.committed.purchase_by_id(purchase_id)
+        assert row is not None, f"no committed purchase {purchase_id}"
+        return row.purchase
+
+    @property
+    def purchases(self) -> list[Purchase]:
+        return [row.purchase for row in self.committed.purchases.values()]
+
+    @property
+    def registrations(self) -> list[RegistrationRow]:
+        return list(self.committed.registrations)
+
+    @property
+    def receipts(self) -> list[ReceiptRow]:
+        return list(self.committed.receipts)
+
+    @property
+    def tokens(self) -> dict[str, TokenRow]:
+        return dict(self.committed.tokens)

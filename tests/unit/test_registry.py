@@ -1,0 +1,206 @@
+"""The method registry: params by position or by name, summaries, and one call end to end."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from marshmallow import ValidationError
+from oslash.either import Left, Right
+
+from rpc_server.context import RpcContext
+from rpc_server.domain.links import FrontendLinks
+from rpc_server.domain.records import Actor
+from rpc_server.domain.states import PurchaseState
+from rpc_server.errors import INTERNAL_ERROR, INVALID_PARAMS, NOT_FOUND, UNAUTHENTICATED
+from rpc_server.methods import REGISTRY
+from rpc_server.registry import MethodRegistry, RpcMethod
+from schemas import CourseListParams, CourseOut
+from tests.unit.conftest import FRONTEND_URL, FakeWorld
+
+
+def method(name: str) -> RpcMethod:
+    return REGISTRY.methods[name]
+
+
+def params_error(name: str, args: list[Any], kwargs: dict[str, Any] | None = None) -> Any:
+    with pytest.raises(ValidationError) as raised:
+        method(name).load_params(args, kwargs or {})
+    return raised.value.messages
+
+
+def test_the_registry_holds_the_documented_methods() -> None:
+    assert set(REGISTRY.methods) == {
+        "course.list",
+        "purchase.create",
+        "purchase.get",
+        "purchase.list",
+        "purchase.fulfill",
+        "registration.list",
+    }
+    assert REGISTRY.dispatch_table() == REGISTRY.methods
+    assert [name for name, m in REGISTRY.methods.items() if not m.auth] == ["course.list"]
+
+
+def test_positional_params_map_in_declaration_order() -> None:
+    loaded = method("purchase.fulfill").load_params(["abc123", "failed", "Card declined"], {})
+    assert loaded == {
+        "purchase_id": "abc123",
+        "purchase_state": PurchaseState.FAILED,
+        "error_msg": "Card declined",
+    }
+
+
+def test_fewer_positional_params_than_fields() -> None:
+    loaded = method("purchase.fulfill").load_params(["abc123", "canceled"], {})
+    assert loaded == {"purchase_id": "abc123", "purchase_state": PurchaseState.CANCELED}
+
+
+def test_positional_params_of_create_and_list() -> None:
+    assert method("purchase.create").load_params(["python-basics", "order-1"], {}) == {
+        "course": "python-basics",
+        "idempotency_key": "order-1",
+    }
+    assert method("purchase.list").load_params(["fulfilled", 5], {}) == {
+        "state": PurchaseState.FULFILLED,
+        "limit": 5,
+    }
+
+
+def test_positional_errors_name_the_field() -> None:
+    assert list(params_error("purchase.get", ["NOT-VALID"])) == ["purchase_id"]
+    assert list(params_error("purchase.fulfill", ["abc", "pending"])) == ["purchase_state"]
+
+
+def test_too_many_positional_params() -> None:
+    messages = params_error("purchase.get", ["abc", "extra"])
+    assert list(messages) == ["params"]
+    [message] = messages["params"]
+    assert "at most 1" in message
+    assert "purchase_id" in message
+    assert "got 2" in message
+
+
+def test_positional_params_for_a_method_without_params() -> None:
+    messages = params_error("course.list", [1])
+    [message] = messages["params"]
+    assert "at most 0" in message
+    assert "none" in message
+
+
+def test_params_by_name() -> None:
+    loaded = method("purchase.fulfill").load_params(
+        [], {"purchase_state": "fulfilled", "purchase_id": "abc123"}
+    )
+    assert loaded == {"purchase_id": "abc123", "purchase_state": PurchaseState.FULFILLED}
+
+
+def test_unknown_param_by_name() -> None:
+    messages = params_error("purchase.get", [], {"purchase_id": "abc", "owner_id": 1})
+    assert messages == {"owner_id": ["Unknown field."]}
+
+
+def test_no_params_at_all() -> None:
+    assert method("course.list").load_params([], {}) == {}
+    assert list(params_error("purchase.get", [])) == ["purchase_id"]
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY.methods))
+def test_summary_is_the_first_line_of_the_handler_docstring(name: str) -> None:
+    rpc_method = method(name)
+    doc = rpc_method.handler.__doc__
+    assert doc
+    assert rpc_method.summary == doc.strip().splitlines()[0]
+    assert rpc_method.summary
+
+
+async def documented(ctx: RpcContext, actor: Actor | None) -> list[Any]:
+    """First line.
+
+    More detail that is not part of the summary.
+    """
+    return []
+
+
+async def undocumented(ctx: RpcContext, actor: Actor | None) -> list[Any]:
+    return []
+
+
+def test_summary_of_a_multi_line_docstring_and_of_none() -> None:
+    assert RpcMethod("x.doc", documented, CourseListParams, CourseOut()).summary == "First line."
+    assert RpcMethod("x.nodoc", undocumented, CourseListParams, CourseOut()).summary == "x.nodoc"
+
+
+def test_a_name_cannot_be_registered_twice() -> None:
+    one = RpcMethod("x.same", documented, CourseListParams, CourseOut())
+    with pytest.raises(ValueError, match=r"x\.same"):
+        MethodRegistry([one, one])
+
+
+# Calling a method (what jsonrpcserver does), over the fake unit of work.
+
+TOKEN = "rpcs_alice"
+
+
+def context(fake: FakeWorld, token: str | None = TOKEN) -> RpcContext:
+    fake.uow.add_token(fake.alice, TOKEN)
+    return RpcContext(uow=fake.uow, links=FrontendLinks(FRONTEND_URL), token=token)
+
+
+async def test_call_succeeds(fake: FakeWorld) -> None:
+    result = await method("purchase.create")(context(fake), "python-basics")
+    assert isinstance(result, Right)
+    dumped = result._value.result
+    assert dumped["course"] == "python-basics"
+    assert dumped["state"] == "pending"
+    assert dumped["amount"] == "49.00"
+    [stored] = fake.uow.purchases
+    assert stored.owner_id == fake.alice.user_id
+    assert dumped["purchase_id"] == stored.purchase_id
+
+
+async def test_call_without_a_token_is_unauthenticated(fake: FakeWorld) -> None:
+    result = await method("purchase.list")(context(fake, token=None))
+    assert isinstance(result, Left)
+    assert result._error.code == UNAUTHENTICATED
+
+
+async def test_call_with_an_unknown_token_is_unauthenticated(fake: FakeWorld) -> None:
+    result = await method("purchase.list")(context(fake, token="rpcs_forged"))
+    assert isinstance(result, Left)
+    assert result._error.code == UNAUTHENTICATED
+
+
+async def test_method_without_auth_needs_no_token(fake: FakeWorld) -> None:
+    result = await method("course.list")(context(fake, token=None))
+    assert isinstance(result, Right)
+    assert [c["slug"] for c in result._value.result] == ["python-basics", "sql-fundamentals"]
+
+
+async def test_call_with_invalid_params(fake: FakeWorld) -> None:
+    result = await method("purchase.get")(context(fake), purchase_id="NOT VALID")
+    assert isinstance(result, Left)
+    assert result._error.code == INVALID_PARAMS
+    assert list(result._error.data) == ["purchase_id"]
+
+
+async def test_call_maps_domain_errors(fake: FakeWorld) -> None:
+    result = await method("purchase.get")(context(fake), "0" * 32)
+    assert isinstance(result, Left)
+    assert result._error.code == NOT_FOUND
+    assert result._error.data == {"purchase_id": "0" * 32}
+
+
+@pytest.mark.parametrize(
+    "decoded", ["p\u00b2", f"p{2**63}"], ids=["superscript-digit", "beyond-int64"]
+)
+async def test_a_bad_cursor_is_invalid_params_not_an_internal_error(
+    fake: FakeWorld, decoded: str
+) -> None:
+    cursor = base64.urlsafe_b64encode(decoded.encode()).decode().rstrip("=")
+    result = await method("purchase.list")(context(fake), cursor=cursor)
+    assert isinstance(result, Left)
+    assert result._error.code != INTERNAL_ERROR
+    assert result._error.code == INVALID_PARAMS
+    assert result._error.data == {"cursor": ["Not a valid cursor: pass next_cursor unchanged."]}
