@@ -7,12 +7,12 @@ settings.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
+from rpc_server import json_codec
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext
 from rpc_server.database import create_engine
@@ -33,9 +33,10 @@ MAX_DISCARD_BYTES = 64 * 1024 * 1024
 
 def json_response(payload: Any, *, status: int = 200) -> web.Response:
     return web.Response(
-        body=json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(),
+        body=json_codec.dumps(payload),
         status=status,
         content_type="application/json",
+        charset="utf-8",
     )
 
 
@@ -65,7 +66,11 @@ async def _discard(request: web.Request) -> None:
 
 def bearer_token(request: web.Request) -> str | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
+    token = token.strip()
+    # Tokens are ASCII; anything else (even undecodable bytes) is simply not a token.
+    if scheme.lower() != "bearer" or not token or not token.isascii():
+        return None
+    return token
 
 
 async def handle_rpc(request: web.Request) -> web.StreamResponse:

@@ -9,47 +9,24 @@ jsonrpcserver, one at a time, concurrently. Each item gets its own unit of work.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 from typing import Any
 
 from jsonrpcserver import async_dispatch_to_serializable
 
+from rpc_server import json_codec
 from rpc_server.context import RpcContext
 from rpc_server.errors import INVALID_REQUEST, PARSE_ERROR
+from rpc_server.json_codec import ParseError
 from rpc_server.registry import MethodRegistry
 
 JsonObject = dict[str, Any]
 
-
-class ParseError(ValueError):
-    """The body is not one JSON value we accept."""
-
-
-def _reject_constant(name: str) -> float:
-    raise ParseError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ParseError(f"number {text} is out of range")
-    return value
+__all__ = ["ParseError", "answer", "parse"]
 
 
 def parse(body: bytes) -> Any:
-    """Parse a request body strictly: no NaN or Infinity, no overflowing numbers.
-
-    Raises ParseError with a message fit for the client.
-    """
-    try:
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
-    except ParseError:
-        raise
-    except RecursionError:
-        raise ParseError("JSON nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ParseError(f"Invalid JSON: {exc}") from None
+    """Parse a request body; raises ParseError with a message fit for the client."""
+    return json_codec.loads(body)
 
 
 def error_object(code: int, message: str, data: Any = None, id: Any = None) -> JsonObject:

@@ -67,7 +67,8 @@ class RpcMethod:
         loaded: dict[str, Any] = schema.load(kwargs)
         return loaded
 
-    async def __call__(self, ctx: RpcContext, *args: Any, **kwargs: Any) -> Result:
+    async def __call__(self, ctx: RpcContext, /, *args: Any, **kwargs: Any) -> Result:
+        # ctx is positional-only, so a client param named "ctx" is just an unknown field.
         try:
             actor = await ctx.authenticate()
             if self.auth and actor is None:

@@ -121,19 +121,19 @@ def test_undecodable_bytes_are_a_parse_error() -> None:
     "body", [b"NaN", b"Infinity", b"-Infinity", b'{"id": NaN}', b"[1, Infinity]"]
 )
 def test_nan_and_infinity_are_rejected(body: bytes) -> None:
-    with pytest.raises(ParseError, match="not valid JSON"):
+    with pytest.raises(ParseError, match="Invalid JSON"):
         parse(body)
 
 
 @pytest.mark.parametrize("body", [b"1e400", b"-1e400", b'{"id": 1.5e999}'])
 def test_overflowing_numbers_are_rejected(body: bytes) -> None:
-    with pytest.raises(ParseError, match="out of range"):
+    with pytest.raises(ParseError, match="Invalid JSON: number is infinity"):
         parse(body)
 
 
 @pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 100_000])
 def test_deep_nesting_is_a_parse_error_not_a_recursion_error(body: bytes) -> None:
-    with pytest.raises(ParseError, match="nested too deeply"):
+    with pytest.raises(ParseError, match="depth limit exceeded"):
         parse(body)
 
 

@@ -1,0 +1,65 @@
+"""JSON in and out: orjson on the hot path, the standard library where orjson falls short.
+
+orjson parses an integer beyond 64 bits as a float, which would turn such a request id
+into a different number in the answer. A float id is rare (the specification advises
+against fractions), so when one appears the body is parsed again with the standard
+library, which keeps integers exact. orjson also refuses to serialize such integers;
+the standard library serializes them. Nesting deeper than orjson's limit (1024) is a
+parse error, never a RecursionError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import orjson
+
+
+class ParseError(ValueError):
+    """The body is not one JSON value we accept; the message is fit for the client."""
+
+
+def _reject_constant(name: str) -> float:
+    raise ParseError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ParseError(f"number {text} is out of range")
+    return value
+
+
+def _has_float_id(payload: Any) -> bool:
+    items = payload if isinstance(payload, list) else [payload]
+    return any(isinstance(item, dict) and isinstance(item.get("id"), float) for item in items)
+
+
+def loads(body: bytes) -> Any:
+    """Parse a request body strictly: no NaN or Infinity, no overflowing numbers.
+
+    Raises ParseError.
+    """
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ParseError(f"Invalid JSON: {exc}") from None
+    if _has_float_id(payload):
+        # Keep a big integer id exact (orjson has already checked the syntax and depth).
+        try:
+            payload = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        except RecursionError:
+            raise ParseError("JSON nested too deeply") from None
+    return payload
+
+
+def dumps(payload: Any) -> bytes:
+    """Serialize an answer. Everything in it is already JSON-native: the schemas turn
+    decimals and datetimes into strings deliberately."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        # An integer beyond 64 bits (an id echoed back): the standard library keeps it exact.
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
