@@ -7,10 +7,13 @@ settings.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp_cors
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server import json_codec
 from rpc_server.config import Settings
@@ -20,15 +23,19 @@ from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import ParseError, answer, invalid_request, parse, parse_error
 from rpc_server.methods import REGISTRY
 from rpc_server.registry import MethodRegistry
+from rpc_server.request_id import HEADER as REQUEST_ID_HEADER
+from rpc_server.request_id import request_id_middleware
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY_KEY = web.AppKey("registry", MethodRegistry)
+ENGINE = web.AppKey("engine", AsyncEngine)
 UOW_FACTORY = web.AppKey("uow_factory", SqlAlchemyUnitOfWorkFactory)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
 # reset connection) up to this many bytes; beyond it the connection is closed.
 MAX_DISCARD_BYTES = 64 * 1024 * 1024
+READINESS_TIMEOUT_SECONDS = 2.0
 
 
 def json_response(payload: Any, *, status: int = 200) -> web.Response:
@@ -83,13 +90,14 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
             status=413,
         )
     try:
-        payload = parse(body)
+        payload = parse(body, max_depth=settings.max_json_depth)
     except ParseError as exc:
         return json_response(parse_error(str(exc)))
     ctx = RpcContext(
         uow=request.app[UOW_FACTORY],
         links=FrontendLinks(settings.frontend_url),
         token=bearer_token(request),
+        call_timeout=settings.call_timeout,
     )
     result = await answer(
         payload, request.app[REGISTRY_KEY], ctx, max_batch_length=settings.max_batch_length
@@ -104,18 +112,46 @@ async def handle_healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+async def handle_readyz(request: web.Request) -> web.Response:
+    """GET /readyz: 200 when the database answers, 503 when it does not (readiness)."""
+    try:
+        async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
+            async with request.app[ENGINE].connect() as connection:
+                await connection.exec_driver_sql("SELECT 1")
+    except Exception:
+        return json_response({"status": "unavailable"}, status=503)
+    return json_response({"status": "ready"})
+
+
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = create_engine(app[SETTINGS].database_url)
+    app[ENGINE] = engine
     app[UOW_FACTORY] = SqlAlchemyUnitOfWorkFactory(engine)
     yield
     await engine.dispose()
 
 
+def allow_cors(app: web.Application, origins: tuple[str, ...]) -> None:
+    """Let browser frontends on ``origins`` call the API (preflight included)."""
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]  # untyped library
+        allow_credentials=False,
+        allow_headers=("Authorization", "Content-Type", REQUEST_ID_HEADER),
+        expose_headers=(REQUEST_ID_HEADER,),
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        cors.add(route)
+
+
 def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[request_id_middleware])
     app[SETTINGS] = settings
     app[REGISTRY_KEY] = registry
     app.cleanup_ctx.append(database_ctx)
     app.router.add_post("/rpc", handle_rpc)
     app.router.add_get("/healthz", handle_healthz)
+    app.router.add_get("/readyz", handle_readyz)
+    if settings.cors_origins:
+        allow_cors(app, settings.cors_origins)
     return app

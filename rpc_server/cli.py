@@ -24,6 +24,7 @@ from rpc_server.demo import seed_demo
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.migrate import migrate
+from rpc_server.request_id import RequestIdFilter
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from schemas import CourseSaveParams
 
@@ -102,8 +103,24 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         f"""-d '{{"jsonrpc": "2.0", "method": "purchase.list", "id": 1}}' {url}""",
         flush=True,
     )
-    web.run_app(create_app(settings), host=host, port=port, print=None)
+    web.run_app(
+        create_app(settings),
+        host=host,
+        port=port,
+        print=None,
+        access_log_format='%a "%r" %s %b %Tf "%{User-Agent}i" request_id=%{X-Request-ID}o',
+    )
     return 0
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr, each line stamped with the id of the request it belongs to."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
+    )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RequestIdFilter())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,10 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level)
     run: Callable[[Settings, argparse.Namespace], int] = args.run
     return run(settings, args)
 

@@ -30,6 +30,10 @@ class Settings:
     # Envelope limits: every client request is bounded before any work is done.
     max_body_bytes: int = 1024 * 1024
     max_batch_length: int = 100
+    max_json_depth: int = 64
+    call_timeout: float = 30.0
+    # Browser origins allowed to call /rpc (CORS); none by default.
+    cors_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -43,14 +47,7 @@ class Settings:
             variable = f"RPC_SERVER_{field.name.upper()}"
             if variable not in environ:
                 continue
-            raw = environ[variable]
-            if field.type == "int":
-                try:
-                    values[field.name] = int(raw)
-                except ValueError:
-                    raise ConfigError(f"{variable} must be an integer, got {raw!r}") from None
-            else:
-                values[field.name] = raw
+            values[field.name] = _parse(variable, str(field.type), environ[variable])
         values.update(overrides)
         settings = cls(**values)
         settings.validate()
@@ -61,5 +58,24 @@ class Settings:
             raise ConfigError("RPC_SERVER_MAX_BODY_BYTES must be at least 1")
         if self.max_batch_length < 1:
             raise ConfigError("RPC_SERVER_MAX_BATCH_LENGTH must be at least 1")
+        if self.max_json_depth < 2:
+            raise ConfigError("RPC_SERVER_MAX_JSON_DEPTH must be at least 2")
+        if not 0 < self.call_timeout <= 3600:
+            raise ConfigError("RPC_SERVER_CALL_TIMEOUT must be between 0 and 3600 seconds")
         if not 0 < self.port < 65536:
             raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")
+
+
+def _parse(variable: str, kind: str, raw: str) -> Any:
+    """Turn an environment value into the field's type; raise ConfigError if it won't."""
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        expected = "an integer" if kind == "int" else "a number"
+        raise ConfigError(f"{variable} must be {expected}, got {raw!r}") from None
+    if kind == "tuple[str, ...]":
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    return raw

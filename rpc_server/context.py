@@ -21,6 +21,7 @@ class RpcContext:
     uow: UnitOfWorkFactory
     links: FrontendLinks
     token: str | None = None
+    call_timeout: float = 30.0
     _actor: asyncio.Task[Actor | None] | None = field(default=None, repr=False)
 
     async def authenticate(self) -> Actor | None:

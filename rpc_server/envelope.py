@@ -24,9 +24,9 @@ JsonObject = dict[str, Any]
 __all__ = ["ParseError", "answer", "parse"]
 
 
-def parse(body: bytes) -> Any:
+def parse(body: bytes, *, max_depth: int = 64) -> Any:
     """Parse a request body; raises ParseError with a message fit for the client."""
-    return json_codec.loads(body)
+    return json_codec.loads(body, max_depth=max_depth)
 
 
 def error_object(code: int, message: str, data: Any = None, id: Any = None) -> JsonObject:

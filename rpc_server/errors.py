@@ -18,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from rpc_server.domain.errors import Conflict, DomainError, NotFound, Unauthenticated
+from rpc_server.request_id import current_request_id
 
 logger = logging.getLogger("rpc_server.errors")
 
@@ -29,6 +30,7 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 # Implementation-defined server error.
 SERVICE_UNAVAILABLE = -32000
+TIMED_OUT = -32001
 # Application errors, mirroring HTTP.
 UNAUTHENTICATED = 401
 NOT_FOUND = 404
@@ -47,6 +49,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     InterfaceError,
     PoolTimeoutError,
     ConnectionError,
+    TimeoutError,
 )
 
 
@@ -58,6 +61,11 @@ def code_for(exc: BaseException) -> int | None:
     return None
 
 
+def timed_out(seconds: float) -> Result:
+    """The answer of a call that ran past the per-call timeout (its work is rolled back)."""
+    return Error(TIMED_OUT, "Timed out", {"timeout_seconds": seconds})
+
+
 def error_result(exc: Exception, *, method: str) -> Result:
     """Turn an exception raised by a method into a JSON-RPC error result."""
     if isinstance(exc, DomainError) and (code := code_for(exc)) is not None:
@@ -66,6 +74,8 @@ def error_result(exc: Exception, *, method: str) -> Result:
         logger.warning("database unavailable in %s: %s", method, type(exc).__name__)
         return Error(SERVICE_UNAVAILABLE, "Service unavailable: try again later")
     error_id = uuid.uuid4().hex
-    logger.exception("internal error %s in %s", error_id, method)
+    logger.exception(
+        "internal error %s in %s (request %s)", error_id, method, current_request_id.get()
+    )
     data: dict[str, Any] = {"error_id": error_id}
     return Error(INTERNAL_ERROR, "Internal error", data)

@@ -37,8 +37,30 @@ def _has_float_id(payload: Any) -> bool:
     return any(isinstance(item, dict) and isinstance(item.get("id"), float) for item in items)
 
 
-def loads(body: bytes) -> Any:
-    """Parse a request body strictly: no NaN or Infinity, no overflowing numbers.
+def depth_exceeds(value: Any, limit: int) -> bool:
+    """True if ``value`` nests arrays/objects more than ``limit`` levels deep.
+
+    A scalar has depth 0, ``[]`` and ``{}`` depth 1, ``[[]]`` depth 2. Iterative, so
+    it cannot itself run out of stack.
+    """
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def loads(body: bytes, *, max_depth: int = 64) -> Any:
+    """Parse a request body strictly: no NaN or Infinity, no overflowing numbers, no
+    nesting deeper than ``max_depth``.
 
     Raises ParseError.
     """
@@ -46,6 +68,8 @@ def loads(body: bytes) -> Any:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ParseError(f"Invalid JSON: {exc}") from None
+    if depth_exceeds(payload, max_depth):
+        raise ParseError(f"JSON nested deeper than {max_depth} levels")
     if _has_float_id(payload):
         # Keep a big integer id exact (orjson has already checked the syntax and depth).
         try:

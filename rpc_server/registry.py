@@ -10,6 +10,7 @@ and maps exceptions to JSON-RPC errors. Nothing reaches jsonrpcserver's global r
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from marshmallow import Schema, ValidationError
 
 from rpc_server.context import RpcContext
 from rpc_server.domain.errors import Unauthenticated
-from rpc_server.errors import error_result
+from rpc_server.errors import error_result, timed_out
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -77,7 +78,14 @@ class RpcMethod:
                 params = self.load_params(args, kwargs)
             except ValidationError as exc:
                 return InvalidParams(exc.messages)
-            value = await self.handler(ctx, actor, **params)
+            deadline = asyncio.timeout(ctx.call_timeout)
+            try:
+                async with deadline:
+                    value = await self.handler(ctx, actor, **params)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # a timeout of something inside, not of this call
+                return timed_out(ctx.call_timeout)
             return Success(self.result.dump(value))
         except Exception as exc:
             return error_result(exc, method=self.name)

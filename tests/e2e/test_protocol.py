@@ -217,8 +217,16 @@ async def test_unparseable_body_is_parse_error_with_null_id(
     assert_error(reply.json, PARSE_ERROR, None)
 
 
-async def test_deep_but_parseable_nesting_is_invalid_request(post: PostRaw) -> None:
+async def test_nesting_beyond_the_depth_limit_is_a_parse_error(post: PostRaw) -> None:
+    """500 levels is valid JSON, but deeper than RPC_SERVER_MAX_JSON_DEPTH (64)."""
     reply = await post("[" * 500 + "]" * 500)
+    assert reply.status == 200
+    assert_error(reply.json, PARSE_ERROR, None)
+    assert "64" in reply.json["error"]["data"]
+
+
+async def test_nesting_within_the_depth_limit_is_judged_item_by_item(post: PostRaw) -> None:
+    reply = await post("[" * 30 + "]" * 30)
     assert reply.status == 200
     [answer] = reply.json
     assert_error(answer, INVALID_REQUEST, None)

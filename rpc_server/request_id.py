@@ -1,0 +1,50 @@
+"""Request ids: one per HTTP request, echoed in ``X-Request-ID`` and stamped on log lines.
+
+A client's own ``X-Request-ID`` is kept when it is a sane token, so a frontend can
+correlate its logs with ours; otherwise a fresh one is made. The id lives in a context
+variable, which asyncio copies into every task a request starts (batch items included).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+HEADER = "X-Request-ID"
+_ACCEPTABLE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+current_request_id: ContextVar[str] = ContextVar("request_id", default="-")
+
+
+def request_id_for(request: web.Request) -> str:
+    """Return the client's request id if acceptable, else a new one."""
+    offered = request.headers.get(HEADER, "")
+    return offered if _ACCEPTABLE.fullmatch(offered) else uuid.uuid4().hex
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request_id_for(request)
+    reset = current_request_id.set(request_id)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # 404, 405 and friends are raised, not returned
+        exc.headers[HEADER] = request_id
+        raise
+    finally:
+        current_request_id.reset(reset)
+    response.headers[HEADER] = request_id
+    return response
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` to every record, for formats that print ``%(request_id)s``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = current_request_id.get()
+        return True
