@@ -19,6 +19,7 @@ from rpc_server import json_codec
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext
 from rpc_server.database import create_engine
+from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import ParseError, answer, invalid_request, parse, parse_error
 from rpc_server.methods import REGISTRY
@@ -31,6 +32,7 @@ SETTINGS = web.AppKey("settings", Settings)
 REGISTRY_KEY = web.AppKey("registry", MethodRegistry)
 ENGINE = web.AppKey("engine", AsyncEngine)
 UOW_FACTORY = web.AppKey("uow_factory", SqlAlchemyUnitOfWorkFactory)
+DELIVERER = web.AppKey("deliverer", ReceiptDeliverer)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
 # reset connection) up to this many bytes; beyond it the connection is closed.
@@ -131,6 +133,17 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     await engine.dispose()
 
 
+async def deliverer_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the receipt deliverer beside the server; on shutdown let it finish its message."""
+    deliverer = build_deliverer(app[SETTINGS], app[UOW_FACTORY])
+    app[DELIVERER] = deliverer
+    app[UOW_FACTORY].after_receipts.append(deliverer.wake)
+    task = asyncio.create_task(deliverer.run(), name="receipt-deliverer")
+    yield
+    deliverer.stop()
+    await task
+
+
 def allow_cors(app: web.Application, origins: tuple[str, ...]) -> None:
     """Let browser frontends on ``origins`` call the API (preflight included)."""
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]  # untyped library
@@ -149,6 +162,8 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app[SETTINGS] = settings
     app[REGISTRY_KEY] = registry
     app.cleanup_ctx.append(database_ctx)
+    if settings.mail_in_serve:
+        app.cleanup_ctx.append(deliverer_ctx)
     app.router.add_post("/rpc", handle_rpc)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)

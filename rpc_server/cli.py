@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from marshmallow import ValidationError
@@ -20,6 +21,7 @@ from rpc_server import __version__
 from rpc_server.app import create_app
 from rpc_server.config import ConfigError, Settings
 from rpc_server.database import create_engine, is_sqlite
+from rpc_server.deliverer import build_deliverer
 from rpc_server.demo import seed_demo
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
@@ -90,6 +92,56 @@ def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_send_mail(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(uow: SqlAlchemyUnitOfWorkFactory) -> int:
+        deliverer = build_deliverer(settings, uow)
+        if args.once:
+            return await deliverer.deliver_all()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, deliverer.stop)
+        await deliverer.run()
+        return 0
+
+    handled = with_database(settings, work)
+    if args.once:
+        print(f"{handled} receipt(s) handled")
+    return 0
+
+
+def cmd_mail_status(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(uow_factory: SqlAlchemyUnitOfWorkFactory) -> tuple[Any, Any]:
+        async with uow_factory() as uow:
+            return await uow.receipts.counts(), await uow.receipts.overview(limit=args.limit)
+
+    counts, entries = with_database(settings, work)
+    print("  ".join(f"{status}: {counts.get(status, 0)}" for status in ("pending", "sent", "dead")))
+    for entry in entries:
+        when = entry.sent_at or entry.next_attempt_at
+        line = (
+            f"{entry.outbox_id:>6}  {entry.status:<7}  attempts={entry.attempts}  "
+            f"{when:%Y-%m-%d %H:%M:%S}  purchase={entry.purchase_id}  to={entry.recipient}"
+        )
+        if entry.status != "sent" and entry.last_error:
+            line += f"  last_error={entry.last_error}"
+        print(line)
+    return 0
+
+
+def cmd_mail_retry(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(uow_factory: SqlAlchemyUnitOfWorkFactory) -> bool:
+        async with uow_factory(write=True) as uow:
+            requeued = await uow.receipts.requeue(args.id, now=services.utcnow())
+            await uow.commit()
+        return requeued
+
+    if not with_database(settings, work):
+        print(f"error: message {args.id} is not dead (see rpc-server mail-status)", file=sys.stderr)
+        return 1
+    print(f"message {args.id} requeued")
+    return 0
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
@@ -153,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "seed-demo", help="create demo users, courses and purchases; print demo tokens"
     ).set_defaults(run=cmd_seed_demo)
+
+    send_mail = commands.add_parser(
+        "send-mail", help="deliver receipt emails (for running the deliverer on its own)"
+    )
+    send_mail.add_argument("--once", action="store_true", help="deliver what is due, then exit")
+    send_mail.set_defaults(run=cmd_send_mail)
+
+    status = commands.add_parser("mail-status", help="list pending, sent and dead receipts")
+    status.add_argument("--limit", type=int, default=50, help="how many messages (newest first)")
+    status.set_defaults(run=cmd_mail_status)
+
+    retry = commands.add_parser("mail-retry", help="requeue a dead receipt")
+    retry.add_argument("id", type=int, help="the message id shown by mail-status")
+    retry.set_defaults(run=cmd_mail_retry)
 
     serve = commands.add_parser("serve", help="start the HTTP server")
     serve.add_argument("--host", help="address to listen on (RPC_SERVER_HOST)")

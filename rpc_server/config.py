@@ -34,6 +34,16 @@ class Settings:
     call_timeout: float = 30.0
     # Browser origins allowed to call /rpc (CORS); none by default.
     cors_origins: tuple[str, ...] = ()
+    # Receipt emails: SMTP when smtp_url is set, else .eml files in mail_dir.
+    mail_from: str = "Course Shop <receipts@shop.example>"
+    smtp_url: str | None = None
+    mail_dir: str = "./mail"
+    mail_in_serve: bool = True
+    mail_max_attempts: int = 8
+    mail_retry_base: float = 30.0
+    mail_retry_cap: float = 3600.0
+    mail_poll_interval: float = 5.0
+    mail_lease: float = 300.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -62,6 +72,13 @@ class Settings:
             raise ConfigError("RPC_SERVER_MAX_JSON_DEPTH must be at least 2")
         if not 0 < self.call_timeout <= 3600:
             raise ConfigError("RPC_SERVER_CALL_TIMEOUT must be between 0 and 3600 seconds")
+        if self.mail_max_attempts < 1:
+            raise ConfigError("RPC_SERVER_MAIL_MAX_ATTEMPTS must be at least 1")
+        for name in ("mail_retry_base", "mail_retry_cap", "mail_poll_interval", "mail_lease"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"RPC_SERVER_{name.upper()} must be a positive number")
+        if self.smtp_url and not self.smtp_url.startswith(("smtp://", "smtps://")):
+            raise ConfigError("RPC_SERVER_SMTP_URL must start with smtp:// or smtps://")
         if not 0 < self.port < 65536:
             raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")
 
@@ -76,6 +93,14 @@ def _parse(variable: str, kind: str, raw: str) -> Any:
     except ValueError:
         expected = "an integer" if kind == "int" else "a number"
         raise ConfigError(f"{variable} must be {expected}, got {raw!r}") from None
+    if kind == "bool":
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{variable} must be true or false, got {raw!r}")
+    if kind == "str | None":
+        return raw or None
     if kind == "tuple[str, ...]":
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     return raw

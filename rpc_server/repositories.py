@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, insert, or_, select, update
+from sqlalchemy import Select, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,6 +20,7 @@ from models import ReceiptOutbox as ReceiptRow
 from models import User as UserRow
 from rpc_server.domain.records import Actor, Course, Purchase, Registration
 from rpc_server.domain.states import PurchaseState
+from rpc_server.receipts import Receipt
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -258,10 +260,14 @@ class SqlRegistrationRepository:
 
 
 class SqlReceiptOutboxRepository:
+    """The outbox: rows written with fulfillments, claimed and settled by deliverers."""
+
     def __init__(self, session: AsyncSession):
         self.session = session
+        self.added = 0
 
     async def add(self, purchase: Purchase, *, now: datetime) -> None:
+        self.added += 1
         await self.session.execute(
             insert(ReceiptRow).values(
                 purchase_id=purchase.pk,
@@ -272,3 +278,167 @@ class SqlReceiptOutboxRepository:
                 created_at=now,
             )
         )
+
+    async def claim_due(
+        self, *, now: datetime, lease_until: datetime, token: str, limit: int
+    ) -> list[ReceiptJob]:
+        """Claim up to ``limit`` pending rows that are due, leasing them to ``token``.
+
+        A claimed row is not due again until ``lease_until``, so a deliverer that dies
+        mid-send leaves its rows to be retried, never lost. On PostgreSQL rows locked
+        by another deliverer's claim are skipped (FOR UPDATE SKIP LOCKED); SQLite
+        serializes claims with BEGIN IMMEDIATE instead.
+        """
+        due = (
+            select(ReceiptRow.id)
+            .where(ReceiptRow.status == "pending", ReceiptRow.next_attempt_at <= now)
+            .order_by(ReceiptRow.next_attempt_at, ReceiptRow.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        ids = list(await self.session.scalars(due))
+        if not ids:
+            return []
+        await self.session.execute(
+            update(ReceiptRow)
+            .where(ReceiptRow.id.in_(ids))
+            .values(
+                claim_token=token,
+                next_attempt_at=lease_until,
+                attempts=ReceiptRow.attempts + 1,
+            )
+        )
+        rows = await self.session.execute(
+            select(
+                ReceiptRow.id,
+                ReceiptRow.attempts,
+                ReceiptRow.recipient,
+                PurchaseRow.purchase_id,
+                CourseRow.title,
+                PurchaseRow.amount,
+                PurchaseRow.currency,
+                PurchaseRow.fulfilled_at,
+                PurchaseRow.updated_at,
+            )
+            .join(PurchaseRow, PurchaseRow.id == ReceiptRow.purchase_id)
+            .join(CourseRow, CourseRow.id == PurchaseRow.course_id)
+            .where(ReceiptRow.id.in_(ids))
+            .order_by(ReceiptRow.id)
+        )
+        return [
+            ReceiptJob(
+                outbox_id=row.id,
+                attempts=row.attempts,
+                receipt=Receipt(
+                    purchase_id=row.purchase_id,
+                    recipient=row.recipient,
+                    course_title=row.title,
+                    amount=row.amount,
+                    currency=row.currency,
+                    fulfilled_at=as_utc(row.fulfilled_at or row.updated_at),
+                ),
+            )
+            for row in rows
+        ]
+
+    async def settle(
+        self,
+        outbox_id: int,
+        *,
+        token: str,
+        status: str,
+        now: datetime,
+        next_attempt_at: datetime | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Record the outcome of a claimed send; False if the claim is no longer ours."""
+        values: dict[str, object] = {"status": status, "claim_token": None}
+        if status == "sent":
+            values["sent_at"] = now
+        if next_attempt_at is not None:
+            values["next_attempt_at"] = next_attempt_at
+        if error is not None:
+            values["last_error"] = error[:2000]
+        result = await self.session.execute(
+            update(ReceiptRow)
+            .where(ReceiptRow.id == outbox_id, ReceiptRow.claim_token == token)
+            .values(**values)
+            .returning(ReceiptRow.id)
+        )
+        return result.first() is not None
+
+    async def release(self, token: str, *, now: datetime) -> None:
+        """Give back rows claimed under ``token`` but not attempted (shutting down)."""
+        await self.session.execute(
+            update(ReceiptRow)
+            .where(ReceiptRow.claim_token == token, ReceiptRow.status == "pending")
+            .values(claim_token=None, next_attempt_at=now, attempts=ReceiptRow.attempts - 1)
+        )
+
+    async def requeue(self, outbox_id: int, *, now: datetime) -> bool:
+        """Put a dead message back in the queue with fresh attempts; False if not dead."""
+        result = await self.session.execute(
+            update(ReceiptRow)
+            .where(ReceiptRow.id == outbox_id, ReceiptRow.status == "dead")
+            .values(status="pending", attempts=0, next_attempt_at=now, claim_token=None)
+            .returning(ReceiptRow.id)
+        )
+        return result.first() is not None
+
+    async def overview(self, *, limit: int) -> list[OutboxEntry]:
+        """The newest ``limit`` messages, whatever their status."""
+        rows = await self.session.execute(
+            select(
+                ReceiptRow.id,
+                PurchaseRow.purchase_id,
+                ReceiptRow.recipient,
+                ReceiptRow.status,
+                ReceiptRow.attempts,
+                ReceiptRow.next_attempt_at,
+                ReceiptRow.sent_at,
+                ReceiptRow.last_error,
+            )
+            .join(PurchaseRow, PurchaseRow.id == ReceiptRow.purchase_id)
+            .order_by(ReceiptRow.id.desc())
+            .limit(limit)
+        )
+        return [
+            OutboxEntry(
+                outbox_id=row.id,
+                purchase_id=row.purchase_id,
+                recipient=row.recipient,
+                status=row.status,
+                attempts=row.attempts,
+                next_attempt_at=as_utc(row.next_attempt_at),
+                sent_at=None if row.sent_at is None else as_utc(row.sent_at),
+                last_error=row.last_error,
+            )
+            for row in rows
+        ]
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self.session.execute(
+            select(ReceiptRow.status, func.count()).group_by(ReceiptRow.status)
+        )
+        return {status: int(count) for status, count in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptJob:
+    """A claimed outbox row: which row, how many attempts so far, and what to send."""
+
+    outbox_id: int
+    attempts: int
+    receipt: Receipt
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    outbox_id: int
+    purchase_id: str
+    recipient: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    sent_at: datetime | None
+    last_error: str | None

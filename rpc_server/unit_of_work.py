@@ -6,6 +6,7 @@ factory in its context, so concurrent items never share a session.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -22,8 +23,13 @@ from rpc_server.repositories import (
 
 
 class SqlAlchemyUnitOfWork:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]):
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        after_receipts: Sequence[Callable[[], None]] = (),
+    ):
         self._sessions = sessions
+        self._after_receipts = after_receipts
 
     async def __aenter__(self) -> Self:
         self.session = self._sessions()
@@ -47,6 +53,11 @@ class SqlAlchemyUnitOfWork:
 
     async def commit(self) -> None:
         await self.session.commit()
+        if self.receipts.added:
+            # Receipts are committed: tell the deliverer, so they leave now, not at
+            # its next poll.
+            for listener in self._after_receipts:
+                listener()
 
 
 class SqlAlchemyUnitOfWorkFactory:
@@ -61,6 +72,8 @@ class SqlAlchemyUnitOfWorkFactory:
             else engine
         )
         self._writers = async_sessionmaker(writer_engine, expire_on_commit=False)
+        # Called after a commit that added receipt outbox rows (the deliverer's wake-up).
+        self.after_receipts: list[Callable[[], None]] = []
 
     def __call__(self, *, write: bool = False) -> SqlAlchemyUnitOfWork:
-        return SqlAlchemyUnitOfWork(self._writers if write else self._readers)
+        return SqlAlchemyUnitOfWork(self._writers if write else self._readers, self.after_receipts)

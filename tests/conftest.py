@@ -49,8 +49,10 @@ def database_url(tmp_path: Path, migrated_template: Path) -> str:
 
 
 @pytest.fixture
-def settings(database_url: str) -> Settings:
-    return Settings(database_url=database_url, frontend_url=FRONTEND_URL)
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url, frontend_url=FRONTEND_URL, mail_dir=str(tmp_path / "mail")
+    )
 
 
 @pytest.fixture
