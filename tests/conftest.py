@@ -1,14 +1,16 @@
-"""Shared fixtures: a migrated SQLite file per test, the app over real HTTP, demo actors.
+"""Shared fixtures: a fresh migrated database per test, the app over real HTTP, demo actors.
 
-Every test gets its own database file (copied from one migrated template per session),
-its own settings and its own app, so tests never share state.
+Every test that uses a database runs on SQLite and, when ``RPC_SERVER_TEST_DATABASE_URL``
+names a PostgreSQL server, on PostgreSQL too (test ids end in ``[sqlite]`` or
+``[postgresql]``). ``@pytest.mark.backends("postgresql")`` limits a test to the engines
+it is about. Each test gets its own database, settings and app: nothing is shared.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.app import create_app
@@ -25,6 +28,7 @@ from rpc_server.domain import services
 from rpc_server.domain.records import Actor, Course
 from rpc_server.migrate import migrate
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from tests import databases
 
 FRONTEND_URL = "https://shop.example"
 
@@ -41,11 +45,45 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+POSTGRES_ADMIN_URL = databases.postgres_admin_url()
+AVAILABLE_BACKENDS = ("sqlite", "postgresql") if POSTGRES_ADMIN_URL else ("sqlite",)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every database test once per available engine (limited by ``backends``)."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    wanted = marker.args if marker else AVAILABLE_BACKENDS
+    metafunc.parametrize("backend", [b for b in wanted if b in AVAILABLE_BACKENDS], indirect=True)
+
+
 @pytest.fixture
-def database_url(tmp_path: Path, migrated_template: Path) -> str:
-    path = tmp_path / "test.sqlite3"
-    shutil.copy(migrated_template, path)
-    return sqlite_url(path)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def postgres_template() -> Iterator[str]:
+    """One migrated PostgreSQL template database per session."""
+    assert POSTGRES_ADMIN_URL is not None
+    name = asyncio.run(databases.create_template(POSTGRES_ADMIN_URL))
+    yield name
+    asyncio.run(databases.drop(POSTGRES_ADMIN_URL, name))
+
+
+@pytest.fixture
+def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    if backend == "sqlite":
+        path = tmp_path / "test.sqlite3"
+        shutil.copy(request.getfixturevalue("migrated_template"), path)
+        yield sqlite_url(path)
+        return
+    assert POSTGRES_ADMIN_URL is not None
+    template = request.getfixturevalue("postgres_template")
+    url = asyncio.run(databases.create_from_template(POSTGRES_ADMIN_URL, template))
+    yield url
+    asyncio.run(databases.drop(POSTGRES_ADMIN_URL, make_url(url).database or ""))
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import World
 
 
+@pytest.mark.backends("sqlite")
 async def test_pragmas(engine: AsyncEngine) -> None:
     async with engine.connect() as connection:
         journal = (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar()
