@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server import json_codec
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext
-from rpc_server.database import create_engine
+from rpc_server.database import create_engine, engine_options
 from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import ParseError, answer, invalid_request, parse, parse_error
@@ -126,7 +126,8 @@ async def handle_readyz(request: web.Request) -> web.Response:
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    engine = create_engine(app[SETTINGS].database_url)
+    settings = app[SETTINGS]
+    engine = create_engine(settings.database_url, **engine_options(settings))
     app[ENGINE] = engine
     app[UOW_FACTORY] = SqlAlchemyUnitOfWorkFactory(engine)
     yield

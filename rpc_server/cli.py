@@ -20,7 +20,7 @@ from marshmallow import ValidationError
 from rpc_server import __version__
 from rpc_server.app import create_app
 from rpc_server.config import ConfigError, Settings
-from rpc_server.database import create_engine, is_sqlite
+from rpc_server.database import create_engine, engine_options, is_sqlite
 from rpc_server.deliverer import build_deliverer
 from rpc_server.demo import seed_demo
 from rpc_server.domain import services
@@ -40,7 +40,7 @@ def with_database(
     """Run ``work`` with a unit-of-work factory on the configured database."""
 
     async def run() -> T:
-        engine = create_engine(settings.database_url)
+        engine = create_engine(settings.database_url, **engine_options(settings))
         try:
             return await work(SqlAlchemyUnitOfWorkFactory(engine))
         finally:

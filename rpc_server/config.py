@@ -27,6 +27,11 @@ class Settings:
     port: int = 8080
     frontend_url: str = "http://localhost:3000"
     log_level: str = "INFO"
+    # Connection pool, per process.
+    db_pool_size: int = 10
+    db_max_overflow: int = 10
+    db_pool_timeout: float = 10.0
+    db_connect_timeout: float = 5.0
     # Envelope limits: every client request is bounded before any work is done.
     max_body_bytes: int = 1024 * 1024
     max_batch_length: int = 100
@@ -72,6 +77,10 @@ class Settings:
             raise ConfigError("RPC_SERVER_MAX_JSON_DEPTH must be at least 2")
         if not 0 < self.call_timeout <= 3600:
             raise ConfigError("RPC_SERVER_CALL_TIMEOUT must be between 0 and 3600 seconds")
+        if self.db_pool_size < 1 or self.db_max_overflow < 0:
+            raise ConfigError("RPC_SERVER_DB_POOL_SIZE must be >= 1 and MAX_OVERFLOW >= 0")
+        if not (self.db_pool_timeout > 0 and self.db_connect_timeout > 0):
+            raise ConfigError("RPC_SERVER_DB_POOL_TIMEOUT and DB_CONNECT_TIMEOUT must be > 0")
         if self.mail_max_attempts < 1:
             raise ConfigError("RPC_SERVER_MAIL_MAX_ATTEMPTS must be at least 1")
         for name in ("mail_retry_base", "mail_retry_cap", "mail_poll_interval", "mail_lease"):

@@ -16,6 +16,8 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from rpc_server.config import Settings
+
 # Execution option a write unit of work sets; the "begin" hook turns it into IMMEDIATE.
 SQLITE_IMMEDIATE = "rpc_server_sqlite_immediate"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -25,8 +27,25 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
+def engine_options(settings: Settings) -> dict[str, Any]:
+    """Pool settings from the configuration, for ``create_engine``."""
+    options: dict[str, Any] = {
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_max_overflow,
+        "pool_timeout": settings.db_pool_timeout,
+    }
+    if not is_sqlite(settings.database_url):
+        # asyncpg's own connect timeout: an unreachable server fails fast (-32000).
+        options["connect_args"] = {"timeout": settings.db_connect_timeout}
+    return options
+
+
 def create_engine(url: str, **engine_kwargs: Any) -> AsyncEngine:
-    """Return an async engine for ``url``, tuned for its backend."""
+    """Return an async engine for ``url``, tuned for its backend.
+
+    On PostgreSQL every checkout is pinged first (``pool_pre_ping``), so connections
+    that died with a database restart are replaced instead of failing a call.
+    """
     engine = create_async_engine(url, pool_pre_ping=not is_sqlite(url), **engine_kwargs)
     if is_sqlite(url):
         _tune_sqlite(engine)

@@ -53,6 +53,24 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+# SQLSTATE classes that mean "the database is not there right now": connection
+# exceptions, insufficient resources (too many connections), operator intervention
+# (shutdown, crash, starting up). Anything else is a bug, not an outage.
+UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True if ``exc`` says the database cannot be reached, not that our SQL is wrong."""
+    if isinstance(exc, UNAVAILABLE):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return isinstance(sqlstate, str) and sqlstate.startswith(UNAVAILABLE_SQLSTATE_PREFIXES)
+    return False
+
+
 def code_for(exc: BaseException) -> int | None:
     """Return the JSON-RPC code of a domain error, walking up its class hierarchy."""
     for klass in type(exc).__mro__:
@@ -70,7 +88,7 @@ def error_result(exc: Exception, *, method: str) -> Result:
     """Turn an exception raised by a method into a JSON-RPC error result."""
     if isinstance(exc, DomainError) and (code := code_for(exc)) is not None:
         return Error(code, exc.message, *([exc.data] if exc.data is not None else []))
-    if isinstance(exc, UNAVAILABLE) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+    if database_unavailable(exc):
         logger.warning("database unavailable in %s: %s", method, type(exc).__name__)
         return Error(SERVICE_UNAVAILABLE, "Service unavailable: try again later")
     error_id = uuid.uuid4().hex
