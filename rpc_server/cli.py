@@ -14,11 +14,9 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from aiohttp import web
 from marshmallow import ValidationError
 
 from rpc_server import __version__
-from rpc_server.app import create_app
 from rpc_server.config import ConfigError, Settings
 from rpc_server.database import create_engine, engine_options, is_sqlite
 from rpc_server.deliverer import build_deliverer
@@ -28,6 +26,7 @@ from rpc_server.domain.links import FrontendLinks
 from rpc_server.migrate import migrate
 from rpc_server.request_id import RequestIdFilter
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.workers import run_server, supervise
 from schemas import CourseSaveParams
 
 T = TypeVar("T")
@@ -155,14 +154,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         f"""-d '{{"jsonrpc": "2.0", "method": "purchase.list", "id": 1}}' {url}""",
         flush=True,
     )
-    web.run_app(
-        create_app(settings),
-        host=host,
-        port=port,
-        print=None,
-        access_log_format='%a "%r" %s %b %Tf "%{User-Agent}i" request_id=%{X-Request-ID}o',
-    )
-    return 0
+    workers = args.workers or settings.workers
+    if workers == 1:
+        run_server(settings, host, port)
+        return 0
+    return supervise(settings, host, port, workers)
 
 
 def configure_logging(level: str) -> None:
@@ -223,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="start the HTTP server")
     serve.add_argument("--host", help="address to listen on (RPC_SERVER_HOST)")
     serve.add_argument("--port", type=int, help="port to listen on (RPC_SERVER_PORT)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes sharing the port (RPC_SERVER_WORKERS, default 1)",
+    )
     serve.set_defaults(run=cmd_serve)
     return parser
 

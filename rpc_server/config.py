@@ -27,6 +27,8 @@ class Settings:
     port: int = 8080
     frontend_url: str = "http://localhost:3000"
     log_level: str = "INFO"
+    workers: int = 1
+    shutdown_timeout: float = 30.0
     # Connection pool, per process.
     db_pool_size: int = 10
     db_max_overflow: int = 10
@@ -73,6 +75,10 @@ class Settings:
             raise ConfigError("RPC_SERVER_MAX_BODY_BYTES must be at least 1")
         if self.max_batch_length < 1:
             raise ConfigError("RPC_SERVER_MAX_BATCH_LENGTH must be at least 1")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("RPC_SERVER_WORKERS must be between 1 and 64")
+        if not self.shutdown_timeout > 0:
+            raise ConfigError("RPC_SERVER_SHUTDOWN_TIMEOUT must be a positive number")
         if self.max_json_depth < 2:
             raise ConfigError("RPC_SERVER_MAX_JSON_DEPTH must be at least 2")
         if not 0 < self.call_timeout <= 3600:

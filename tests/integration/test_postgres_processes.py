@@ -1,0 +1,102 @@
+"""Several server processes on one PostgreSQL database: still exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rpc_server.domain import services
+from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from tests.conftest import World
+from tests.processes import running_server
+
+
+async def post(session: aiohttp.ClientSession, port: int, token: str, payload: object) -> object:
+    async with session.post(
+        f"http://127.0.0.1:{port}/rpc", json=payload, headers={"Authorization": f"Bearer {token}"}
+    ) as response:
+        assert response.status == 200
+        return await response.json()
+
+
+def worker_processes(parent: int) -> list[str]:
+    """Child processes of ``parent`` that are server workers (not multiprocessing helpers)."""
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [
+        pid for pid in children
+        if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    ]  # fmt: skip
+
+
+async def count(engine: AsyncEngine, sql: str) -> int:
+    async with engine.connect() as connection:
+        return int((await connection.execute(text(sql))).scalar_one())
+
+
+@pytest.mark.backends("postgresql")
+async def test_fifty_fulfills_over_two_processes_give_one_registration_and_receipt(
+    database_url: str,
+    engine: AsyncEngine,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    world: World,
+    tmp_path: Path,
+) -> None:
+    purchase = await services.create_purchase(
+        uow_factory, world.alice.actor, course="python-basics"
+    )
+    env = {"RPC_SERVER_DATABASE_URL": database_url, "RPC_SERVER_MAIL_DIR": str(tmp_path / "mail")}
+    request = {
+        "jsonrpc": "2.0",
+        "method": "purchase.fulfill",
+        "params": {"purchase_id": purchase.purchase_id, "purchase_state": "fulfilled"},
+        "id": 1,
+    }
+    with running_server(env) as (first, _), running_server(env) as (second, _):
+        # A fresh connection per call, so the calls really run side by side.
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            answers = await asyncio.gather(
+                *(
+                    post(session, (first, second)[i % 2], world.alice.token, request)
+                    for i in range(50)
+                )
+            )
+        # Both deliverers had their chance at the receipt before the servers stop.
+        for _ in range(50):
+            if await count(engine, "SELECT count(*) FROM receipt_outbox WHERE status = 'sent'"):
+                break
+            await asyncio.sleep(0.1)
+    assert all("result" in answer for answer in answers), answers[:3]
+    assert len({str(answer) for answer in answers}) == 1
+    assert await count(engine, "SELECT count(*) FROM course_registrations") == 1
+    assert await count(engine, "SELECT count(*) FROM receipt_outbox") == 1
+    assert await count(engine, "SELECT count(*) FROM receipt_outbox WHERE status = 'sent'") == 1
+    assert len(list((tmp_path / "mail").glob("*.eml"))) == 1
+
+
+async def test_workers_share_one_port_and_stop_cleanly(
+    database_url: str, world: World, tmp_path: Path
+) -> None:
+    env = {"RPC_SERVER_DATABASE_URL": database_url, "RPC_SERVER_MAIL_DIR": str(tmp_path / "mail")}
+    with running_server(env, "--workers", "2") as (port, server):
+        connector = aiohttp.TCPConnector(force_close=True, limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            answers = await asyncio.gather(
+                *(
+                    post(
+                        session,
+                        port,
+                        world.alice.token,
+                        {"jsonrpc": "2.0", "method": "course.list", "id": i},
+                    )
+                    for i in range(20)
+                )
+            )
+        workers = worker_processes(server.pid)
+    assert len(workers) == 2
+    assert sorted(answer["id"] for answer in answers) == list(range(20))  # type: ignore[index]
