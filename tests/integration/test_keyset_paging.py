@@ -1,0 +1,93 @@
+"""purchase.list pages with keyset cursors: one indexed query per page, however deep."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rpc_server.domain import services
+from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from tests.conftest import World
+
+PURCHASES = 100_000
+
+
+async def insert_purchases(engine: AsyncEngine, owner_id: int, course_id: int, n: int) -> None:
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO purchases (purchase_id, owner_id, course_id, amount, currency, "
+                "state, created_at, updated_at) "
+                "SELECT md5(:prefix || g), :owner, :course, 49.00, 'USD', "
+                "CASE WHEN g % 3 = 0 THEN 'fulfilled' ELSE 'pending' END, now(), now() "
+                "FROM generate_series(1, :n) AS g"
+            ),
+            {"prefix": f"{owner_id}-", "owner": owner_id, "course": course_id, "n": n},
+        )
+        await connection.execute(text("ANALYZE purchases"))
+
+
+def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):
+        nodes.extend(plan_nodes(child))
+    return nodes
+
+
+@pytest.mark.backends("postgresql")
+async def test_paging_a_hundred_thousand_purchases(
+    engine: AsyncEngine, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+) -> None:
+    await insert_purchases(engine, world.alice.actor.user_id, world.python.pk, PURCHASES)
+    await insert_purchases(engine, world.bob.actor.user_id, world.python.pk, 20_000)
+
+    seen: set[str] = set()
+    cursor: int | None = None
+    pages = 0
+    while True:
+        page = await services.list_purchases(
+            uow_factory, world.alice.actor, limit=100, cursor=cursor
+        )
+        keys = [p.pk for p in page.items]
+        assert keys == sorted(keys, reverse=True)  # newest first
+        seen.update(p.purchase_id for p in page.items)
+        pages += 1
+        if page.next_before is None:
+            break
+        cursor = page.next_before
+    assert len(seen) == PURCHASES
+    assert pages == PURCHASES // 100
+
+    # A page deep in the list is one query, served by an index.
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        if "FROM purchases" in statement:
+            statements.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        await services.list_purchases(uow_factory, world.alice.actor, limit=20, cursor=500)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+    assert len(statements) == 1
+    statement, parameters = statements[0]
+    async with engine.connect() as connection:
+        explained = await connection.exec_driver_sql(
+            "EXPLAIN (FORMAT JSON) " + statement, parameters
+        )
+        raw = explained.scalar_one()
+    plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+    nodes = plan_nodes(plan)
+    on_purchases = [n for n in nodes if n.get("Relation Name") == "purchases"]
+    assert [n["Node Type"] for n in on_purchases] == ["Index Scan"], nodes
+    # The planner may walk the (owner_id, id) index or the primary key backwards from
+    # the cursor (it picks the primary key when most rows are this user's): either way
+    # the page is read in order from an index, never sorted or scanned whole.
+    assert on_purchases[0]["Index Name"] in {"ix_purchases_owner_id_id", "pk_purchases"}
+    assert on_purchases[0]["Scan Direction"] == "Backward"
+    assert not any(n["Node Type"] == "Sort" for n in nodes)
