@@ -41,7 +41,8 @@ class RetryPolicy:
 
     def delay_after(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failed send ("equal jitter")."""
-        delay = min(self.cap_seconds, self.base_seconds * 2 ** max(0, attempts - 1))
+        exponent = min(max(0, attempts - 1), 64)  # past 2**64 the cap has long won
+        delay = min(self.cap_seconds, self.base_seconds * 2.0**exponent)
         return random.uniform(delay / 2, delay)
 
 

@@ -67,16 +67,49 @@ def loads(body: bytes, *, max_depth: int = 64) -> Any:
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ParseError(f"Invalid JSON: {exc}") from None
+        if "number is infinity" not in str(exc):
+            raise ParseError(f"Invalid JSON: {exc}") from None
+        # An integer of hundreds of digits is valid JSON that orjson cannot hold;
+        # the standard library keeps it exact (and still refuses infinite floats).
+        payload = _strict_stdlib_loads(body)
     if depth_exceeds(payload, max_depth):
         raise ParseError(f"JSON nested deeper than {max_depth} levels")
     if _has_float_id(payload):
         # Keep a big integer id exact (orjson has already checked the syntax and depth).
-        try:
-            payload = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
-        except RecursionError:
-            raise ParseError("JSON nested too deeply") from None
+        payload = _strict_stdlib_loads(body)
     return payload
+
+
+def _strict_stdlib_loads(body: bytes) -> Any:
+    """The standard library's parse, held to orjson's rules (the rare, slow path)."""
+    try:
+        payload = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ParseError("JSON nested too deeply") from None
+    except ParseError:
+        raise
+    except ValueError as exc:
+        raise ParseError(f"Invalid JSON: {exc}") from None
+    if _has_lone_surrogate(payload):
+        raise ParseError("Invalid JSON: a string holds a lone surrogate (not Unicode text)")
+    return payload
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    pending = [value]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(node, dict):
+            pending.extend(node.keys())
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return False
 
 
 def dumps(payload: Any) -> bytes:
@@ -86,4 +119,4 @@ def dumps(payload: Any) -> bytes:
         return orjson.dumps(payload)
     except TypeError:
         # An integer beyond 64 bits (an id echoed back): the standard library keeps it exact.
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(payload, separators=(",", ":")).encode()

@@ -70,25 +70,29 @@ class RpcMethod:
 
     async def __call__(self, ctx: RpcContext, /, *args: Any, **kwargs: Any) -> Result:
         # ctx is positional-only, so a client param named "ctx" is just an unknown field.
+        deadline = asyncio.timeout(ctx.call_timeout)
         try:
-            actor = await ctx.authenticate()
-            if self.auth and actor is None:
-                raise Unauthenticated()
-            try:
-                params = self.load_params(args, kwargs)
-            except ValidationError as exc:
-                return InvalidParams(exc.messages)
-            deadline = asyncio.timeout(ctx.call_timeout)
-            try:
-                async with deadline:
-                    value = await self.handler(ctx, actor, **params)
-            except TimeoutError:
-                if not deadline.expired():
-                    raise  # a timeout of something inside, not of this call
+            async with deadline:
+                return await self._call(ctx, args, kwargs)
+        except TimeoutError as exc:
+            if deadline.expired():  # not a timeout of something inside
                 return timed_out(ctx.call_timeout)
-            return Success(self.result.dump(value))
+            return error_result(exc, method=self.name)
         except Exception as exc:
             return error_result(exc, method=self.name)
+
+    async def _call(
+        self, ctx: RpcContext, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Result:
+        actor = await ctx.authenticate()
+        if self.auth and actor is None:
+            raise Unauthenticated()
+        try:
+            params = self.load_params(args, kwargs)
+        except ValidationError as exc:
+            return InvalidParams(exc.messages)
+        value = await self.handler(ctx, actor, **params)
+        return Success(self.result.dump(value))
 
 
 class MethodRegistry:

@@ -127,7 +127,7 @@ def test_nan_and_infinity_are_rejected(body: bytes) -> None:
 
 @pytest.mark.parametrize("body", [b"1e400", b"-1e400", b'{"id": 1.5e999}'])
 def test_overflowing_numbers_are_rejected(body: bytes) -> None:
-    with pytest.raises(ParseError, match="Invalid JSON: number is infinity"):
+    with pytest.raises(ParseError, match="out of range"):
         parse(body)
 
 
