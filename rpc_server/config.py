@@ -92,8 +92,13 @@ class Settings:
         for name in ("mail_retry_base", "mail_retry_cap", "mail_poll_interval", "mail_lease"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"RPC_SERVER_{name.upper()} must be a positive number")
-        if self.smtp_url and not self.smtp_url.startswith(("smtp://", "smtps://")):
-            raise ConfigError("RPC_SERVER_SMTP_URL must start with smtp:// or smtps://")
+        if self.smtp_url:
+            from rpc_server.mailer import SmtpMailer  # the URL's one parser
+
+            try:
+                SmtpMailer.from_url(self.smtp_url)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if not 0 < self.port < 65536:
             raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")
 

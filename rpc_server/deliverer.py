@@ -122,17 +122,21 @@ class ReceiptDeliverer:
         return total
 
     async def _deliver(self, job: ReceiptJob, token: str) -> None:
-        message = build_receipt(job.receipt, mail_from=self.mail_from)
         status, retry_at, error = "sent", None, None
         try:
-            await self.mailer.send(message)
-        except PermanentMailError as exc:
-            status, error = "dead", str(exc)
-        except TemporaryMailError as exc:
-            status, error = "pending", str(exc)
-        except Exception as exc:  # a bug in a mailer must not stop the deliverer
-            log.exception("unexpected error sending receipt %s", job.outbox_id)
-            status, error = "pending", f"unexpected error: {type(exc).__name__}"
+            message = build_receipt(job.receipt, mail_from=self.mail_from)
+        except ValueError as exc:  # e.g. an address the email library refuses
+            status, error = "dead", f"cannot build the receipt: {exc}"
+        else:
+            try:
+                await self.mailer.send(message)
+            except PermanentMailError as exc:
+                status, error = "dead", str(exc)
+            except TemporaryMailError as exc:
+                status, error = "pending", str(exc)
+            except Exception as exc:  # a bug in a mailer must not stop the deliverer
+                log.exception("unexpected error sending receipt %s", job.outbox_id)
+                status, error = "pending", f"unexpected error: {type(exc).__name__}"
         now = self.clock()
         if status == "pending":
             if job.attempts >= self.retry.max_attempts:

@@ -12,7 +12,7 @@ import asyncio
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Protocol
@@ -51,7 +51,7 @@ class SmtpMailer:
     hostname: str
     port: int
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     use_tls: bool = False
     start_tls: bool = False
     timeout: float = 30.0
@@ -64,13 +64,16 @@ class SmtpMailer:
             raise ValueError("RPC_SERVER_SMTP_URL must look like smtp://host:port or smtps://host")
         query = parse_qs(parts.query)
         implicit_tls = parts.scheme == "smtps"
+        start_tls = query.get("starttls", ["0"])[0].lower() in ("1", "true", "yes")
+        if implicit_tls and start_tls:
+            raise ValueError("RPC_SERVER_SMTP_URL: smtps:// is already TLS; drop ?starttls=1")
         return cls(
             hostname=parts.hostname,
             port=parts.port or (465 if implicit_tls else 25),
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
             use_tls=implicit_tls,
-            start_tls=query.get("starttls", ["0"])[0].lower() in ("1", "true", "yes"),
+            start_tls=start_tls,
         )
 
     async def send(self, message: EmailMessage) -> None:
@@ -119,6 +122,8 @@ class FileMailer:
                 "wb", dir=self.directory, suffix=".tmp", delete=False
             ) as handle:
                 handle.write(message.as_bytes())
+            # Readable by a mail pickup process running as another user.
+            os.chmod(handle.name, 0o644)
             os.replace(handle.name, self.directory / f"{name}.eml")
         except OSError as exc:
             raise TemporaryMailError(f"cannot write to {self.directory}: {exc.strerror}") from None

@@ -29,7 +29,8 @@ class Receipt:
 
 def message_id_for(purchase_id: str, mail_from: str) -> str:
     """Return the stable Message-ID of a purchase's receipt."""
-    domain = parseaddr(mail_from)[1].rpartition("@")[2] or "localhost"
+    _, at, domain = parseaddr(mail_from)[1].rpartition("@")
+    domain = domain if at and domain else "localhost"
     return f"<receipt-{purchase_id}@{domain}>"
 
 

@@ -38,7 +38,14 @@ class CourseSaveParams(Params):
             r"^[a-z0-9][a-z0-9-]{0,99}\Z", error="Use lowercase letters, digits and dashes."
         ),
     )
-    title = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    title = fields.String(
+        required=True,
+        validate=[
+            validate.Length(min=1, max=200),
+            # It becomes an email Subject: no line breaks or other control characters.
+            validate.Regexp(r"^[^\x00-\x1f\x7f]*\Z", error="Use one line of text."),
+        ],
+    )
     price = fields.Decimal(
         required=True,
         allow_nan=False,
