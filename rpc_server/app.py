@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp_cors
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rpc_server import json_codec
+from rpc_server import docs_page, json_codec
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext
 from rpc_server.database import create_engine, engine_options
@@ -23,15 +24,26 @@ from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import ParseError, answer, invalid_request, parse, parse_error
 from rpc_server.methods import REGISTRY
+from rpc_server.openrpc import build_document
 from rpc_server.registry import MethodRegistry
 from rpc_server.request_id import HEADER as REQUEST_ID_HEADER
 from rpc_server.request_id import request_id_middleware
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 
+
+@dataclass(frozen=True)
+class ServiceDescription:
+    """The OpenRPC document, and the docs page rendered from it, built once per app."""
+
+    document: dict[str, Any]
+    html: str
+
+
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY_KEY = web.AppKey("registry", MethodRegistry)
 ENGINE = web.AppKey("engine", AsyncEngine)
 UOW_FACTORY = web.AppKey("uow_factory", SqlAlchemyUnitOfWorkFactory)
+OPENRPC = web.AppKey("openrpc", ServiceDescription)
 DELIVERER = web.AppKey("deliverer", ReceiptDeliverer)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
@@ -100,6 +112,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         links=FrontendLinks(settings.frontend_url),
         token=bearer_token(request),
         call_timeout=settings.call_timeout,
+        service_description=request.app[OPENRPC].document,
     )
     result = await answer(
         payload, request.app[REGISTRY_KEY], ctx, max_batch_length=settings.max_batch_length
@@ -112,6 +125,16 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
 async def handle_healthz(request: web.Request) -> web.Response:
     """GET /healthz: 200 while the process runs (liveness; says nothing of the database)."""
     return json_response({"status": "ok"})
+
+
+async def handle_openrpc(request: web.Request) -> web.Response:
+    """GET /openrpc.json: the OpenRPC document (the same as rpc.discover answers)."""
+    return json_response(request.app[OPENRPC].document)
+
+
+async def handle_docs(request: web.Request) -> web.Response:
+    """GET /docs: the OpenRPC document as a readable HTML reference."""
+    return web.Response(text=request.app[OPENRPC].html, content_type="text/html", charset="utf-8")
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
@@ -162,12 +185,16 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app = web.Application(middlewares=[request_id_middleware])
     app[SETTINGS] = settings
     app[REGISTRY_KEY] = registry
+    document = build_document(registry)
+    app[OPENRPC] = ServiceDescription(document, docs_page.render(document))
     app.cleanup_ctx.append(database_ctx)
     if settings.mail_in_serve:
         app.cleanup_ctx.append(deliverer_ctx)
     app.router.add_post("/rpc", handle_rpc)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
+    app.router.add_get("/openrpc.json", handle_openrpc)
+    app.router.add_get("/docs", handle_docs)
     if settings.cors_origins:
         allow_cors(app, settings.cors_origins)
     return app

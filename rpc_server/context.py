@@ -8,7 +8,9 @@ is looked up at most once per HTTP request, however many batch items need it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
@@ -22,6 +24,8 @@ class RpcContext:
     links: FrontendLinks
     token: str | None = None
     call_timeout: float = 30.0
+    # The OpenRPC document, for rpc.discover.
+    service_description: Mapping[str, Any] = field(default_factory=dict)
     _actor: asyncio.Task[Actor | None] | None = field(default=None, repr=False)
 
     async def authenticate(self) -> Actor | None:

@@ -36,6 +36,19 @@ UNAUTHENTICATED = 401
 NOT_FOUND = 404
 CONFLICT = 409
 
+# What each code means, as the OpenRPC document lists it.
+ERROR_MESSAGES: dict[int, str] = {
+    INVALID_PARAMS: "Invalid params",
+    INTERNAL_ERROR: "Internal error",
+    SERVICE_UNAVAILABLE: "Service unavailable",
+    TIMED_OUT: "Timed out",
+    UNAUTHENTICATED: "Unauthenticated",
+    NOT_FOUND: "Not found",
+    CONFLICT: "Conflict",
+}
+# Errors any method can return, whatever it does.
+STANDARD_METHOD_ERRORS = (INVALID_PARAMS, SERVICE_UNAVAILABLE, TIMED_OUT, INTERNAL_ERROR)
+
 ERROR_CODES: dict[type[BaseException], int] = {
     Unauthenticated: UNAUTHENTICATED,
     NotFound: NOT_FOUND,

@@ -11,6 +11,7 @@ and maps exceptions to JSON-RPC errors. Nothing reaches jsonrpcserver's global r
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,16 @@ Handler = Callable[..., Awaitable[Any]]
 
 
 @dataclass(frozen=True)
+class Example:
+    """One example call for the OpenRPC document: params by name, and the value the
+    handler would return (dumped through the method's own result schema)."""
+
+    name: str
+    params: dict[str, Any]
+    result: Any
+
+
+@dataclass(frozen=True)
 class RpcMethod:
     """One JSON-RPC method.
 
@@ -38,14 +49,24 @@ class RpcMethod:
     name: str
     handler: Handler
     params: type[Schema]
-    result: Schema
+    # None: the handler returns JSON as it is (then ``result_json_schema`` describes it).
+    result: Schema | None
     auth: bool = True
     errors: tuple[int, ...] = ()
+    result_name: str = "result"
+    result_json_schema: dict[str, Any] | None = None
+    example: Example | None = None
     summary: str = field(init=False)
+    description: str = field(init=False)
 
     def __post_init__(self) -> None:
-        doc = (self.handler.__doc__ or "").strip()
-        object.__setattr__(self, "summary", doc.splitlines()[0] if doc else self.name)
+        doc = inspect.cleandoc(self.handler.__doc__ or "")
+        summary, _, description = doc.partition("\n")
+        object.__setattr__(self, "summary", summary or self.name)
+        object.__setattr__(self, "description", description.strip())
+
+    def dump_result(self, value: Any) -> Any:
+        return value if self.result is None else self.result.dump(value)
 
     def load_params(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Validate params given by position or by name; return them by name.
@@ -92,7 +113,7 @@ class RpcMethod:
         except ValidationError as exc:
             return InvalidParams(exc.messages)
         value = await self.handler(ctx, actor, **params)
-        return Success(self.result.dump(value))
+        return Success(self.dump_result(value))
 
 
 class MethodRegistry:

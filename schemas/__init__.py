@@ -8,6 +8,7 @@ of the method's params.
 
 from schemas.base import Out, Params
 from schemas.course import CourseListParams, CourseOut, CourseSaveParams
+from schemas.discovery import DiscoverParams
 from schemas.purchase import (
     FulfillmentOut,
     PurchaseCreateParams,
@@ -23,6 +24,7 @@ __all__ = [
     "CourseListParams",
     "CourseOut",
     "CourseSaveParams",
+    "DiscoverParams",
     "FulfillmentOut",
     "Out",
     "Params",

@@ -5,11 +5,12 @@ and return a record; the registry dumps it through the result schema.
 """
 
 from rpc_server.errors import CONFLICT, NOT_FOUND, UNAUTHENTICATED
-from rpc_server.methods import courses, purchases, registrations
+from rpc_server.methods import courses, discovery, examples, purchases, registrations
 from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas import (
     CourseListParams,
     CourseOut,
+    DiscoverParams,
     FulfillmentOut,
     PurchaseCreateParams,
     PurchaseFulfillParams,
@@ -24,46 +25,36 @@ from schemas import (
 REGISTRY = MethodRegistry(
     [
         RpcMethod(
-            "course.list",
-            courses.list_courses,
-            CourseListParams,
-            CourseOut(many=True),
-            auth=False,
+            "course.list", courses.list_courses, CourseListParams, CourseOut(many=True),
+            auth=False, result_name="courses", example=examples.COURSE_LIST,
         ),
         RpcMethod(
-            "purchase.create",
-            purchases.create_purchase,
-            PurchaseCreateParams,
-            PurchaseOut(),
-            errors=(UNAUTHENTICATED, NOT_FOUND, CONFLICT),
+            "purchase.create", purchases.create_purchase, PurchaseCreateParams, PurchaseOut(),
+            errors=(UNAUTHENTICATED, NOT_FOUND, CONFLICT), result_name="purchase",
+            example=examples.PURCHASE_CREATE,
         ),
         RpcMethod(
-            "purchase.get",
-            purchases.get_purchase,
-            PurchaseGetParams,
-            PurchaseOut(),
-            errors=(UNAUTHENTICATED, NOT_FOUND),
+            "purchase.get", purchases.get_purchase, PurchaseGetParams, PurchaseOut(),
+            errors=(UNAUTHENTICATED, NOT_FOUND), result_name="purchase",
+            example=examples.PURCHASE_GET,
         ),
         RpcMethod(
-            "purchase.list",
-            purchases.list_purchases,
-            PurchaseListParams,
-            PurchasePageOut(),
-            errors=(UNAUTHENTICATED,),
+            "purchase.list", purchases.list_purchases, PurchaseListParams, PurchasePageOut(),
+            errors=(UNAUTHENTICATED,), result_name="page", example=examples.PURCHASE_LIST,
         ),
         RpcMethod(
-            "purchase.fulfill",
-            purchases.fulfill_purchase,
-            PurchaseFulfillParams,
-            FulfillmentOut(),
-            errors=(UNAUTHENTICATED, NOT_FOUND, CONFLICT),
+            "purchase.fulfill", purchases.fulfill_purchase, PurchaseFulfillParams,
+            FulfillmentOut(), errors=(UNAUTHENTICATED, NOT_FOUND, CONFLICT),
+            result_name="fulfillment", example=examples.PURCHASE_FULFILL,
         ),
         RpcMethod(
-            "registration.list",
-            registrations.list_registrations,
-            RegistrationListParams,
-            RegistrationOut(many=True),
-            errors=(UNAUTHENTICATED,),
+            "registration.list", registrations.list_registrations, RegistrationListParams,
+            RegistrationOut(many=True), errors=(UNAUTHENTICATED,), result_name="registrations",
+            example=examples.REGISTRATION_LIST,
+        ),
+        RpcMethod(
+            "rpc.discover", discovery.discover, DiscoverParams, None, auth=False,
+            result_name="OpenRPC document", result_json_schema={"$ref": discovery.META_SCHEMA_URL},
         ),
     ]
-)
+)  # fmt: skip

@@ -81,6 +81,7 @@ def test_every_exported_schema_is_params_or_out() -> None:
     assert {s.__name__ for s in PARAMS} == {
         "CourseListParams",
         "CourseSaveParams",
+        "DiscoverParams",
         "PurchaseCreateParams",
         "PurchaseFulfillParams",
         "PurchaseGetParams",

@@ -1,0 +1,20 @@
+"""rpc.discover: the OpenRPC document of this server."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rpc_server.context import RpcContext
+from rpc_server.domain.records import Actor
+
+# The schema OpenRPC gives for the result of rpc.discover: its own meta-schema.
+META_SCHEMA_URL = "https://raw.githubusercontent.com/open-rpc/meta-schema/master/schema.json"
+
+
+async def discover(ctx: RpcContext, actor: Actor | None) -> Mapping[str, Any]:
+    """Describe this server's methods as an OpenRPC document.
+
+    The same document is served at GET /openrpc.json, and as a readable page at GET /docs.
+    """
+    return ctx.service_description

@@ -1,0 +1,60 @@
+"""Example values for the OpenRPC document: one call per method.
+
+Results are domain records; the document dumps them through each method's own result
+schema, so an example can never disagree with the schema it illustrates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from rpc_server.domain.links import FrontendLinks
+from rpc_server.domain.records import Course, Fulfillment, Purchase, PurchasePage, Registration
+from rpc_server.domain.states import PurchaseState
+from rpc_server.registry import Example
+
+_CREATED = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
+_FULFILLED = datetime(2026, 11, 27, 9, 31, tzinfo=UTC)
+PURCHASE_ID = "3af4a6620783c7ae9fa021be9aad7835"
+
+COURSES = [
+    Course(1, "async-python", "Async Python in Practice", Decimal("79.00"), "USD"),
+    Course(2, "python-basics", "Python Basics", Decimal("49.00"), "USD"),
+]
+PENDING = Purchase(
+    pk=41, purchase_id=PURCHASE_ID, owner_id=7, owner_email="alice@example.com",
+    course_pk=2, course_slug="python-basics", course_title="Python Basics",
+    amount=Decimal("49.00"), currency="USD", state=PurchaseState.PENDING, error_msg=None,
+    created_at=_CREATED, updated_at=_CREATED, fulfilled_at=None,
+)  # fmt: skip
+FULFILLED = replace(
+    PENDING, state=PurchaseState.FULFILLED, updated_at=_FULFILLED, fulfilled_at=_FULFILLED
+)
+
+COURSE_LIST = Example("the courses on sale", {}, COURSES)
+PURCHASE_CREATE = Example(
+    "buy a course, retry-safe",
+    {"course": "python-basics", "idempotency_key": "order-1001"},
+    PENDING,
+)
+PURCHASE_GET = Example("one purchase", {"purchase_id": PURCHASE_ID}, PENDING)
+PURCHASE_LIST = Example(
+    "the first page of pending purchases",
+    {"state": "pending", "limit": 1},
+    PurchasePage(items=[PENDING], next_before=PENDING.pk),
+)
+PURCHASE_FULFILL = Example(
+    "the payment went through",
+    {"purchase_id": PURCHASE_ID, "purchase_state": "fulfilled"},
+    Fulfillment(
+        redirect_url=FrontendLinks("https://shop.example").after_fulfillment(FULFILLED),
+        purchase=FULFILLED,
+    ),
+)
+REGISTRATION_LIST = Example(
+    "the caller's registrations",
+    {},
+    [Registration(course_slug="python-basics", purchase_id=PURCHASE_ID, created_at=_FULFILLED)],
+)
