@@ -12,6 +12,7 @@ from models.tables import (
     Course,
     CourseRegistration,
     Purchase,
+    RateLimitBucket,
     ReceiptOutbox,
     User,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Course",
     "CourseRegistration",
     "Purchase",
+    "RateLimitBucket",
     "ReceiptOutbox",
     "User",
 ]

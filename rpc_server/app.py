@@ -19,12 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server import docs_page, json_codec
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext
-from rpc_server.database import create_engine, engine_options
+from rpc_server.database import create_engine, engine_options, is_sqlite
 from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import ParseError, answer, invalid_request, parse, parse_error
 from rpc_server.methods import REGISTRY
 from rpc_server.openrpc import build_document
+from rpc_server.rate_limit import DatabaseRateLimiter, MemoryRateLimiter, RateLimiter
 from rpc_server.registry import MethodRegistry
 from rpc_server.request_id import HEADER as REQUEST_ID_HEADER
 from rpc_server.request_id import request_id_middleware
@@ -45,6 +46,7 @@ ENGINE = web.AppKey("engine", AsyncEngine)
 UOW_FACTORY = web.AppKey("uow_factory", SqlAlchemyUnitOfWorkFactory)
 OPENRPC = web.AppKey("openrpc", ServiceDescription)
 DELIVERER = web.AppKey("deliverer", ReceiptDeliverer)
+LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
 # reset connection) up to this many bytes; beyond it the connection is closed.
@@ -115,7 +117,11 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         service_description=request.app[OPENRPC].document,
     )
     result = await answer(
-        payload, request.app[REGISTRY_KEY], ctx, max_batch_length=settings.max_batch_length
+        payload,
+        request.app[REGISTRY_KEY],
+        ctx,
+        max_batch_length=settings.max_batch_length,
+        limiter=request.app.get(LIMITER),
     )
     if result is None:
         return web.Response(status=204)
@@ -153,6 +159,12 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = create_engine(settings.database_url, **engine_options(settings))
     app[ENGINE] = engine
     app[UOW_FACTORY] = SqlAlchemyUnitOfWorkFactory(engine)
+    if settings.rate_limit > 0:
+        app[LIMITER] = (
+            MemoryRateLimiter(settings.rate_limit, settings.rate_burst)
+            if is_sqlite(settings.database_url)
+            else DatabaseRateLimiter(engine, settings.rate_limit, settings.rate_burst)
+        )
     yield
     await engine.dispose()
 

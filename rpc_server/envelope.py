@@ -9,17 +9,21 @@ jsonrpcserver, one at a time, concurrently. Each item gets its own unit of work.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from jsonrpcserver import async_dispatch_to_serializable
 
 from rpc_server import json_codec
 from rpc_server.context import RpcContext
-from rpc_server.errors import INVALID_REQUEST, PARSE_ERROR
+from rpc_server.domain.tokens import hash_token
+from rpc_server.errors import INVALID_REQUEST, PARSE_ERROR, RATE_LIMITED
 from rpc_server.json_codec import ParseError
+from rpc_server.rate_limit import RateLimiter
 from rpc_server.registry import MethodRegistry
 
 JsonObject = dict[str, Any]
+logger = logging.getLogger("rpc_server.envelope")
 
 __all__ = ["ParseError", "answer", "parse"]
 
@@ -64,11 +68,22 @@ def problem_with(item: Any) -> str | None:
     return None
 
 
-async def answer_one(item: Any, registry: MethodRegistry, ctx: RpcContext) -> JsonObject | None:
-    """Answer one request object; None for a notification (never answered)."""
+async def answer_one(
+    item: Any, registry: MethodRegistry, ctx: RpcContext, *, retry_after: float | None = None
+) -> JsonObject | None:
+    """Answer one request object; None for a notification (never answered).
+
+    With ``retry_after`` set, the call is over its token's rate limit: it is not run.
+    """
     problem = problem_with(item)
     if problem is not None:
         return invalid_request(problem)
+    if retry_after is not None:
+        if "id" not in item:
+            return None
+        return error_object(
+            RATE_LIMITED, "Too many requests", {"retry_after": retry_after}, item["id"]
+        )
     answer = await async_dispatch_to_serializable(
         item,
         methods=registry.dispatch_table(),
@@ -81,18 +96,55 @@ async def answer_one(item: Any, registry: MethodRegistry, ctx: RpcContext) -> Js
     return answer
 
 
+async def _over_limit(
+    items: list[Any], ctx: RpcContext, limiter: RateLimiter | None
+) -> list[float | None]:
+    """For each item, None if it may run, else the seconds after which to retry.
+
+    Only calls that carry a token are counted, one per valid request object.
+    """
+    verdicts: list[float | None] = [None] * len(items)
+    if limiter is None or ctx.token is None:
+        return verdicts
+    valid = [i for i, item in enumerate(items) if problem_with(item) is None]
+    if not valid:
+        return verdicts
+    try:
+        grant = await limiter.take(hash_token(ctx.token), len(valid))
+    except Exception:
+        # Fail open: a limiter that cannot reach its store must not take the service
+        # down with it (the calls themselves will answer -32000 if the database is gone).
+        logger.warning("rate limiter unavailable; letting the request through", exc_info=True)
+        return verdicts
+    for index in valid[grant.granted :]:
+        verdicts[index] = grant.retry_after
+    return verdicts
+
+
 async def answer(
-    payload: Any, registry: MethodRegistry, ctx: RpcContext, *, max_batch_length: int
+    payload: Any,
+    registry: MethodRegistry,
+    ctx: RpcContext,
+    *,
+    max_batch_length: int,
+    limiter: RateLimiter | None = None,
 ) -> JsonObject | list[JsonObject] | None:
     """Answer a parsed body: one object, a list for a batch, None if nothing to answer."""
     if not isinstance(payload, list):
-        return await answer_one(payload, registry, ctx)
+        [verdict] = await _over_limit([payload], ctx, limiter)
+        return await answer_one(payload, registry, ctx, retry_after=verdict)
     if not payload:
         return invalid_request("An empty batch is not a request.")
     if len(payload) > max_batch_length:
         return invalid_request(
             f"A batch may hold at most {max_batch_length} requests, got {len(payload)}."
         )
-    answers = await asyncio.gather(*(answer_one(item, registry, ctx) for item in payload))
+    verdicts = await _over_limit(payload, ctx, limiter)
+    answers = await asyncio.gather(
+        *(
+            answer_one(item, registry, ctx, retry_after=verdict)
+            for item, verdict in zip(payload, verdicts, strict=True)
+        )
+    )
     collected = [a for a in answers if a is not None]
     return collected or None

@@ -35,6 +35,7 @@ TIMED_OUT = -32001
 UNAUTHENTICATED = 401
 NOT_FOUND = 404
 CONFLICT = 409
+RATE_LIMITED = 429
 
 # What each code means, as the OpenRPC document lists it.
 ERROR_MESSAGES: dict[int, str] = {
@@ -45,9 +46,12 @@ ERROR_MESSAGES: dict[int, str] = {
     UNAUTHENTICATED: "Unauthenticated",
     NOT_FOUND: "Not found",
     CONFLICT: "Conflict",
+    RATE_LIMITED: "Too many requests",
 }
 # Errors any method can return, whatever it does.
-STANDARD_METHOD_ERRORS = (INVALID_PARAMS, SERVICE_UNAVAILABLE, TIMED_OUT, INTERNAL_ERROR)
+STANDARD_METHOD_ERRORS = (
+    INVALID_PARAMS, RATE_LIMITED, SERVICE_UNAVAILABLE, TIMED_OUT, INTERNAL_ERROR,
+)  # fmt: skip
 
 ERROR_CODES: dict[type[BaseException], int] = {
     Unauthenticated: UNAUTHENTICATED,

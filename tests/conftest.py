@@ -89,7 +89,12 @@ def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     return Settings(
-        database_url=database_url, frontend_url=FRONTEND_URL, mail_dir=str(tmp_path / "mail")
+        database_url=database_url,
+        frontend_url=FRONTEND_URL,
+        mail_dir=str(tmp_path / "mail"),
+        # Off here, so that tests sending thousands of calls test what they are about;
+        # tests/e2e/test_rate_limit.py turns it on.
+        rate_limit=0,
     )
 
 
