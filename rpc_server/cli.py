@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 from typing import Any, TypeVar
 
 from marshmallow import ValidationError
@@ -55,12 +56,35 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_create_token(settings: Settings, args: argparse.Namespace) -> int:
+    if args.expires_in is not None and args.expires_in <= 0:
+        print("error: --expires-in must be a positive number of days", file=sys.stderr)
+        return 2
+    expires_in = None if args.expires_in is None else timedelta(days=args.expires_in)
     token = with_database(
-        settings, lambda uow: services.issue_token(uow, args.email, is_staff=args.staff)
+        settings,
+        lambda uow: services.issue_token(
+            uow, args.email, is_staff=args.staff, expires_in=expires_in
+        ),
     )
     kind = "staff user" if args.staff else "user"
-    print(f"new token for {kind} {args.email} (shown once, store it now):")
+    until = f", valid for {args.expires_in:g} days" if expires_in else ""
+    print(f"new token for {kind} {args.email}{until} (shown once, store it now):")
     print(token)
+    return 0
+
+
+def cmd_revoke_token(settings: Settings, args: argparse.Namespace) -> int:
+    if (args.token is None) == (args.user is None):
+        print("error: give either a TOKEN or --user EMAIL", file=sys.stderr)
+        return 2
+    if args.user is not None:
+        count = with_database(settings, lambda uow: services.revoke_tokens_of(uow, args.user))
+        print(f"{count} token(s) of {args.user} revoked")
+        return 0
+    if not with_database(settings, lambda uow: services.revoke_token(uow, args.token)):
+        print("error: no such live token", file=sys.stderr)
+        return 1
+    print("token revoked")
     return 0
 
 
@@ -189,7 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("email")
     token.add_argument("--staff", action="store_true", help="the user is staff (support desk)")
+    token.add_argument(
+        "--expires-in", type=float, metavar="DAYS", help="the token stops working after DAYS"
+    )
     token.set_defaults(run=cmd_create_token)
+
+    revoke = commands.add_parser(
+        "revoke-token", help="revoke a token at once (or every token of a user)"
+    )
+    revoke.add_argument("token", nargs="?", help="the token to revoke")
+    revoke.add_argument("--user", metavar="EMAIL", help="revoke every token of this user")
+    revoke.set_defaults(run=cmd_revoke_token)
 
     course = commands.add_parser("create-course", help="create or update a course")
     course.add_argument("slug")

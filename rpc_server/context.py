@@ -8,6 +8,7 @@ is looked up at most once per HTTP request, however many batch items need it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,9 @@ from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.ports import UnitOfWorkFactory
 from rpc_server.domain.records import Actor
+from rpc_server.domain.tokens import hash_token
+
+log = logging.getLogger("rpc_server.auth")
 
 
 @dataclass
@@ -33,5 +37,15 @@ class RpcContext:
         if self.token is None:
             return None
         if self._actor is None:
-            self._actor = asyncio.ensure_future(services.authenticate(self.uow, self.token))
+            self._actor = asyncio.ensure_future(self._lookup(self.token))
         return await asyncio.shield(self._actor)
+
+    async def _lookup(self, token: str) -> Actor | None:
+        actor = await services.authenticate(self.uow, token)
+        if actor is None:
+            # Never the token itself: a short prefix of its hash is enough to correlate.
+            log.warning(
+                "authentication failed: unknown, expired or revoked token (sha256 %s…)",
+                hash_token(token)[:12],
+            )
+        return actor

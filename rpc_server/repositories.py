@@ -56,15 +56,43 @@ class SqlUserRepository:
         await self.session.flush()
         return Actor(user.id, user.email, user.is_staff)
 
-    async def add_token(self, user_id: int, token_hash: str, *, now: datetime) -> bool:
+    async def add_token(
+        self,
+        user_id: int,
+        token_hash: str,
+        *,
+        now: datetime,
+        expires_at: datetime | None = None,
+    ) -> bool:
         stored = await self.session.scalar(
             select(TokenRow.id).where(TokenRow.token_hash == token_hash)
         )
         if stored is not None:
             return False
-        self.session.add(TokenRow(user_id=user_id, token_hash=token_hash, created_at=now))
+        self.session.add(
+            TokenRow(user_id=user_id, token_hash=token_hash, created_at=now, expires_at=expires_at)
+        )
         await self.session.flush()
         return True
+
+    async def revoke_token(self, token_hash: str, *, now: datetime) -> bool:
+        result = await self.session.execute(
+            update(TokenRow)
+            .where(TokenRow.token_hash == token_hash, TokenRow.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .returning(TokenRow.id)
+        )
+        return result.first() is not None
+
+    async def revoke_tokens_of(self, email: str, *, now: datetime) -> int:
+        user_ids = select(UserRow.id).where(UserRow.email == email).scalar_subquery()
+        result = await self.session.execute(
+            update(TokenRow)
+            .where(TokenRow.user_id == user_ids, TokenRow.revoked_at.is_(None))
+            .values(revoked_at=now)
+            .returning(TokenRow.id)
+        )
+        return len(result.all())
 
 
 def _course(row: CourseRow) -> Course:

@@ -91,8 +91,23 @@ class UserRepository(Protocol):
         """Return the user with this email, creating it (or updating its staff flag)."""
         ...
 
-    async def add_token(self, user_id: int, token_hash: str, *, now: datetime) -> bool:
+    async def add_token(
+        self,
+        user_id: int,
+        token_hash: str,
+        *,
+        now: datetime,
+        expires_at: datetime | None = None,
+    ) -> bool:
         """Store a token hash for the user; False if that hash is already stored."""
+        ...
+
+    async def revoke_token(self, token_hash: str, *, now: datetime) -> bool:
+        """Revoke one live token; False if there is no such live token."""
+        ...
+
+    async def revoke_tokens_of(self, email: str, *, now: datetime) -> int:
+        """Revoke every live token of a user; return how many."""
         ...
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from rpc_server.domain.errors import IdempotencyKeyReused, InvalidTransition, NotFound
@@ -57,6 +57,7 @@ async def issue_token(
     *,
     is_staff: bool = False,
     token: str | None = None,
+    expires_in: timedelta | None = None,
     clock: Clock = utcnow,
 ) -> str:
     """Create the user if needed and return a new token for it (shown this once).
@@ -67,9 +68,31 @@ async def issue_token(
     token = token or new_token()
     async with uow_factory(write=True) as uow:
         user = await uow.users.ensure_user(email, is_staff=is_staff, now=clock())
-        await uow.users.add_token(user.user_id, hash_token(token), now=clock())
+        now = clock()
+        expires_at = None if expires_in is None else now + expires_in
+        await uow.users.add_token(user.user_id, hash_token(token), now=now, expires_at=expires_at)
         await uow.commit()
     return token
+
+
+async def revoke_token(
+    uow_factory: UnitOfWorkFactory, token: str, *, clock: Clock = utcnow
+) -> bool:
+    """Revoke a token at once; False if it was unknown or already revoked."""
+    async with uow_factory(write=True) as uow:
+        revoked = await uow.users.revoke_token(hash_token(token), now=clock())
+        await uow.commit()
+    return revoked
+
+
+async def revoke_tokens_of(
+    uow_factory: UnitOfWorkFactory, email: str, *, clock: Clock = utcnow
+) -> int:
+    """Revoke every live token of a user (a lost laptop); return how many."""
+    async with uow_factory(write=True) as uow:
+        revoked = await uow.users.revoke_tokens_of(email, now=clock())
+        await uow.commit()
+    return revoked
 
 
 async def save_course(

@@ -272,12 +272,35 @@ class FakeUserRepository:
         store.users[actor.user_id] = actor
         return actor
 
-    async def add_token(self, user_id: int, token_hash: str, *, now: datetime) -> bool:
+    async def add_token(
+        self,
+        user_id: int,
+        token_hash: str,
+        *,
+        now: datetime,
+        expires_at: datetime | None = None,
+    ) -> bool:
         store = self._uow.writable()
         if token_hash in store.tokens:
             return False
-        store.tokens[token_hash] = TokenRow(user_id, token_hash, now)
+        store.tokens[token_hash] = TokenRow(user_id, token_hash, now, expires_at)
         return True
+
+    async def revoke_token(self, token_hash: str, *, now: datetime) -> bool:
+        store = self._uow.writable()
+        token = store.tokens.get(token_hash)
+        if token is None or token.revoked_at is not None:
+            return False
+        store.tokens[token_hash] = replace(token, revoked_at=now)
+        return True
+
+    async def revoke_tokens_of(self, email: str, *, now: datetime) -> int:
+        store = self._uow.writable()
+        owners = {uid for uid, user in store.users.items() if user.email == email}
+        live = [h for h, t in store.tokens.items() if t.user_id in owners and t.revoked_at is None]
+        for token_hash in live:
+            store.tokens[token_hash] = replace(store.tokens[token_hash], revoked_at=now)
+        return len(live)
 
 
 class FakeCourseRepository:
