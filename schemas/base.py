@@ -19,7 +19,12 @@ class Params(Schema):
 
 
 class Out(Schema):
-    """Output of a method: every field ``dump_only``, so it can never be loaded."""
+    """Output of a method: every field ``dump_only``, so it can never be loaded.
+
+    Every field is also marked required: an answer always carries all of them (``null``
+    where there is no value), which is what the OpenRPC document then promises.
+    """
 
     def on_bind_field(self, field_name: str, field_obj: Field[Any]) -> None:
         field_obj.dump_only = True
+        field_obj.required = True
