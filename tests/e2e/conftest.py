@@ -23,6 +23,30 @@ from rpc_server.methods import REGISTRY
 from rpc_server.registry import MethodRegistry
 from tests.conftest import RpcCall, World
 
+# The error codes of the contract (README, "Errors"), written here once and on purpose
+# not imported from the code they check.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+SERVICE_UNAVAILABLE = -32000
+TIMED_OUT = -32001
+
+
+def assert_error(answer: Any, code: int, id: Any = None) -> dict[str, Any]:
+    """Check one error response object; return its error member."""
+    assert isinstance(answer, dict), answer
+    assert answer["jsonrpc"] == "2.0", answer
+    assert "result" not in answer, answer
+    assert answer["id"] == id, answer
+    assert answer["error"]["code"] == code, answer
+    assert isinstance(answer["error"]["message"], str), answer
+    assert answer["error"]["message"], answer
+    error: dict[str, Any] = answer["error"]
+    return error
+
+
 # The tables a call may write to; a rejected call must leave all of them as they were.
 WRITTEN_TABLES = ("purchases", "course_registrations", "receipt_outbox")
 

@@ -27,31 +27,20 @@ from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas.base import Out, Params
 from tests.conftest import RpcCall, World
 from tests.e2e.conftest import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    TIMED_OUT,
     AppClientFactory,
     Counts,
     CreatePurchase,
     PostRaw,
+    assert_error,
     notification_object,
     request_object,
     send,
 )
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-TIMED_OUT = -32001
-
-
-def assert_error(answer: Any, code: int, id: Any = None) -> dict[str, Any]:
-    assert isinstance(answer, dict), answer
-    assert answer["jsonrpc"] == "2.0", answer
-    assert "result" not in answer, answer
-    assert answer["id"] == id, answer
-    assert answer["error"]["code"] == code, answer
-    assert isinstance(answer["error"]["message"], str), answer
-    error: dict[str, Any] = answer["error"]
-    return error
 
 
 def padded(payload: Any, size: int) -> bytes:

@@ -19,10 +19,14 @@ from rpc_server.methods import REGISTRY
 from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas.base import Out, Params
 from tests.conftest import World
-from tests.e2e.conftest import AppClientFactory, request_object, send
+from tests.e2e.conftest import (
+    INTERNAL_ERROR,
+    SERVICE_UNAVAILABLE,
+    AppClientFactory,
+    request_object,
+    send,
+)
 
-INTERNAL_ERROR = -32603
-SERVICE_UNAVAILABLE = -32000
 SECRET = "secret internals"
 
 

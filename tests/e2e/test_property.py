@@ -30,12 +30,14 @@ from hypothesis import strategies as st
 from rpc_server.config import Settings
 from rpc_server.methods import REGISTRY
 from tests.conftest import World
-from tests.e2e.conftest import AppClientFactory
+from tests.e2e.conftest import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    SERVICE_UNAVAILABLE,
+    AppClientFactory,
+)
 
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-INTERNAL_ERROR = -32603
-SERVICE_UNAVAILABLE = -32000
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 
 PROPERTY = hypothesis_settings(

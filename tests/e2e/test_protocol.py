@@ -17,33 +17,18 @@ from aiohttp.test_utils import TestClient
 from rpc_server.config import Settings
 from tests.conftest import RpcCall, World
 from tests.e2e.conftest import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
     AppClientFactory,
     Counts,
     PostRaw,
+    assert_error,
     notification_object,
     request_object,
     send,
 )
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
-INVALID_PARAMS = -32602
-INTERNAL_ERROR = -32603
-
-
-def assert_error(answer: Any, code: int, id: Any = None) -> dict[str, Any]:
-    """Check one error response object; return its error member."""
-    assert isinstance(answer, dict), answer
-    assert answer["jsonrpc"] == "2.0"
-    assert "result" not in answer
-    assert answer["id"] == id
-    assert answer["error"]["code"] == code, answer
-    assert isinstance(answer["error"]["message"], str)
-    assert answer["error"]["message"]
-    error: dict[str, Any] = answer["error"]
-    return error
-
 
 # --- single calls and notifications ---------------------------------------------------
 

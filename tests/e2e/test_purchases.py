@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import FRONTEND_URL, RpcCall, World
-from tests.e2e.conftest import Counts, CreatePurchase
+from tests.e2e.conftest import INVALID_PARAMS, Counts, CreatePurchase
 
-INVALID_PARAMS = -32602
 PURCHASE_FIELDS = {
     "purchase_id",
     "course",

@@ -13,11 +13,14 @@ from collections import Counter
 from typing import Any
 
 from tests.conftest import RpcCall, World
-from tests.e2e.conftest import Counts, CreatePurchase, PostRaw
-
-PARSE_ERROR = -32700
-INVALID_REQUEST = -32600
-METHOD_NOT_FOUND = -32601
+from tests.e2e.conftest import (
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    Counts,
+    CreatePurchase,
+    PostRaw,
+)
 
 
 def assert_response_shape(answer: Any) -> None:
