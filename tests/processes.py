@@ -7,11 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 RPC_SERVER = str(Path(sys.executable).parent / "rpc-server")
 
@@ -22,7 +24,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until_healthy(port: int, process: subprocess.Popen[str], timeout: float = 30) -> None:
+def wait_until_healthy(
+    port: int, process: subprocess.Popen[str], log: IO[str] | None = None, timeout: float = 30
+) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -30,32 +34,44 @@ def wait_until_healthy(port: int, process: subprocess.Popen[str], timeout: float
                 return
         except OSError:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{process.communicate()[0]}") from None
+                output = process.communicate()[0] if log is None else _read(log)
+                raise RuntimeError(f"server exited early:\n{output}") from None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+def _read(log: IO[str]) -> str:
+    log.seek(0)
+    return log.read()
 
 
 @contextmanager
 def running_server(
     env: Mapping[str, str], *args: str, cwd: Path | None = None
 ) -> Iterator[tuple[int, subprocess.Popen[str]]]:
-    """Start ``rpc-server serve`` on a free port; SIGTERM it on exit and check it exits 0."""
+    """Start ``rpc-server serve`` on a free port; SIGTERM it on exit and check it exits 0.
+
+    The server's output goes to a file, not a pipe: a busy server logs more than a pipe
+    holds, and would block in its logging call if nobody read the pipe meanwhile.
+    """
     port = free_port()
-    process = subprocess.Popen(
-        [RPC_SERVER, "serve", "--port", str(port), *args],
-        cwd=cwd,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_until_healthy(port, process)
-        yield port, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
-        if process.returncode != 0:
-            raise AssertionError(f"server exited with {process.returncode}:\n{output}")
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [RPC_SERVER, "serve", "--port", str(port), *args],
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            wait_until_healthy(port, process, log)
+            yield port, process
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+            if process.returncode != 0:
+                log.seek(0)
+                raise AssertionError(f"server exited with {process.returncode}:\n{log.read()}")

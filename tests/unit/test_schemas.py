@@ -408,3 +408,21 @@ def test_course_save_params_requires_every_field() -> None:
 def test_slug_regex_error_message() -> None:
     messages = errors_of(CourseSaveParams(), {**COURSE, "slug": "Bad Slug"})
     assert messages == {"slug": ["Use lowercase letters, digits and dashes."]}
+
+
+@pytest.mark.parametrize(
+    ("schema", "data", "field"),
+    [
+        (PurchaseCreateParams, {"course": "python\x00"}, "course"),
+        (PurchaseCreateParams, {"course": "python", "idempotency_key": "k\x00"}, "idempotency_key"),
+        (PurchaseFulfillParams, {**FULFILL, "purchase_state": "failed", "error_msg": "a\x00"},
+         "error_msg"),
+    ],
+)  # fmt: skip
+def test_no_text_param_accepts_a_nul_character(
+    schema: type[Schema], data: dict[str, Any], field: str
+) -> None:
+    """PostgreSQL text cannot hold NUL: refuse it as an invalid param on every engine."""
+    with pytest.raises(ValidationError) as raised:
+        schema().load(data)
+    assert "Must not contain NUL characters." in raised.value.messages[field]  # type: ignore[index]
