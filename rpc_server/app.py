@@ -8,6 +8,7 @@ settings.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,12 +41,27 @@ class ServiceDescription:
     html: str
 
 
+@dataclass
+class Shutdown:
+    """When the server must be gone by (``loop.time()``), once shutdown has begun."""
+
+    deadline: float | None = None
+
+    def remaining(self, default: float) -> float:
+        if self.deadline is None:
+            return default
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+
+log = logging.getLogger("rpc_server.app")
+
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY_KEY = web.AppKey("registry", MethodRegistry)
 ENGINE = web.AppKey("engine", AsyncEngine)
 UOW_FACTORY = web.AppKey("uow_factory", SqlAlchemyUnitOfWorkFactory)
 OPENRPC = web.AppKey("openrpc", ServiceDescription)
 DELIVERER = web.AppKey("deliverer", ReceiptDeliverer)
+SHUTDOWN = web.AppKey("shutdown", Shutdown)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
@@ -177,7 +193,16 @@ async def deliverer_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(deliverer.run(), name="receipt-deliverer")
     yield
     deliverer.stop()
-    await task
+    # Let it finish the message it is sending, but not past the shutdown deadline: a
+    # mail server that hangs must not hold the process. An interrupted send is retried
+    # when its lease runs out, with the same Message-ID.
+    budget = app[SHUTDOWN].remaining(default=app[SETTINGS].shutdown_timeout)
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout=budget)
+    except TimeoutError:
+        log.warning("receipt deliverer still busy at the shutdown deadline; stopping it")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def allow_cors(app: web.Application, origins: tuple[str, ...]) -> None:
@@ -197,6 +222,7 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app = web.Application(middlewares=[request_id_middleware])
     app[SETTINGS] = settings
     app[REGISTRY_KEY] = registry
+    app[SHUTDOWN] = Shutdown()
     document = build_document(registry)
     app[OPENRPC] = ServiceDescription(document, docs_page.render(document))
     app.cleanup_ctx.append(database_ctx)

@@ -9,6 +9,7 @@ can (the server is down, busy, or answered 4xx).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import tempfile
@@ -77,17 +78,23 @@ class SmtpMailer:
         )
 
     async def send(self, message: EmailMessage) -> None:
+        # Not aiosmtplib.send(): on cancellation its context manager still sends QUIT
+        # and waits for the answer, so a hung server would hold a shutdown. Here the
+        # connection is dropped at once when the send is cancelled.
+        client = aiosmtplib.SMTP(
+            hostname=self.hostname,
+            port=self.port,
+            username=self.username,
+            password=self.password,
+            use_tls=self.use_tls,
+            start_tls=self.start_tls,
+            timeout=self.timeout,
+        )
         try:
-            await aiosmtplib.send(
-                message,
-                hostname=self.hostname,
-                port=self.port,
-                username=self.username,
-                password=self.password,
-                use_tls=self.use_tls,
-                start_tls=self.start_tls,
-                timeout=self.timeout,
-            )
+            await client.connect()
+            await client.send_message(message)
+            with contextlib.suppress(aiosmtplib.SMTPException):
+                await client.quit()
         except aiosmtplib.SMTPRecipientsRefused as exc:
             answers = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
             permanent = all(r.code >= 500 for r in exc.recipients)
@@ -101,6 +108,8 @@ class SmtpMailer:
             raise error(f"SMTP server answered {exc.code} {exc.message}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise TemporaryMailError(f"SMTP server unreachable: {type(exc).__name__}") from None
+        finally:
+            client.close()
 
 
 @dataclass(frozen=True)

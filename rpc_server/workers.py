@@ -8,6 +8,7 @@ calls (aiohttp's graceful shutdown, bounded by ``RPC_SERVER_SHUTDOWN_TIMEOUT``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import signal
@@ -16,8 +17,9 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from rpc_server.app import create_app
+from rpc_server.app import SHUTDOWN, create_app
 from rpc_server.config import Settings
 
 log = logging.getLogger("rpc_server.workers")
@@ -27,15 +29,64 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i" request_id=%{X-Request-I
 
 def run_server(settings: Settings, host: str, port: int, *, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT, then shut down gracefully."""
-    web.run_app(
-        create_app(settings),
-        host=host,
-        port=port,
-        reuse_port=reuse_port,
-        shutdown_timeout=settings.shutdown_timeout,
-        print=None,
-        access_log_format=ACCESS_LOG_FORMAT,
+    asyncio.run(serve(settings, host, port, reuse_port=reuse_port))
+
+
+async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT; then drain within ``RPC_SERVER_SHUTDOWN_TIMEOUT``.
+
+    The drain is ours, not aiohttp's: aiohttp's shutdown marks every connection as
+    closing and drops the rest of a request body that is still arriving. So first the
+    listener closes (new connections are refused), then the calls in flight finish,
+    bodies and all, and only then does aiohttp close the idle connections and the app
+    stop its deliverer and pool.
+    """
+    app = create_app(settings)
+    in_flight = InFlight()
+    app.middlewares.append(in_flight.middleware)
+    runner = web.AppRunner(
+        app, access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=settings.shutdown_timeout
     )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
+    await site.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+
+    deadline = loop.time() + settings.shutdown_timeout
+    app[SHUTDOWN].deadline = deadline
+    await site.stop()
+    try:
+        await asyncio.wait_for(in_flight.drained(), timeout=settings.shutdown_timeout)
+    except TimeoutError:
+        log.warning("%d call(s) still running at the shutdown timeout", in_flight.count)
+    await runner.cleanup()
+
+
+class InFlight:
+    """Counts requests being handled, so shutdown can wait until there are none."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.count += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._idle.set()
+
+    async def drained(self) -> None:
+        await self._idle.wait()
 
 
 def _worker_main(settings: Settings, host: str, port: int) -> None:
