@@ -12,7 +12,10 @@ import asyncio
 import logging
 from typing import Any
 
-from jsonrpcserver import async_dispatch_to_serializable
+from jsonrpcserver.async_dispatcher import dispatch_request
+from jsonrpcserver.dispatcher import create_request, to_response
+from jsonrpcserver.response import to_serializable_one
+from jsonrpcserver.sentinels import NOID
 
 from rpc_server import json_codec
 from rpc_server.context import RpcContext
@@ -84,15 +87,15 @@ async def answer_one(
         return error_object(
             RATE_LIMITED, "Too many requests", {"retry_after": retry_after}, item["id"]
         )
-    answer = await async_dispatch_to_serializable(
-        item,
-        methods=registry.dispatch_table(),
-        context=ctx,
-        # Already parsed and checked above: hand the object through untouched.
-        deserializer=lambda parsed: parsed,
-        validator=lambda parsed: parsed,
-    )
-    assert not isinstance(answer, list)  # one request object in, at most one answer out
+    # jsonrpcserver's own step for one request object: find the method, check the
+    # arguments, call it. Its outer layers (parse, schema-validate, gather) would only
+    # repeat what this module has already done for the whole body.
+    request = create_request(item)
+    _, result = await dispatch_request(registry.dispatch_table(), ctx, request)
+    if request.id is NOID:
+        return None  # a notification: run, never answered
+    answer = to_serializable_one(to_response(request, result))
+    assert isinstance(answer, dict)  # one response in, one response object out
     return answer
 
 

@@ -26,6 +26,14 @@ from rpc_server.errors import error_result, timed_out
 
 Handler = Callable[..., Awaitable[Any]]
 
+_ANY_ARGUMENTS = inspect.Signature(
+    [
+        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_ONLY),
+        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
+
 
 @dataclass(frozen=True)
 class Example:
@@ -58,12 +66,20 @@ class RpcMethod:
     example: Example | None = None
     summary: str = field(init=False)
     description: str = field(init=False)
+    # One params schema per method, built once: Marshmallow schemas are reusable, and
+    # building one costs more than loading a call's params with it.
+    params_schema: Schema = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         doc = inspect.cleandoc(self.handler.__doc__ or "")
         summary, _, description = doc.partition("\n")
         object.__setattr__(self, "summary", summary or self.name)
         object.__setattr__(self, "description", description.strip())
+        object.__setattr__(self, "params_schema", self.params())
+        # jsonrpcserver checks every call's arguments with inspect.signature(method);
+        # answering with a ready signature spares it deriving one from __call__ per call
+        # (params are checked by the schema, so any positional/named mix binds).
+        object.__setattr__(self, "__signature__", _ANY_ARGUMENTS)
 
     def dump_result(self, value: Any) -> Any:
         return value if self.result is None else self.result.dump(value)
@@ -73,7 +89,7 @@ class RpcMethod:
 
         Raises marshmallow.ValidationError with per-field messages.
         """
-        schema = self.params()
+        schema = self.params_schema
         if args:
             names = list(schema.load_fields)
             if len(args) > len(names):
@@ -123,7 +139,8 @@ class MethodRegistry:
             if method.name in self.methods:
                 raise ValueError(f"method {method.name} registered twice")
             self.methods[method.name] = method
+        self._table: dict[str, Callable[..., Awaitable[Result]]] = dict(self.methods)
 
     def dispatch_table(self) -> dict[str, Callable[..., Awaitable[Result]]]:
-        """The ``methods`` dict to hand to jsonrpcserver's dispatch."""
-        return dict(self.methods)
+        """The ``methods`` dict to hand to jsonrpcserver's dispatch (built once)."""
+        return self._table
