@@ -30,6 +30,7 @@ from rpc_server.rate_limit import DatabaseRateLimiter, MemoryRateLimiter, RateLi
 from rpc_server.registry import MethodRegistry
 from rpc_server.request_id import HEADER as REQUEST_ID_HEADER
 from rpc_server.request_id import request_id_middleware
+from rpc_server.token_cache import ActorCache
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 
 
@@ -62,6 +63,7 @@ UOW_FACTORY = web.AppKey("uow_factory", SqlAlchemyUnitOfWorkFactory)
 OPENRPC = web.AppKey("openrpc", ServiceDescription)
 DELIVERER = web.AppKey("deliverer", ReceiptDeliverer)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
+ACTORS = web.AppKey("actors", ActorCache)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
@@ -131,6 +133,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         token=bearer_token(request),
         call_timeout=settings.call_timeout,
         service_description=request.app[OPENRPC].document,
+        actors=request.app.get(ACTORS),
     )
     result = await answer(
         payload,
@@ -223,6 +226,8 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app[SETTINGS] = settings
     app[REGISTRY_KEY] = registry
     app[SHUTDOWN] = Shutdown()
+    if settings.token_cache_seconds > 0:
+        app[ACTORS] = ActorCache(settings.token_cache_seconds)
     document = build_document(registry)
     app[OPENRPC] = ServiceDescription(document, docs_page.render(document))
     app.cleanup_ctx.append(database_ctx)

@@ -39,6 +39,8 @@ class Settings:
     max_batch_length: int = 100
     max_json_depth: int = 64
     call_timeout: float = 30.0
+    # How long a successful token lookup is trusted (revocation takes effect within it).
+    token_cache_seconds: float = 5.0
     # Per-token rate limit: calls per second refilling a bucket of rate_burst; 0 = off.
     rate_limit: float = 50.0
     rate_burst: int = 500
@@ -90,6 +92,8 @@ class Settings:
             raise ConfigError("RPC_SERVER_DB_POOL_SIZE must be >= 1 and MAX_OVERFLOW >= 0")
         if not (self.db_pool_timeout > 0 and self.db_connect_timeout > 0):
             raise ConfigError("RPC_SERVER_DB_POOL_TIMEOUT and DB_CONNECT_TIMEOUT must be > 0")
+        if not 0 <= self.token_cache_seconds <= 300:
+            raise ConfigError("RPC_SERVER_TOKEN_CACHE_SECONDS must be between 0 and 300")
         if self.rate_limit < 0 or (self.rate_limit > 0 and self.rate_burst < 1):
             raise ConfigError("RPC_SERVER_RATE_LIMIT must be >= 0 and RATE_BURST >= 1")
         if self.mail_max_attempts < 1:

@@ -18,6 +18,7 @@ from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.ports import UnitOfWorkFactory
 from rpc_server.domain.records import Actor
 from rpc_server.domain.tokens import hash_token
+from rpc_server.token_cache import ActorCache
 
 log = logging.getLogger("rpc_server.auth")
 
@@ -30,6 +31,8 @@ class RpcContext:
     call_timeout: float = 30.0
     # The OpenRPC document, for rpc.discover.
     service_description: Mapping[str, Any] = field(default_factory=dict)
+    # Recently authenticated tokens (None: always look up).
+    actors: ActorCache | None = None
     _actor: asyncio.Task[Actor | None] | None = field(default=None, repr=False)
 
     async def authenticate(self) -> Actor | None:
@@ -41,11 +44,16 @@ class RpcContext:
         return await asyncio.shield(self._actor)
 
     async def _lookup(self, token: str) -> Actor | None:
+        token_hash = hash_token(token)
+        if self.actors is not None and (cached := self.actors.get(token_hash)) is not None:
+            return cached
         actor = await services.authenticate(self.uow, token)
+        if actor is not None and self.actors is not None:
+            self.actors.put(token_hash, actor)
         if actor is None:
             # Never the token itself: a short prefix of its hash is enough to correlate.
             log.warning(
                 "authentication failed: unknown, expired or revoked token (sha256 %s…)",
-                hash_token(token)[:12],
+                token_hash[:12],
             )
         return actor
