@@ -20,6 +20,10 @@ from rpc_server.config import Settings
 
 # Execution option a write unit of work sets; the "begin" hook turns it into IMMEDIATE.
 SQLITE_IMMEDIATE = "rpc_server_sqlite_immediate"
+# Execution option of read units of work: no BEGIN at all. Each of them runs a single
+# SELECT, which SQLite (in WAL mode) answers from one consistent snapshot by itself;
+# skipping BEGIN saves a round trip to aiosqlite's thread per read.
+SQLITE_READ_ONLY = "rpc_server_sqlite_read_only"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -66,5 +70,8 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        immediate = connection.get_execution_options().get(SQLITE_IMMEDIATE, False)
+        options = connection.get_execution_options()
+        if options.get(SQLITE_READ_ONLY, False):
+            return
+        immediate = options.get(SQLITE_IMMEDIATE, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

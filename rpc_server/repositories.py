@@ -139,12 +139,16 @@ _PURCHASE_COLUMNS = (
 )
 
 
+# Built once: every purchase read refines this statement (statements are immutable).
+_PURCHASE_QUERY: Select[*tuple[Any, ...]] = (
+    select(*_PURCHASE_COLUMNS)
+    .join(UserRow, UserRow.id == PurchaseRow.owner_id)
+    .join(CourseRow, CourseRow.id == PurchaseRow.course_id)
+)
+
+
 def _purchase_query() -> Select[*tuple[Any, ...]]:
-    return (
-        select(*_PURCHASE_COLUMNS)
-        .join(UserRow, UserRow.id == PurchaseRow.owner_id)
-        .join(CourseRow, CourseRow.id == PurchaseRow.course_id)
-    )
+    return _PURCHASE_QUERY
 
 
 def _purchase(row: Sequence[Any]) -> Purchase:

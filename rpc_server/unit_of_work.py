@@ -12,7 +12,7 @@ from typing import Self
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from rpc_server.database import SQLITE_IMMEDIATE
+from rpc_server.database import SQLITE_IMMEDIATE, SQLITE_READ_ONLY
 from rpc_server.repositories import (
     SqlCourseRepository,
     SqlPurchaseRepository,
@@ -65,7 +65,12 @@ class SqlAlchemyUnitOfWorkFactory:
 
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
-        self._readers = async_sessionmaker(engine, expire_on_commit=False)
+        reader_engine = (
+            engine.execution_options(**{SQLITE_READ_ONLY: True})
+            if engine.dialect.name == "sqlite"
+            else engine
+        )
+        self._readers = async_sessionmaker(reader_engine, expire_on_commit=False)
         writer_engine = (
             engine.execution_options(**{SQLITE_IMMEDIATE: True})
             if engine.dialect.name == "sqlite"
