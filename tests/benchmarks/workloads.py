@@ -1,0 +1,214 @@
+"""The workloads: what each sends, which baseline it is compared with, and its target.
+
+A workload has one or more variants (``list-first`` has ``10k`` and ``1M``: the same
+page for a user with 10,000 purchases and one with a million); every round measures
+each variant on the project and then on its baseline (A B A B …). Plans are built per
+measurement, because fulfilling needs purchases no one has fulfilled yet.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tests.benchmarks import loadgen
+from tests.benchmarks.seed import Dataset, fresh_pending
+
+BATCH = 50
+MIXED_PATTERN = "LGCLGLFLGCLGLFLGCLFG"  # 8 list, 6 get, 3 create, 3 fulfill in 20 calls
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    baseline: str  # "floor" or "same-work"
+    calls_per_request: int = 1
+    variants: tuple[str, ...] = ("",)
+    uses_database: bool = True
+    # Fresh purchases are created for every measurement (fulfill, mixed).
+    consumes: bool = False
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload(
+            "trivial",
+            "rpc.discover, one call per request, no token (no database work)",
+            "floor",
+            uses_database=False,
+        ),
+        Workload(
+            "trivial-batch",
+            f"rpc.discover, a batch of {BATCH} per request, no token",
+            "floor",
+            calls_per_request=BATCH,
+            uses_database=False,
+        ),
+        Workload(
+            "get",
+            "purchase.get of a random purchase of the caller (1,000 of them)",
+            "same-work",
+        ),
+        Workload(
+            "get-batch",
+            f"purchase.get, a batch of {BATCH} distinct purchases per request",
+            "same-work",
+            calls_per_request=BATCH,
+        ),
+        Workload(
+            "fulfill",
+            "purchase.fulfill (fulfilled) of a fresh pending purchase, each once",
+            "same-work",
+            consumes=True,
+        ),
+        Workload(
+            "list-first",
+            "purchase.list first page (limit 20) of a user with 10k / 1M purchases",
+            "same-work",
+            variants=("10k", "1M"),
+        ),
+        Workload(
+            "list-deep",
+            "purchase.list page (limit 20) at a cursor in the middle half of the same histories",
+            "same-work",
+            variants=("10k", "1M"),
+        ),
+        Workload(
+            "mixed",
+            "frontend-like: 40% list, 30% get, 15% create, 15% fulfill of what was just "
+            "created, 7 users, single calls",
+            "same-work",
+            consumes=True,
+        ),
+    )
+}
+
+
+def rpc(method: str, params: Any, id_: Any) -> bytes:
+    call: dict[str, Any] = {"jsonrpc": "2.0", "method": method}
+    if params is not None:
+        call["params"] = params
+    call["id"] = id_
+    return orjson.dumps(call)
+
+
+def cursor(row_id: int) -> str:
+    """The project's opaque page cursor for "continue before row ``row_id``"."""
+    return base64.urlsafe_b64encode(f"p{row_id}".encode()).decode().rstrip("=")
+
+
+@dataclass
+class PlanContext:
+    dataset: Dataset | None
+    directory: Path
+    rng: random.Random
+
+
+async def build_plan(
+    context: PlanContext,
+    workload: Workload,
+    variant: str,
+    *,
+    label: str,
+    fresh_count: int = 0,
+) -> tuple[Path, Path]:
+    """Write the plan of one measurement; return (wrk script, plan file).
+
+    ``fresh_count``: for consuming workloads, how many fresh pending purchases to create.
+    """
+    rng = context.rng
+    path = context.directory / f"{label}.plan"
+    name = workload.name
+    if name in ("trivial", "trivial-batch"):
+        if name == "trivial":
+            body = rpc("rpc.discover", None, 1)
+        else:
+            body = b"[" + b",".join(rpc("rpc.discover", None, i) for i in range(BATCH)) + b"]"
+        return loadgen.REPLAY_SCRIPT, loadgen.write_replay_plan(path, [(None, body)])
+    dataset = context.dataset
+    assert dataset is not None
+    if name == "get":
+        auth = dataset.get_user.authorization
+        requests = [
+            (auth, rpc("purchase.get", {"purchase_id": rng.choice(dataset.get_ids)}, i))
+            for i in range(1000)
+        ]
+        return loadgen.REPLAY_SCRIPT, loadgen.write_replay_plan(path, requests)
+    if name == "get-batch":
+        auth = dataset.get_user.authorization
+        batches = []
+        for _ in range(200):
+            ids = rng.sample(dataset.get_ids, BATCH)
+            body = (
+                b"["
+                + b",".join(
+                    rpc("purchase.get", {"purchase_id": pid}, i) for i, pid in enumerate(ids)
+                )
+                + b"]"
+            )
+            batches.append((auth, body))
+        return loadgen.REPLAY_SCRIPT, loadgen.write_replay_plan(path, batches)
+    if name in ("list-first", "list-deep"):
+        user = dataset.list_users["small" if variant == "10k" else "big"]
+        if name == "list-first":
+            requests = [(user.authorization, rpc("purchase.list", {"limit": 20}, 1))]
+        else:
+            cursors = dataset.deep_cursors["small" if variant == "10k" else "big"]
+            requests = [
+                (user.authorization, rpc("purchase.list", {"limit": 20, "cursor": cursor(c)}, i))
+                for i, c in enumerate(cursors)
+            ]
+        return loadgen.REPLAY_SCRIPT, loadgen.write_replay_plan(path, requests)
+    if name == "fulfill":
+        user = dataset.fulfill_user
+        ids = await fresh_pending(dataset, user, fresh_count)
+        requests = [
+            (
+                user.authorization,
+                rpc("purchase.fulfill", {"purchase_id": pid, "purchase_state": "fulfilled"}, i),
+            )
+            for i, pid in enumerate(ids)
+        ]
+        return loadgen.REPLAY_SCRIPT, loadgen.write_replay_plan(path, requests, consume=True)
+    if name == "mixed":
+        per_user = max(50, fresh_count // len(dataset.mixed_users))
+        users = []
+        for user in dataset.mixed_users:
+            fresh = await fresh_pending(dataset, user, per_user)
+            users.append((user.authorization, dataset.mixed_ids[user.user_id], fresh))
+        return loadgen.MIXED_SCRIPT, loadgen.write_mixed_plan(
+            path,
+            pattern=MIXED_PATTERN,
+            tag=f"{label}-{rng.randrange(10**9)}",
+            courses=[course.slug for course in dataset.courses],
+            users=users,
+        )
+    raise ValueError(f"unknown workload {name}")
+
+
+def first_request(plan: Path) -> tuple[str | None, bytes]:
+    """The first request of a replay plan (for checking both servers answer alike)."""
+    with plan.open("rb") as lines:
+        next(lines)
+        authorization, _, body = next(lines).rstrip(b"\n").partition(b"\t")
+    return (None if authorization == b"-" else authorization.decode()), body
+
+
+def sample_requests(plan: Path, count: int) -> Sequence[tuple[str | None, bytes]]:
+    out = []
+    with plan.open("rb") as lines:
+        next(lines)
+        for line in lines:
+            authorization, _, body = line.rstrip(b"\n").partition(b"\t")
+            out.append((None if authorization == b"-" else authorization.decode(), body))
+            if len(out) == count:
+                break
+    return out
