@@ -596,7 +596,8 @@ def render(data: dict[str, Any]) -> str:
         f"{conditions['connections']} keep-alive connections, {conditions['threads']} wrk "
         f"thread(s); {conditions['rounds']} interleaved rounds (project, then its baseline) of "
         f"at least {conditions['duration']:g} s (stretched to 10{report.TIMES} the warm-up's "
-        f"median latency, at most {conditions['max_duration']:g} s) after "
+        f"median latency, at most {max(conditions['max_duration'], conditions['duration']):g} s) "
+        "after "
         f"{conditions['warmup']:g} s of warm-up per server and workload; each server is "
         "left to finish its queued work before the next measurement.",
         f"- Load average (1 min) at the start: {data['load_average']['start']:.2f}; at the "
