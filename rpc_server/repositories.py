@@ -232,9 +232,18 @@ class SqlPurchaseRepository:
         limit: int,
         before: int | None,
     ) -> list[Purchase]:
-        query = _purchase_query().order_by(PurchaseRow.id.desc()).limit(limit)
-        if owner_id is not None:
-            query = query.where(PurchaseRow.owner_id == owner_id)
+        if owner_id is None:
+            query = _purchase_query().order_by(PurchaseRow.id.desc())
+        else:
+            # Ordering by (owner_id, id), which is the same order for one owner, lets the
+            # (owner_id, id) index serve it; ordering by id alone makes PostgreSQL walk the
+            # primary key past every newer purchase of other users.
+            query = (
+                _purchase_query()
+                .where(PurchaseRow.owner_id == owner_id)
+                .order_by(PurchaseRow.owner_id.desc(), PurchaseRow.id.desc())
+            )
+        query = query.limit(limit)
         if state is not None:
             query = query.where(PurchaseRow.state == state.value)
         if before is not None:
