@@ -58,9 +58,10 @@ async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = 
 
     deadline = loop.time() + settings.shutdown_timeout
     app[SHUTDOWN].deadline = deadline
+    in_flight.closing = True  # answers from now on end their connection
     await site.stop()
     try:
-        await asyncio.wait_for(in_flight.drained(), timeout=settings.shutdown_timeout)
+        await asyncio.wait_for(in_flight.settled(), timeout=settings.shutdown_timeout)
     except TimeoutError:
         log.warning("%d call(s) still running at the shutdown timeout", in_flight.count)
     await runner.cleanup()
@@ -69,8 +70,13 @@ async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = 
 class InFlight:
     """Counts requests being handled, so shutdown can wait until there are none."""
 
+    # After the last call ends, how long a keep-alive connection gets to deliver a request
+    # its client had already written (it is still in the socket, not yet counted).
+    GRACE_SECONDS = 0.2
+
     def __init__(self) -> None:
         self.count = 0
+        self.closing = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -79,14 +85,23 @@ class InFlight:
         self.count += 1
         self._idle.clear()
         try:
-            return await handler(request)
+            response = await handler(request)
+            if self.closing:
+                # "Connection: close": the client sends nothing more on this connection.
+                response.force_close()
+            return response
         finally:
             self.count -= 1
             if self.count == 0:
                 self._idle.set()
 
-    async def drained(self) -> None:
-        await self._idle.wait()
+    async def settled(self) -> None:
+        """Return once no call has been running for ``GRACE_SECONDS``."""
+        while True:
+            await self._idle.wait()
+            await asyncio.sleep(self.GRACE_SECONDS)
+            if self.count == 0:
+                return
 
 
 def _worker_main(settings: Settings, host: str, port: int) -> None:
