@@ -157,6 +157,12 @@ async def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(
                         await asyncio.sleep(0.05)
 
             tasks = [asyncio.create_task(worker()) for _ in range(WORKERS)]
+            # One call held open by the client (headers and half its body sent) until new
+            # connections are refused: whatever the timing of the load, at least one call
+            # is certainly still in flight at the refusal, and it must still be answered.
+            release = asyncio.Event()
+            held_request = load.request("purchase.create", {"course": "python-basics"})
+            held = asyncio.create_task(load.post(held_request, token=token, hold=release))
             try:
                 await asyncio.sleep(1.0)
                 # SIGTERM while a receipt is in DATA (and slow calls are running).
@@ -164,11 +170,13 @@ async def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(
                 server.terminate()
                 terminated_at = time.monotonic()
                 refused_at = await first_refusal(server.port, within=STOP_ACCEPTING_WITHIN)
+                release.set()
                 exit_code = await server.wait(within=SHUTDOWN_TIMEOUT + 30)
                 exited_at = time.monotonic()
             finally:
                 stop.set()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                release.set()
+                await asyncio.gather(*tasks, held, return_exceptions=True)
             await asyncio.sleep(0.5)  # anything still arriving at the mail server
         deliveries = mail.deliveries
     snapshot = await database_snapshot(engine)
@@ -220,6 +228,8 @@ async def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(
     assert refused_at is not None, "new connections still accepted a second after SIGTERM"
     assert answered_after_probe == [], [(e.status, e.error) for e in answered_after_probe][:5]
     assert finished_after_probe, "no call was still in flight when connections were refused"
+    held_exchange = held.result()
+    assert held_exchange.status == 200 and not held_exchange.problems, held_exchange
     assert not_answered_well == [], [(e.status, e.error, e.problems) for e in not_answered_well][:5]
     assert load.server_errors() == [] and load.malformed() == []
     # The deliverer finished its message, recorded it, and left nothing claimed.
