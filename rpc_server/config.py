@@ -34,6 +34,9 @@ class Settings:
     db_max_overflow: int = 10
     db_pool_timeout: float = 10.0
     db_connect_timeout: float = 5.0
+    # PostgreSQL: ping every connection at checkout (a round trip per unit of work).
+    # Off, a connection the server has closed is still replaced at checkout, for free.
+    db_pre_ping: bool = False
     # Envelope limits: every client request is bounded before any work is done.
     max_body_bytes: int = 1024 * 1024
     max_batch_length: int = 100

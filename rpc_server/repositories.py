@@ -1,16 +1,22 @@
-"""SQLAlchemy repositories: rows in, frozen domain records out. They never commit."""
+"""SQLAlchemy repositories: rows in, frozen domain records out. They never commit.
+
+They run SQLAlchemy Core statements on the unit of work's connection: no ORM
+session, no identity map, no objects loaded only to be copied into records. Statements
+on the hot path are built once with bound parameters, so each call reuses the compiled
+form without even computing a cache key.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, func, insert, or_, select, update
+from sqlalchemy import Select, Update, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from models import ApiToken as TokenRow
 from models import Course as CourseRow
@@ -18,6 +24,7 @@ from models import CourseRegistration as RegistrationRow
 from models import Purchase as PurchaseRow
 from models import ReceiptOutbox as ReceiptRow
 from models import User as UserRow
+from rpc_server.database import UnitOfWorkConnection
 from rpc_server.domain.records import Actor, Course, Purchase, Registration
 from rpc_server.domain.states import PurchaseState
 from rpc_server.receipts import Receipt
@@ -28,33 +35,40 @@ def as_utc(moment: datetime) -> datetime:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
+_FIND_ACTOR = (
+    select(UserRow.id, UserRow.email, UserRow.is_staff)
+    .join(TokenRow, TokenRow.user_id == UserRow.id)
+    .where(
+        TokenRow.token_hash == bindparam("token_hash"),
+        TokenRow.revoked_at.is_(None),
+        or_(TokenRow.expires_at.is_(None), TokenRow.expires_at > bindparam("now")),
+    )
+)
+
+
 class SqlUserRepository:
-    def __init__(self, session: AsyncSession):
-        self.session = session
+    def __init__(self, connection: UnitOfWorkConnection):
+        self.connection = connection
 
     async def find_actor(self, token_hash: str, *, now: datetime) -> Actor | None:
-        row = (
-            await self.session.execute(
-                select(UserRow.id, UserRow.email, UserRow.is_staff)
-                .join(TokenRow, TokenRow.user_id == UserRow.id)
-                .where(
-                    TokenRow.token_hash == token_hash,
-                    TokenRow.revoked_at.is_(None),
-                    or_(TokenRow.expires_at.is_(None), TokenRow.expires_at > now),
-                )
-            )
-        ).first()
+        result = await self.connection.execute(_FIND_ACTOR, {"token_hash": token_hash, "now": now})
+        row = result.first()
         return None if row is None else Actor(row.id, row.email, row.is_staff)
 
     async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> Actor:
-        user = await self.session.scalar(select(UserRow).where(UserRow.email == email))
-        if user is None:
-            user = UserRow(email=email, is_staff=is_staff, created_at=now)
-            self.session.add(user)
+        user_id = await self.connection.scalar(select(UserRow.id).where(UserRow.email == email))
+        if user_id is None:
+            user_id = await self.connection.scalar(
+                insert(UserRow)
+                .values(email=email, is_staff=is_staff, created_at=now)
+                .returning(UserRow.id)
+            )
         else:
-            user.is_staff = is_staff
-        await self.session.flush()
-        return Actor(user.id, user.email, user.is_staff)
+            await self.connection.execute(
+                update(UserRow).where(UserRow.id == user_id).values(is_staff=is_staff)
+            )
+        assert user_id is not None
+        return Actor(user_id, email, is_staff)
 
     async def add_token(
         self,
@@ -64,19 +78,20 @@ class SqlUserRepository:
         now: datetime,
         expires_at: datetime | None = None,
     ) -> bool:
-        stored = await self.session.scalar(
+        stored = await self.connection.scalar(
             select(TokenRow.id).where(TokenRow.token_hash == token_hash)
         )
         if stored is not None:
             return False
-        self.session.add(
-            TokenRow(user_id=user_id, token_hash=token_hash, created_at=now, expires_at=expires_at)
+        await self.connection.execute(
+            insert(TokenRow).values(
+                user_id=user_id, token_hash=token_hash, created_at=now, expires_at=expires_at
+            )
         )
-        await self.session.flush()
         return True
 
     async def revoke_token(self, token_hash: str, *, now: datetime) -> bool:
-        result = await self.session.execute(
+        result = await self.connection.execute(
             update(TokenRow)
             .where(TokenRow.token_hash == token_hash, TokenRow.revoked_at.is_(None))
             .values(revoked_at=now)
@@ -86,7 +101,7 @@ class SqlUserRepository:
 
     async def revoke_tokens_of(self, email: str, *, now: datetime) -> int:
         user_ids = select(UserRow.id).where(UserRow.email == email).scalar_subquery()
-        result = await self.session.execute(
+        result = await self.connection.execute(
             update(TokenRow)
             .where(TokenRow.user_id == user_ids, TokenRow.revoked_at.is_(None))
             .values(revoked_at=now)
@@ -95,30 +110,49 @@ class SqlUserRepository:
         return len(result.all())
 
 
-def _course(row: CourseRow) -> Course:
-    return Course(row.id, row.slug, row.title, row.price, row.currency)
+_COURSE_COLUMNS = (
+    CourseRow.id,
+    CourseRow.slug,
+    CourseRow.title,
+    CourseRow.price,
+    CourseRow.currency,
+)
+_COURSE_BY_SLUG = select(*_COURSE_COLUMNS).where(CourseRow.slug == bindparam("slug"))
+
+
+def _course(row: Sequence[Any]) -> Course:
+    pk, slug, title, price, currency = row
+    return Course(pk, slug, title, price, currency)
 
 
 class SqlCourseRepository:
-    def __init__(self, session: AsyncSession):
-        self.session = session
+    def __init__(self, connection: UnitOfWorkConnection):
+        self.connection = connection
 
     async def list_all(self) -> list[Course]:
-        rows = await self.session.scalars(select(CourseRow).order_by(CourseRow.slug))
+        rows = await self.connection.execute(select(*_COURSE_COLUMNS).order_by(CourseRow.slug))
         return [_course(row) for row in rows]
 
     async def get_by_slug(self, slug: str) -> Course | None:
-        row = await self.session.scalar(select(CourseRow).where(CourseRow.slug == slug))
+        row = (await self.connection.execute(_COURSE_BY_SLUG, {"slug": slug})).first()
         return None if row is None else _course(row)
 
     async def save(self, *, slug: str, title: str, price: Decimal, currency: str) -> Course:
-        row = await self.session.scalar(select(CourseRow).where(CourseRow.slug == slug))
-        if row is None:
-            row = CourseRow(slug=slug)
-            self.session.add(row)
-        row.title, row.price, row.currency = title, price, currency
-        await self.session.flush()
-        return _course(row)
+        pk = await self.connection.scalar(select(CourseRow.id).where(CourseRow.slug == slug))
+        if pk is None:
+            pk = await self.connection.scalar(
+                insert(CourseRow)
+                .values(slug=slug, title=title, price=price, currency=currency)
+                .returning(CourseRow.id)
+            )
+        else:
+            await self.connection.execute(
+                update(CourseRow)
+                .where(CourseRow.id == pk)
+                .values(title=title, price=price, currency=currency)
+            )
+        assert pk is not None
+        return Course(pk, slug, title, price, currency)
 
 
 _PURCHASE_COLUMNS = (
@@ -139,16 +173,61 @@ _PURCHASE_COLUMNS = (
 )
 
 
-# Built once: every purchase read refines this statement (statements are immutable).
+# Built once: every purchase read is this statement with some conditions.
 _PURCHASE_QUERY: Select[*tuple[Any, ...]] = (
     select(*_PURCHASE_COLUMNS)
     .join(UserRow, UserRow.id == PurchaseRow.owner_id)
     .join(CourseRow, CourseRow.id == PurchaseRow.course_id)
 )
+_PURCHASE_BY_ID = _PURCHASE_QUERY.where(PurchaseRow.purchase_id == bindparam("purchase_id"))
+_OWN_PURCHASE_BY_ID = _PURCHASE_BY_ID.where(PurchaseRow.owner_id == bindparam("owner_id"))
+_PURCHASE_BY_IDEMPOTENCY_KEY = _PURCHASE_QUERY.where(
+    PurchaseRow.owner_id == bindparam("owner_id"),
+    PurchaseRow.idempotency_key == bindparam("idempotency_key"),
+)
+_INSERT_PURCHASE = insert(PurchaseRow)
+_INSERT_REGISTRATION = insert(RegistrationRow)
+_INSERT_RECEIPT = insert(ReceiptRow)
 
 
-def _purchase_query() -> Select[*tuple[Any, ...]]:
-    return _PURCHASE_QUERY
+@functools.cache
+def _page_query(*, of_owner: bool, in_state: bool, before: bool) -> Select[*tuple[Any, ...]]:
+    """The ``purchase.list`` statement for one combination of conditions (8 in all)."""
+    if of_owner:
+        # Ordering by (owner_id, id), which is the same order for one owner, lets the
+        # (owner_id, id) index serve it; ordering by id alone makes PostgreSQL walk the
+        # primary key past every newer purchase of other users.
+        query = _PURCHASE_QUERY.where(PurchaseRow.owner_id == bindparam("owner_id")).order_by(
+            PurchaseRow.owner_id.desc(), PurchaseRow.id.desc()
+        )
+    else:
+        query = _PURCHASE_QUERY.order_by(PurchaseRow.id.desc())
+    if in_state:
+        query = query.where(PurchaseRow.state == bindparam("state"))
+    if before:
+        query = query.where(PurchaseRow.id < bindparam("before"))
+    return query.limit(bindparam("limit"))
+
+
+@functools.cache
+def _transition_statement(sources: frozenset[PurchaseState], target: PurchaseState) -> Update:
+    """``UPDATE purchases … WHERE id = :pk AND state IN (sources) RETURNING id``."""
+    values: dict[str, Any] = {
+        "state": target.value,
+        "error_msg": bindparam("new_error_msg"),
+        "updated_at": bindparam("now"),
+    }
+    if target is PurchaseState.FULFILLED:
+        values["fulfilled_at"] = bindparam("now")
+    return (
+        update(PurchaseRow)
+        .where(
+            PurchaseRow.id == bindparam("pk"),
+            PurchaseRow.state.in_(sorted(s.value for s in sources)),
+        )
+        .values(**values)
+        .returning(PurchaseRow.id)
+    )
 
 
 def _purchase(row: Sequence[Any]) -> Purchase:
@@ -173,11 +252,13 @@ def _purchase(row: Sequence[Any]) -> Purchase:
 
 
 class SqlPurchaseRepository:
-    def __init__(self, session: AsyncSession):
-        self.session = session
+    def __init__(self, connection: UnitOfWorkConnection):
+        self.connection = connection
 
-    async def _one(self, query: Select[*tuple[Any, ...]]) -> Purchase | None:
-        row = (await self.session.execute(query)).first()
+    async def _one(
+        self, query: Select[*tuple[Any, ...]], params: dict[str, Any]
+    ) -> Purchase | None:
+        row = (await self.connection.execute(query, params)).first()
         return None if row is None else _purchase(row)
 
     async def add(
@@ -189,22 +270,22 @@ class SqlPurchaseRepository:
         idempotency_key: str | None,
         now: datetime,
     ) -> Purchase | None:
-        statement = insert(PurchaseRow).values(
-            purchase_id=purchase_id,
-            owner_id=owner_id,
-            course_id=course.pk,
-            amount=course.price,
-            currency=course.currency,
-            state=PurchaseState.PENDING.value,
-            idempotency_key=idempotency_key,
-            created_at=now,
-            updated_at=now,
-        )
+        row = {
+            "purchase_id": purchase_id,
+            "owner_id": owner_id,
+            "course_id": course.pk,
+            "amount": course.price,
+            "currency": course.currency,
+            "state": PurchaseState.PENDING.value,
+            "idempotency_key": idempotency_key,
+            "created_at": now,
+            "updated_at": now,
+        }
         try:
             # A savepoint, so that losing an idempotency-key race leaves the
             # transaction usable for reading the winner's purchase.
-            async with self.session.begin_nested():
-                await self.session.execute(statement)
+            async with self.connection.begin_nested():
+                await self.connection.execute(_INSERT_PURCHASE, row)
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -212,16 +293,15 @@ class SqlPurchaseRepository:
         return await self.get(purchase_id, owner_id=owner_id)
 
     async def get(self, purchase_id: str, *, owner_id: int | None) -> Purchase | None:
-        query = _purchase_query().where(PurchaseRow.purchase_id == purchase_id)
-        if owner_id is not None:
-            query = query.where(PurchaseRow.owner_id == owner_id)
-        return await self._one(query)
+        if owner_id is None:
+            return await self._one(_PURCHASE_BY_ID, {"purchase_id": purchase_id})
+        return await self._one(
+            _OWN_PURCHASE_BY_ID, {"purchase_id": purchase_id, "owner_id": owner_id}
+        )
 
     async def get_by_idempotency_key(self, owner_id: int, key: str) -> Purchase | None:
         return await self._one(
-            _purchase_query().where(
-                PurchaseRow.owner_id == owner_id, PurchaseRow.idempotency_key == key
-            )
+            _PURCHASE_BY_IDEMPOTENCY_KEY, {"owner_id": owner_id, "idempotency_key": key}
         )
 
     async def list_page(
@@ -232,23 +312,17 @@ class SqlPurchaseRepository:
         limit: int,
         before: int | None,
     ) -> list[Purchase]:
-        if owner_id is None:
-            query = _purchase_query().order_by(PurchaseRow.id.desc())
-        else:
-            # Ordering by (owner_id, id), which is the same order for one owner, lets the
-            # (owner_id, id) index serve it; ordering by id alone makes PostgreSQL walk the
-            # primary key past every newer purchase of other users.
-            query = (
-                _purchase_query()
-                .where(PurchaseRow.owner_id == owner_id)
-                .order_by(PurchaseRow.owner_id.desc(), PurchaseRow.id.desc())
-            )
-        query = query.limit(limit)
+        query = _page_query(
+            of_owner=owner_id is not None, in_state=state is not None, before=before is not None
+        )
+        params: dict[str, Any] = {"limit": limit}
+        if owner_id is not None:
+            params["owner_id"] = owner_id
         if state is not None:
-            query = query.where(PurchaseRow.state == state.value)
+            params["state"] = state.value
         if before is not None:
-            query = query.where(PurchaseRow.id < before)
-        return [_purchase(row) for row in await self.session.execute(query)]
+            params["before"] = before
+        return [_purchase(row) for row in await self.connection.execute(query, params)]
 
     async def transition(
         self,
@@ -259,38 +333,30 @@ class SqlPurchaseRepository:
         error_msg: str | None,
         now: datetime,
     ) -> bool:
-        values: dict[str, object] = {
-            "state": target.value,
-            "error_msg": error_msg,
-            "updated_at": now,
-        }
-        if target is PurchaseState.FULFILLED:
-            values["fulfilled_at"] = now
-        result = await self.session.execute(
-            update(PurchaseRow)
-            .where(PurchaseRow.id == pk, PurchaseRow.state.in_([s.value for s in sources]))
-            .values(**values)
-            .returning(PurchaseRow.id)
+        result = await self.connection.execute(
+            _transition_statement(sources, target),
+            {"pk": pk, "new_error_msg": error_msg, "now": now},
         )
         return result.first() is not None
 
 
 class SqlRegistrationRepository:
-    def __init__(self, session: AsyncSession):
-        self.session = session
+    def __init__(self, connection: UnitOfWorkConnection):
+        self.connection = connection
 
     async def add(self, purchase: Purchase, *, now: datetime) -> None:
-        await self.session.execute(
-            insert(RegistrationRow).values(
-                purchase_id=purchase.pk,
-                user_id=purchase.owner_id,
-                course_id=purchase.course_pk,
-                created_at=now,
-            )
+        await self.connection.execute(
+            _INSERT_REGISTRATION,
+            {
+                "purchase_id": purchase.pk,
+                "user_id": purchase.owner_id,
+                "course_id": purchase.course_pk,
+                "created_at": now,
+            },
         )
 
     async def list_for_user(self, user_id: int) -> list[Registration]:
-        rows = await self.session.execute(
+        rows = await self.connection.execute(
             select(CourseRow.slug, PurchaseRow.purchase_id, RegistrationRow.created_at)
             .join(CourseRow, CourseRow.id == RegistrationRow.course_id)
             .join(PurchaseRow, PurchaseRow.id == RegistrationRow.purchase_id)
@@ -303,21 +369,22 @@ class SqlRegistrationRepository:
 class SqlReceiptOutboxRepository:
     """The outbox: rows written with fulfillments, claimed and settled by deliverers."""
 
-    def __init__(self, session: AsyncSession):
-        self.session = session
+    def __init__(self, connection: UnitOfWorkConnection):
+        self.connection = connection
         self.added = 0
 
     async def add(self, purchase: Purchase, *, now: datetime) -> None:
         self.added += 1
-        await self.session.execute(
-            insert(ReceiptRow).values(
-                purchase_id=purchase.pk,
-                recipient=purchase.owner_email,
-                status="pending",
-                attempts=0,
-                next_attempt_at=now,
-                created_at=now,
-            )
+        await self.connection.execute(
+            _INSERT_RECEIPT,
+            {
+                "purchase_id": purchase.pk,
+                "recipient": purchase.owner_email,
+                "status": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            },
         )
 
     async def claim_due(
@@ -337,10 +404,10 @@ class SqlReceiptOutboxRepository:
             .limit(limit)
             .with_for_update(skip_locked=True)
         )
-        ids = list(await self.session.scalars(due))
+        ids = list((await self.connection.execute(due)).scalars())
         if not ids:
             return []
-        await self.session.execute(
+        await self.connection.execute(
             update(ReceiptRow)
             .where(ReceiptRow.id.in_(ids))
             .values(
@@ -349,7 +416,7 @@ class SqlReceiptOutboxRepository:
                 attempts=ReceiptRow.attempts + 1,
             )
         )
-        rows = await self.session.execute(
+        rows = await self.connection.execute(
             select(
                 ReceiptRow.id,
                 ReceiptRow.attempts,
@@ -400,7 +467,7 @@ class SqlReceiptOutboxRepository:
             values["next_attempt_at"] = next_attempt_at
         if error is not None:
             values["last_error"] = error[:2000]
-        result = await self.session.execute(
+        result = await self.connection.execute(
             update(ReceiptRow)
             .where(ReceiptRow.id == outbox_id, ReceiptRow.claim_token == token)
             .values(**values)
@@ -410,7 +477,7 @@ class SqlReceiptOutboxRepository:
 
     async def release(self, token: str, *, now: datetime) -> None:
         """Give back rows claimed under ``token`` but not attempted (shutting down)."""
-        await self.session.execute(
+        await self.connection.execute(
             update(ReceiptRow)
             .where(ReceiptRow.claim_token == token, ReceiptRow.status == "pending")
             .values(claim_token=None, next_attempt_at=now, attempts=ReceiptRow.attempts - 1)
@@ -418,7 +485,7 @@ class SqlReceiptOutboxRepository:
 
     async def requeue(self, outbox_id: int, *, now: datetime) -> bool:
         """Put a dead message back in the queue with fresh attempts; False if not dead."""
-        result = await self.session.execute(
+        result = await self.connection.execute(
             update(ReceiptRow)
             .where(ReceiptRow.id == outbox_id, ReceiptRow.status == "dead")
             .values(status="pending", attempts=0, next_attempt_at=now, claim_token=None)
@@ -428,7 +495,7 @@ class SqlReceiptOutboxRepository:
 
     async def overview(self, *, limit: int) -> list[OutboxEntry]:
         """The newest ``limit`` messages, whatever their status."""
-        rows = await self.session.execute(
+        rows = await self.connection.execute(
             select(
                 ReceiptRow.id,
                 PurchaseRow.purchase_id,
@@ -458,7 +525,7 @@ class SqlReceiptOutboxRepository:
         ]
 
     async def counts(self) -> dict[str, int]:
-        rows = await self.session.execute(
+        rows = await self.connection.execute(
             select(ReceiptRow.status, func.count()).group_by(ReceiptRow.status)
         )
         return {status: int(count) for status, count in rows}

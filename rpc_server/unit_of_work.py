@@ -1,7 +1,17 @@
-"""The SQLAlchemy unit of work: one session, one transaction, rolled back unless committed.
+"""The SQLAlchemy unit of work: one connection, one transaction, rolled back unless committed.
 
 Each JSON-RPC call (each item of a batch, too) gets its own unit of work from the
-factory in its context, so concurrent items never share a session.
+factory in its context, so concurrent items never share a connection. A unit of work
+is a Core connection checked out of the pool at its first statement
+(``database.UnitOfWorkConnection``), not an ORM session: repositories
+turn rows straight into domain records, and an ORM session would only add bookkeeping
+(identity map, snapshots, flush) that nothing here uses.
+
+Read units of work (``write=False``) do not open a transaction: on SQLite no BEGIN is
+sent, on PostgreSQL the connection is in autocommit, so a read costs its statements and
+nothing else. Each statement still reads one consistent snapshot; a read unit of work
+that needs several statements to agree with each other must ask for ``write=True``.
+Write units of work run in one transaction (``BEGIN IMMEDIATE`` on SQLite).
 """
 
 from __future__ import annotations
@@ -10,9 +20,9 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rpc_server.database import SQLITE_IMMEDIATE, SQLITE_READ_ONLY
+from rpc_server.database import SQLITE_IMMEDIATE, SQLITE_READ_ONLY, UnitOfWorkConnection
 from rpc_server.repositories import (
     SqlCourseRepository,
     SqlPurchaseRepository,
@@ -23,21 +33,17 @@ from rpc_server.repositories import (
 
 
 class SqlAlchemyUnitOfWork:
-    def __init__(
-        self,
-        sessions: async_sessionmaker[AsyncSession],
-        after_receipts: Sequence[Callable[[], None]] = (),
-    ):
-        self._sessions = sessions
+    def __init__(self, engine: AsyncEngine, after_receipts: Sequence[Callable[[], None]] = ()):
+        self._engine = engine
         self._after_receipts = after_receipts
 
     async def __aenter__(self) -> Self:
-        self.session = self._sessions()
-        self.users = SqlUserRepository(self.session)
-        self.courses = SqlCourseRepository(self.session)
-        self.purchases = SqlPurchaseRepository(self.session)
-        self.registrations = SqlRegistrationRepository(self.session)
-        self.receipts = SqlReceiptOutboxRepository(self.session)
+        self.connection = UnitOfWorkConnection(self._engine)
+        self.users = SqlUserRepository(self.connection)
+        self.courses = SqlCourseRepository(self.connection)
+        self.purchases = SqlPurchaseRepository(self.connection)
+        self.registrations = SqlRegistrationRepository(self.connection)
+        self.receipts = SqlReceiptOutboxRepository(self.connection)
         return self
 
     async def __aexit__(
@@ -46,13 +52,11 @@ class SqlAlchemyUnitOfWork:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            await self.session.rollback()
-        finally:
-            await self.session.close()
+        # Closing rolls back whatever was not committed and returns the connection.
+        await self.connection.close()
 
     async def commit(self) -> None:
-        await self.session.commit()
+        await self.connection.commit()
         if self.receipts.added:
             # Receipts are committed: tell the deliverer, so they leave now, not at
             # its next poll.
@@ -61,24 +65,19 @@ class SqlAlchemyUnitOfWork:
 
 
 class SqlAlchemyUnitOfWorkFactory:
-    """Makes units of work; write units of work take SQLite's write lock up front."""
+    """Makes units of work: reads without a transaction, writes in one (taking SQLite's
+    write lock up front)."""
 
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
-        reader_engine = (
-            engine.execution_options(**{SQLITE_READ_ONLY: True})
-            if engine.dialect.name == "sqlite"
-            else engine
-        )
-        self._readers = async_sessionmaker(reader_engine, expire_on_commit=False)
-        writer_engine = (
-            engine.execution_options(**{SQLITE_IMMEDIATE: True})
-            if engine.dialect.name == "sqlite"
-            else engine
-        )
-        self._writers = async_sessionmaker(writer_engine, expire_on_commit=False)
+        if engine.dialect.name == "sqlite":
+            self._reader = engine.execution_options(**{SQLITE_READ_ONLY: True})
+            self._writer = engine.execution_options(**{SQLITE_IMMEDIATE: True})
+        else:
+            self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
+            self._writer = engine
         # Called after a commit that added receipt outbox rows (the deliverer's wake-up).
         self.after_receipts: list[Callable[[], None]] = []
 
     def __call__(self, *, write: bool = False) -> SqlAlchemyUnitOfWork:
-        return SqlAlchemyUnitOfWork(self._writers if write else self._readers, self.after_receipts)
+        return SqlAlchemyUnitOfWork(self._writer if write else self._reader, self.after_receipts)

@@ -54,6 +54,8 @@ async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    if _stop_requested_early:
+        stopping.set()  # told to stop while still starting: stop now, cleanly
     await stopping.wait()
 
     deadline = loop.time() + settings.shutdown_timeout
@@ -104,7 +106,24 @@ class InFlight:
                 return
 
 
+# Set by a SIGTERM/SIGINT that arrives before ``serve`` has its own handlers (a worker
+# still importing or building its app): the worker then starts, and stops at once with
+# exit status 0, instead of dying of the signal.
+_stop_requested_early = False
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _request_stop_early(signum: int, frame: FrameType | None) -> None:
+    global _stop_requested_early
+    _stop_requested_early = True
+
+
 def _worker_main(settings: Settings, host: str, port: int) -> None:
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _request_stop_early)
+    # Blocked by the supervisor while it started us (see ``supervise``); one that came
+    # in the meantime is delivered now, to the handler above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     from rpc_server.cli import configure_logging  # the child starts with fresh logging
 
     configure_logging(settings.log_level)
@@ -118,7 +137,13 @@ def supervise(settings: Settings, host: str, port: int, workers: int) -> int:
 
     def start() -> BaseProcess:
         process = context.Process(target=_worker_main, args=(settings, host, port), daemon=False)
-        process.start()
+        # The child inherits the signal mask: a SIGTERM sent before it has a handler
+        # waits, blocked, instead of killing it half-started.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         log.info("worker %s started", process.pid)
         return process
 

@@ -1,0 +1,154 @@
+"""aiosqlite with one trip to the connection's thread per statement.
+
+aiosqlite runs each sqlite3 call on the connection's own thread and wakes the event loop
+when it is done. SQLAlchemy's aiosqlite adapter makes four such trips per statement
+(make a cursor, execute, fetch all rows, close the cursor) and one more to roll back a
+connection that has nothing to roll back when it goes back to the pool. Each trip is a
+thread switch and an event-loop wake-up, and on a small server those trips, not SQLite,
+are what a call waits for.
+
+``OneHopConnection`` is an ``aiosqlite.Connection`` whose cursors do the whole
+statement (cursor, execute, fetch, close) in a single trip and keep the rows, and whose
+commit and rollback skip the trip when SQLite has no transaction open. SQLAlchemy gets it
+through ``create_async_engine(async_creator=...)`` and its adapter works unchanged: it
+only sees a cursor that answers ``fetchall`` and ``close`` without waiting.
+
+It relies on ``aiosqlite.Connection._execute`` (queue a function for the connection's
+thread), which aiosqlite itself uses for every operation; the lower bound on aiosqlite
+in ``pyproject.toml`` is the version it is tested with.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
+from functools import partial
+from types import TracebackType
+from typing import Any
+
+import aiosqlite
+from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
+from sqlalchemy.engine import URL
+
+Rows = list[Any]
+Outcome = tuple[Any, int, int | None, Rows]
+
+
+def _run(connection: sqlite3.Connection, sql: str, parameters: Any) -> Outcome:
+    """On the connection's thread: one statement from start to finish."""
+    cursor = connection.cursor()
+    try:
+        cursor.execute(sql, parameters)
+        description = cursor.description
+        rows = cursor.fetchall() if description is not None else []
+        return description, cursor.rowcount, cursor.lastrowid, rows
+    finally:
+        cursor.close()
+
+
+def _run_many(connection: sqlite3.Connection, sql: str, parameters: Iterable[Any]) -> Outcome:
+    cursor = connection.cursor()
+    try:
+        cursor.executemany(sql, parameters)
+        return cursor.description, cursor.rowcount, cursor.lastrowid, []
+    finally:
+        cursor.close()
+
+
+class OneHopCursor:
+    """A DB-API-shaped async cursor whose ``execute`` is one trip, rows included."""
+
+    arraysize = 1
+
+    def __init__(self, connection: OneHopConnection):
+        self._connection = connection
+        self.description: Any = None
+        self.rowcount = -1
+        self.lastrowid: int | None = None
+        self._rows: Rows = []
+
+    def __await__(self) -> Generator[Any, None, OneHopCursor]:
+        return self
+        yield  # a generator: awaiting the cursor gives the cursor, at once
+
+    async def __aenter__(self) -> OneHopCursor:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def execute(self, sql: str, parameters: Any = ()) -> OneHopCursor:
+        outcome = await self._connection.run(_run, sql, () if parameters is None else parameters)
+        self.description, self.rowcount, self.lastrowid, self._rows = outcome
+        return self
+
+    async def executemany(self, sql: str, parameters: Iterable[Any]) -> OneHopCursor:
+        outcome = await self._connection.run(_run_many, sql, list(parameters))
+        self.description, self.rowcount, self.lastrowid, self._rows = outcome
+        return self
+
+    async def fetchall(self) -> Rows:
+        rows, self._rows = self._rows, []
+        return rows
+
+    async def fetchmany(self, size: int | None = None) -> Rows:
+        size = self.arraysize if size is None else size
+        rows, self._rows = self._rows[:size], self._rows[size:]
+        return rows
+
+    async def fetchone(self) -> Any:
+        return self._rows.pop(0) if self._rows else None
+
+    async def close(self) -> None:
+        self._rows = []
+
+
+class OneHopConnection(aiosqlite.Connection):
+    """An aiosqlite connection whose statements, commits and rollbacks cost one trip at most."""
+
+    def run(self, function: Callable[..., Outcome], *args: Any) -> Awaitable[Outcome]:
+        """Run ``function(sqlite3_connection, *args)`` on the connection's thread."""
+        outcome: Awaitable[Outcome] = self._execute(function, self._conn, *args)  # type: ignore[no-untyped-call]
+        return outcome
+
+    def cursor(self) -> OneHopCursor:  # type: ignore[override]
+        # No trip: the sqlite3 cursor is made on the thread, inside each execute. Like
+        # aiosqlite's, the cursor may be awaited or used with ``async with``.
+        return OneHopCursor(self)
+
+    def _in_transaction(self) -> bool:
+        # sqlite3_get_autocommit, read from this thread: only ever asked between
+        # statements, when the connection's thread is not using the connection.
+        return self._connection is not None and self._connection.in_transaction
+
+    async def commit(self) -> None:
+        if self._in_transaction():
+            await super().commit()
+
+    async def rollback(self) -> None:
+        if self._in_transaction():
+            await super().rollback()
+
+
+def one_hop_connector(url: URL) -> Callable[[], Awaitable[OneHopConnection]]:
+    """An ``async_creator`` for ``create_async_engine``: connects as SQLAlchemy would
+    (same file name and sqlite3 arguments from the URL), with ``OneHopConnection``."""
+    args, kwargs = SQLiteDialect_aiosqlite().create_connect_args(url)
+    connect: Callable[[], sqlite3.Connection] = partial(sqlite3.connect, *args, **kwargs)
+
+    async def create() -> OneHopConnection:
+        connection = OneHopConnection(connect, iter_chunk_size=64)
+        # As SQLAlchemy does for aiosqlite: the thread must not keep the process alive.
+        connection._thread.daemon = True
+        await connection  # starts the thread and connects; the result is ``connection``
+        return connection
+
+    return create
+
+
+__all__: Sequence[str] = ["OneHopConnection", "OneHopCursor", "one_hop_connector"]
