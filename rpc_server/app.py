@@ -36,10 +36,15 @@ from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 
 @dataclass(frozen=True)
 class ServiceDescription:
-    """The OpenRPC document, and the docs page rendered from it, built once per app."""
+    """The OpenRPC document, and the docs page rendered from it, built once per app.
+
+    ``fragment`` is the document serialized once: ``rpc.discover`` answers with it, and
+    every answer splices those bytes in instead of serializing the document again.
+    """
 
     document: dict[str, Any]
     html: str
+    fragment: json_codec.Fragment
 
 
 @dataclass
@@ -132,7 +137,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         links=FrontendLinks(settings.frontend_url),
         token=bearer_token(request),
         call_timeout=settings.call_timeout,
-        service_description=request.app[OPENRPC].document,
+        service_description=request.app[OPENRPC].fragment,
         actors=request.app.get(ACTORS),
     )
     result = await answer(
@@ -141,6 +146,8 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         ctx,
         max_batch_length=settings.max_batch_length,
         limiter=request.app.get(LIMITER),
+        # As many items at once as the pool has connections.
+        concurrency=settings.db_pool_size,
     )
     if result is None:
         return web.Response(status=204)
@@ -154,7 +161,7 @@ async def handle_healthz(request: web.Request) -> web.Response:
 
 async def handle_openrpc(request: web.Request) -> web.Response:
     """GET /openrpc.json: the OpenRPC document (the same as rpc.discover answers)."""
-    return json_response(request.app[OPENRPC].document)
+    return json_response(request.app[OPENRPC].fragment)
 
 
 async def handle_docs(request: web.Request) -> web.Response:
@@ -229,7 +236,9 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     if settings.token_cache_seconds > 0:
         app[ACTORS] = ActorCache(settings.token_cache_seconds)
     document = build_document(registry)
-    app[OPENRPC] = ServiceDescription(document, docs_page.render(document))
+    app[OPENRPC] = ServiceDescription(
+        document, docs_page.render(document), json_codec.Fragment(json_codec.dumps(document))
+    )
     app.cleanup_ctx.append(database_ctx)
     if settings.mail_in_serve:
         app.cleanup_ctx.append(deliverer_ctx)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,24 +28,30 @@ class RpcContext:
     links: FrontendLinks
     token: str | None = None
     call_timeout: float = 30.0
-    # The OpenRPC document, for rpc.discover.
-    service_description: Mapping[str, Any] = field(default_factory=dict)
+    # The OpenRPC document, for rpc.discover (serialized once: a JSON fragment).
+    service_description: Any = None
     # Recently authenticated tokens (None: always look up).
     actors: ActorCache | None = None
-    _actor: asyncio.Task[Actor | None] | None = field(default=None, repr=False)
+    # The caller once known; else the lookup under way (shared by a batch's items).
+    _known: Actor | None = field(default=None, repr=False)
+    _lookup_task: asyncio.Task[Actor | None] | None = field(default=None, repr=False)
 
     async def authenticate(self) -> Actor | None:
         """Return the caller, or None without a valid token; one lookup per request."""
-        if self.token is None:
-            return None
-        if self._actor is None:
-            self._actor = asyncio.ensure_future(self._lookup(self.token))
-        return await asyncio.shield(self._actor)
+        if self._known is not None or self.token is None:
+            return self._known
+        if self._lookup_task is None:
+            token_hash = hash_token(self.token)
+            if self.actors is not None and (cached := self.actors.get(token_hash)) is not None:
+                self._known = cached
+                return cached
+            self._lookup_task = asyncio.ensure_future(self._lookup(self.token, token_hash))
+        # Shielded: one item's cancellation (its timeout) must not cancel the others' lookup.
+        actor = await asyncio.shield(self._lookup_task)
+        self._known = actor
+        return actor
 
-    async def _lookup(self, token: str) -> Actor | None:
-        token_hash = hash_token(token)
-        if self.actors is not None and (cached := self.actors.get(token_hash)) is not None:
-            return cached
+    async def _lookup(self, token: str, token_hash: str) -> Actor | None:
         actor = await services.authenticate(self.uow, token)
         if actor is not None and self.actors is not None:
             self.actors.put(token_hash, actor)

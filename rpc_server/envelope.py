@@ -3,7 +3,8 @@
 jsonrpcserver 5.0.9 validates a whole batch against one schema, so one bad item turns
 a batch into a single "Invalid Request". The specification answers item by item, so
 this module checks every request object on its own and hands only the valid ones to
-jsonrpcserver, one at a time, concurrently. Each item gets its own unit of work.
+jsonrpcserver, one at a time, several items concurrently. Each item gets its own unit
+of work.
 """
 
 from __future__ import annotations
@@ -131,8 +132,12 @@ async def answer(
     *,
     max_batch_length: int,
     limiter: RateLimiter | None = None,
+    concurrency: int = 10,
 ) -> JsonObject | list[JsonObject] | None:
-    """Answer a parsed body: one object, a list for a batch, None if nothing to answer."""
+    """Answer a parsed body: one object, a list for a batch, None if nothing to answer.
+
+    A batch's items run concurrently, at most ``concurrency`` at a time.
+    """
     if not isinstance(payload, list):
         [verdict] = await _over_limit([payload], ctx, limiter)
         return await answer_one(payload, registry, ctx, retry_after=verdict)
@@ -143,11 +148,26 @@ async def answer(
             f"A batch may hold at most {max_batch_length} requests, got {len(payload)}."
         )
     verdicts = await _over_limit(payload, ctx, limiter)
-    answers = await asyncio.gather(
-        *(
-            answer_one(item, registry, ctx, retry_after=verdict)
-            for item, verdict in zip(payload, verdicts, strict=True)
-        )
-    )
+    answers: list[JsonObject | None] = [None] * len(payload)
+    pending = iter(range(len(payload)))
+
+    async def lane() -> None:
+        # Lanes share one iterator: each takes the next item when it is free.
+        for index in pending:
+            answers[index] = await answer_one(
+                payload[index], registry, ctx, retry_after=verdicts[index]
+            )
+
+    # Items run concurrently in at most ``concurrency`` lanes, not one task each: more
+    # items in flight than pooled connections would only queue for the pool (or open
+    # and close overflow connections), and items that never wait (rpc.discover, errors)
+    # run straight through the first lane, which is this coroutine itself.
+    others = [asyncio.create_task(lane()) for _ in range(min(concurrency, len(payload)) - 1)]
+    try:
+        await lane()
+        await asyncio.gather(*others)
+    finally:
+        for task in others:
+            task.cancel()
     collected = [a for a in answers if a is not None]
     return collected or None

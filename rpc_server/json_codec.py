@@ -4,7 +4,7 @@ orjson parses an integer beyond 64 bits as a float, which would turn such a requ
 into a different number in the answer. A float id is rare (the specification advises
 against fractions), so when one appears the body is parsed again with the standard
 library, which keeps integers exact. orjson also refuses to serialize such integers;
-the standard library serializes them. Nesting deeper than orjson's limit (1024) is a
+they are spliced into its output as digits. Nesting deeper than orjson's limit (1024) is a
 parse error, never a RecursionError.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from typing import Any
 
 import orjson
@@ -112,11 +113,36 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
+# JSON serialized once and spliced into answers as it is (the OpenRPC document).
+Fragment = orjson.Fragment
+
+_ORJSON_INTEGERS = range(-(2**63), 2**64)
+
+
 def dumps(payload: Any) -> bytes:
-    """Serialize an answer. Everything in it is already JSON-native: the schemas turn
-    decimals and datetimes into strings deliberately."""
+    """Serialize an answer. Everything in it is already JSON-native (the schemas turn
+    decimals and datetimes into strings deliberately), or a ``Fragment``."""
     try:
         return orjson.dumps(payload)
     except TypeError:
-        # An integer beyond 64 bits (an id echoed back): the standard library keeps it exact.
-        return json.dumps(payload, separators=(",", ":")).encode()
+        return _dumps_with_big_ids(payload)
+
+
+def _dumps_with_big_ids(payload: Any) -> bytes:
+    """orjson refuses integers beyond 64 bits; the only ones an answer can hold are
+    request ids echoed back. Each goes in as a unique marker string, and its exact
+    digits replace the marker in the bytes."""
+    answers = payload if isinstance(payload, list) else [payload]
+    digits: dict[bytes, bytes] = {}
+    patched = []
+    for answer in answers:
+        id_ = answer.get("id") if isinstance(answer, dict) else None
+        if isinstance(id_, int) and not isinstance(id_, bool) and id_ not in _ORJSON_INTEGERS:
+            marker = f"big-id-{len(digits)}-{secrets.token_hex(8)}"
+            digits[b'"' + marker.encode() + b'"'] = str(id_).encode()
+            answer = {**answer, "id": marker}
+        patched.append(answer)
+    body = orjson.dumps(patched if isinstance(payload, list) else patched[0])
+    for quoted, exact in digits.items():
+        body = body.replace(quoted, exact, 1)
+    return body

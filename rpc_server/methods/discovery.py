@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from rpc_server.context import RpcContext
@@ -12,7 +11,7 @@ from rpc_server.domain.records import Actor
 META_SCHEMA_URL = "https://raw.githubusercontent.com/open-rpc/meta-schema/master/schema.json"
 
 
-async def discover(ctx: RpcContext, actor: Actor | None) -> Mapping[str, Any]:
+async def discover(ctx: RpcContext, actor: Actor | None) -> Any:
     """Describe this server's methods as an OpenRPC document.
 
     The same document is served at GET /openrpc.json, and as a readable page at GET /docs.
