@@ -70,6 +70,7 @@ DELIVERER = web.AppKey("deliverer", ReceiptDeliverer)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
 ACTORS = web.AppKey("actors", ActorCache)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
+LINKS = web.AppKey("links", FrontendLinks)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
 # reset connection) up to this many bytes; beyond it the connection is closed.
@@ -77,21 +78,29 @@ MAX_DISCARD_BYTES = 64 * 1024 * 1024
 READINESS_TIMEOUT_SECONDS = 2.0
 
 
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+
+
 def json_response(payload: Any, *, status: int = 200) -> web.Response:
     return web.Response(
         body=json_codec.dumps(payload),
         status=status,
-        content_type="application/json",
-        charset="utf-8",
+        headers={"Content-Type": JSON_CONTENT_TYPE},
     )
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | None:
     """Return the body, or None (after discarding it) when it is larger than ``limit``."""
-    if request.content_length is not None and request.content_length > limit:
-        await _discard(request)
-        return None
-    body = bytearray()
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            await _discard(request)
+            return None
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial  # the client stopped sending: whatever came is the body
+    body = bytearray()  # chunked: read up to the limit
     async for chunk in request.content.iter_chunked(64 * 1024):
         body += chunk
         if len(body) > limit:
@@ -134,7 +143,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         return json_response(parse_error(str(exc)))
     ctx = RpcContext(
         uow=request.app[UOW_FACTORY],
-        links=FrontendLinks(settings.frontend_url),
+        links=request.app[LINKS],
         token=bearer_token(request),
         call_timeout=settings.call_timeout,
         service_description=request.app[OPENRPC].fragment,
@@ -233,6 +242,7 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app[SETTINGS] = settings
     app[REGISTRY_KEY] = registry
     app[SHUTDOWN] = Shutdown()
+    app[LINKS] = FrontendLinks(settings.frontend_url)
     if settings.token_cache_seconds > 0:
         app[ACTORS] = ActorCache(settings.token_cache_seconds)
     document = build_document(registry)

@@ -27,6 +27,9 @@ class Settings:
     port: int = 8080
     frontend_url: str = "http://localhost:3000"
     log_level: str = "INFO"
+    # One line per HTTP request (logger "aiohttp.access", at INFO); off when a proxy in
+    # front already logs requests.
+    access_log: bool = True
     workers: int = 1
     shutdown_timeout: float = 30.0
     # Connection pool, per process.

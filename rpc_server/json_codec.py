@@ -73,7 +73,9 @@ def loads(body: bytes, *, max_depth: int = 64) -> Any:
         # An integer of hundreds of digits is valid JSON that orjson cannot hold;
         # the standard library keeps it exact (and still refuses infinite floats).
         payload = _strict_stdlib_loads(body)
-    if depth_exceeds(payload, max_depth):
+    # Each level of nesting takes an opening and a closing bracket: a body shorter than
+    # twice the limit cannot nest deeper than it, and needs no walk.
+    if len(body) > 2 * max_depth and depth_exceeds(payload, max_depth):
         raise ParseError(f"JSON nested deeper than {max_depth} levels")
     if _has_float_id(payload):
         # Keep a big integer id exact (orjson has already checked the syntax and depth).

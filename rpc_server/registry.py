@@ -90,6 +90,8 @@ class RpcMethod:
         Raises marshmallow.ValidationError with per-field messages.
         """
         schema = self.params_schema
+        if not args and not kwargs and not schema.load_fields:
+            return {}  # a method without params, called without any: nothing to check
         if args:
             names = list(schema.load_fields)
             if len(args) > len(names):

@@ -17,6 +17,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from aiohttp import web
+from aiohttp.log import access_logger as access_log
 from aiohttp.typedefs import Handler
 
 from rpc_server.app import SHUTDOWN, create_app
@@ -45,7 +46,10 @@ async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = 
     in_flight = InFlight()
     app.middlewares.append(in_flight.middleware)
     runner = web.AppRunner(
-        app, access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=settings.shutdown_timeout
+        app,
+        access_log=access_log if settings.access_log else None,
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=settings.shutdown_timeout,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port)

@@ -48,12 +48,13 @@ def _read(log: IO[str]) -> str:
 
 @contextmanager
 def running_server(
-    env: Mapping[str, str], *args: str, cwd: Path | None = None
+    env: Mapping[str, str], *args: str, cwd: Path | None = None, output: list[str] | None = None
 ) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     """Start ``rpc-server serve`` on a free port; SIGTERM it on exit and check it exits 0.
 
     The server's output goes to a file, not a pipe: a busy server logs more than a pipe
-    holds, and would block in its logging call if nobody read the pipe meanwhile.
+    holds, and would block in its logging call if nobody read the pipe meanwhile. With
+    ``output``, the whole output is appended to it once the server has exited.
     """
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:
@@ -72,6 +73,8 @@ def running_server(
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
+            if output is not None:
+                output.append(_read(log))
             if process.returncode != 0:
                 log.seek(0)
                 raise AssertionError(f"server exited with {process.returncode}:\n{log.read()}")

@@ -1,0 +1,44 @@
+"""The access log: one line per HTTP request with its request id, unless turned off."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.processes import running_server
+
+
+def call(port: int, request_id: str) -> None:
+    body = json.dumps({"jsonrpc": "2.0", "method": "course.list", "id": 1}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/rpc", data=body, headers={"X-Request-ID": request_id}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.load(response)["id"] == 1
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_access_log_lines_follow_the_setting(
+    enabled: bool, database_url: str, tmp_path: Path
+) -> None:
+    env = {
+        "RPC_SERVER_DATABASE_URL": database_url,
+        "RPC_SERVER_MAIL_DIR": str(tmp_path / "mail"),
+        "RPC_SERVER_ACCESS_LOG": "true" if enabled else "false",
+    }
+    output: list[str] = []
+    with running_server(env, output=output) as (port, _):
+        for n in range(3):
+            call(port, f"access-log-test-{n}")
+    [log] = output
+    lines = [line for line in log.splitlines() if '"POST /rpc HTTP/1.1" 200' in line]
+    if enabled:
+        assert [line.rsplit("request_id=", 1)[1] for line in lines] == [
+            f"access-log-test-{n}" for n in range(3)
+        ]
+    else:
+        assert lines == []
+        assert "JSON-RPC 2.0 endpoint" in log  # the server did log, just not requests
