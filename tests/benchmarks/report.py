@@ -44,6 +44,9 @@ class Measurement:
     exhausted: int
     fallbacks: int
     load_average: float
+    # Server CPU time (all threads) per JSON-RPC call during the measurement; NaN in
+    # results recorded before it was measured.
+    cpu_us_per_call: float = float("nan")
 
     @property
     def rss_growth(self) -> float:
@@ -67,6 +70,18 @@ class Row:
     def ratios(self) -> list[float]:
         by_round = {m.round: m for m in self.reference}
         return [m.rps / by_round[m.round].rps for m in self.project if m.round in by_round]
+
+    @property
+    def cpu_ratios(self) -> list[float]:
+        """Per round: baseline CPU per call ÷ project CPU per call (above 1: the project
+        spends less). Steadier than throughput on a shared machine: another process
+        takes time from a server, not CPU it would have spent per call."""
+        by_round = {m.round: m for m in self.reference}
+        return [
+            by_round[m.round].cpu_us_per_call / m.cpu_us_per_call
+            for m in self.project
+            if m.round in by_round and m.cpu_us_per_call > 0
+        ]
 
     @property
     def name(self) -> str:
@@ -146,6 +161,11 @@ def targets(rows: Sequence[Row], duration: float) -> list[Target]:
                     median(row.ratios),
                     goal,
                     True,
+                    note=(
+                        f"CPU-time ratio {median(row.cpu_ratios):.2f}{TIMES}"
+                        if row.cpu_ratios
+                        else ""
+                    ),
                 )
             )
     for entry in size_ratios(rows):
@@ -192,6 +212,7 @@ def _side(ms: Sequence[Measurement]) -> dict[str, str]:
         "latency": f"{_fmt(median(m.p50_ms for m in ms), 1)} / "
         f"{_fmt(median(m.p99_ms for m in ms), 1)}",
         "rss": _fmt(max((m.peak_rss_mib for m in ms), default=float("nan"))),
+        "cpu": _fmt(median(m.cpu_us_per_call for m in ms)),
         "errors": str(sum(m.errors for m in ms)),
     }
 
@@ -205,8 +226,10 @@ def results_table(rows: Sequence[Row]) -> str:
         "| workload | engine | baseline | project req/s | baseline req/s "
         "| ratio (median; per round) "
         "| project calls/s | project p50 / p99 ms | baseline p50 / p99 ms "
-        "| project peak RSS MiB | baseline peak RSS MiB | errors (project / baseline) |",
-        "|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|---|",
+        "| project peak RSS MiB | baseline peak RSS MiB "
+        "| server CPU µs per call (project / baseline) | CPU-time ratio (median) "
+        "| errors (project / baseline) |",
+        "|---|---|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for row in rows:
         p, b = _side(row.project), _side(row.reference)
@@ -215,6 +238,7 @@ def results_table(rows: Sequence[Row]) -> str:
             f"| {row.name} | {engine_label(row.engine)} | {BASELINE_NAMES[row.baseline]} "
             f"| {p['rps']} | {b['rps']} | **{_fmt(median(row.ratios), 2)}{TIMES}** ({per_round}) "
             f"| {p['calls']} | {p['latency']} | {b['latency']} | {p['rss']} | {b['rss']} "
+            f"| {p['cpu']} / {b['cpu']} | {_fmt(median(row.cpu_ratios), 2)}{TIMES} "
             f"| {p['errors']} / {b['errors']} |"
         )
     return "\n".join(lines)

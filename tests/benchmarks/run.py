@@ -310,6 +310,7 @@ class Bench:
                     await asyncio.wait_for(stop.wait(), 0.25)
 
         sampler = asyncio.create_task(sample())
+        cpu_before = server.cpu_seconds()
         try:
             result = await loadgen.run_wrk(
                 server.url,
@@ -326,6 +327,8 @@ class Bench:
             await sampler
         if not server.alive():
             raise RuntimeError(f"{server.role} server died:\n{server.log_tail()}")
+        cpu_seconds = server.cpu_seconds() - cpu_before
+        calls = result.requests * workload.calls_per_request
         peak = server.peak_rss_kib()
         drained = await server.wait_idle()
         self.rates[key] = result.rps
@@ -354,6 +357,7 @@ class Bench:
             exhausted=result.exhausted,
             fallbacks=result.fallbacks,
             load_average=started_load,
+            cpu_us_per_call=cpu_seconds * 1e6 / calls if calls else float("nan"),
         )
         self.measurements.append(measurement)
         what = "warm-up" if round_ == 0 else f"round {round_}"
@@ -370,6 +374,7 @@ class Bench:
             f"  {what:>8} {variant:>3} {server.role:>9}: {result.seconds:5.1f} s "
             f"{result.rps:9,.0f} req/s  "
             f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
+            f"CPU {measurement.cpu_us_per_call:6.0f} µs/call  "
             f"peak RSS {peak / 1024:6.1f} MiB  drained {drained:4.1f} s{problems}"
         )
 

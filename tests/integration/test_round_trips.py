@@ -21,6 +21,7 @@ from rpc_server.database import engine_options
 from rpc_server.domain import services
 from rpc_server.domain.errors import NotFound
 from rpc_server.domain.links import FrontendLinks
+from rpc_server.domain.records import Purchase
 from rpc_server.domain.states import PurchaseState
 from rpc_server.sqlite_driver import OneHopConnection
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
@@ -57,14 +58,16 @@ def statements(engine: AsyncEngine) -> Iterator[list[str]]:
     event.remove(engine.sync_engine, "before_cursor_execute", record)
 
 
+@pytest.fixture
+async def purchase(uow_factory: SqlAlchemyUnitOfWorkFactory, world: World) -> Purchase:
+    """A pending purchase of alice's (made before the counting starts)."""
+    return await services.create_purchase(uow_factory, world.alice.actor, course="python-basics")
+
+
 @pytest.mark.backends("sqlite")
 async def test_a_read_is_one_trip_on_sqlite(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, trips: Counter[str]
+    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, purchase: Purchase, trips: Counter[str]
 ) -> None:
-    purchase = await services.create_purchase(
-        uow_factory, world.alice.actor, course="python-basics"
-    )
-    trips.clear()
     found = await services.get_purchase(
         uow_factory, world.alice.actor, purchase_id=purchase.purchase_id
     )
@@ -74,12 +77,8 @@ async def test_a_read_is_one_trip_on_sqlite(
 
 @pytest.mark.backends("sqlite")
 async def test_a_fulfillment_is_its_statements_in_one_transaction_on_sqlite(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, trips: Counter[str]
+    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, purchase: Purchase, trips: Counter[str]
 ) -> None:
-    purchase = await services.create_purchase(
-        uow_factory, world.alice.actor, course="python-basics"
-    )
-    trips.clear()
     await services.fulfill_purchase(
         uow_factory, world.alice.actor, FrontendLinks(FRONTEND_URL),
         purchase_id=purchase.purchase_id, purchase_state=PurchaseState.FULFILLED,
