@@ -194,10 +194,20 @@ _INSERT_RECEIPT = insert(ReceiptRow)
 def _page_query(*, of_owner: bool, in_state: bool, before: bool) -> Select[*tuple[Any, ...]]:
     """The ``purchase.list`` statement for one combination of conditions (8 in all)."""
     if of_owner:
-        # Ordering by (owner_id, id), which is the same order for one owner, lets the
-        # (owner_id, id) index serve it; ordering by id alone makes PostgreSQL walk the
-        # primary key past every newer purchase of other users.
-        query = _PURCHASE_QUERY.where(PurchaseRow.owner_id == bindparam("owner_id")).order_by(
+        # The (owner_id, id) index holds one owner's purchases in page order. With
+        # "owner_id = :owner_id" PostgreSQL treats owner_id as a constant, drops it from the
+        # ORDER BY, and for an owner with most of the table walks the primary key
+        # backwards instead, past every newer purchase of other users (7.5 ms instead of
+        # 0.3 ms for a first page, measured with 1M purchases behind 50k newer ones).
+        # For the first page the same condition is written as a range: owner_id stays in
+        # the order, which only the composite index delivers without a sort. Later pages
+        # keep the equality: below a cursor the primary key's range is a fine path too.
+        owner = (
+            PurchaseRow.owner_id == bindparam("owner_id")
+            if before
+            else PurchaseRow.owner_id.between(bindparam("owner_id"), bindparam("owner_id"))
+        )
+        query = _PURCHASE_QUERY.where(owner).order_by(
             PurchaseRow.owner_id.desc(), PurchaseRow.id.desc()
         )
     else:

@@ -62,16 +62,36 @@ async def test_paging_a_hundred_thousand_purchases(
     assert len(seen) == PURCHASES
     assert pages == PURCHASES // 100
 
-    # A page deep in the list is one query, served by an index.
+    # The first page and a page deep in the list: each is one query, read in order from
+    # an index, never sorted or scanned whole. For the first page that index must be
+    # (owner_id, id): bob's 20,000 purchases are newer than all of alice's, and a plan
+    # walking the primary key would read past every one of them. Below a cursor near the
+    # start, the primary key's short range below the cursor is as good.
+    for cursor, indexes in (
+        (None, {"ix_purchases_owner_id_id"}),
+        (500, {"ix_purchases_owner_id_id", "pk_purchases"}),
+    ):
+        nodes = await plan_of_page(engine, uow_factory, world, cursor)
+        on_purchases = [n for n in nodes if n.get("Relation Name") == "purchases"]
+        assert [n["Node Type"] for n in on_purchases] == ["Index Scan"], nodes
+        assert on_purchases[0]["Index Name"] in indexes, (cursor, nodes)
+        assert on_purchases[0]["Scan Direction"] == "Backward"
+        assert not any(n["Node Type"] == "Sort" for n in nodes), (cursor, nodes)
+
+
+async def plan_of_page(
+    engine: AsyncEngine, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, cursor: int | None
+) -> list[dict[str, Any]]:
+    """The plan nodes of the one statement that reads alice's page before ``cursor``."""
     statements: list[tuple[str, Any]] = []
 
-    def record(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+    def record(conn: Any, cursor_: Any, statement: str, parameters: Any, *args: Any) -> None:
         if "FROM purchases" in statement:
             statements.append((statement, parameters))
 
     event.listen(engine.sync_engine, "before_cursor_execute", record)
     try:
-        await services.list_purchases(uow_factory, world.alice.actor, limit=20, cursor=500)
+        await services.list_purchases(uow_factory, world.alice.actor, limit=20, cursor=cursor)
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", record)
     assert len(statements) == 1
@@ -81,13 +101,4 @@ async def test_paging_a_hundred_thousand_purchases(
             "EXPLAIN (FORMAT JSON) " + statement, parameters
         )
         raw = explained.scalar_one()
-    plan = (json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
-    nodes = plan_nodes(plan)
-    on_purchases = [n for n in nodes if n.get("Relation Name") == "purchases"]
-    assert [n["Node Type"] for n in on_purchases] == ["Index Scan"], nodes
-    # The planner walks the (owner_id, id) index, or for a page near the start the
-    # primary key's short range below the cursor: either way the page is read in order
-    # from an index, never sorted or scanned whole.
-    assert on_purchases[0]["Index Name"] in {"ix_purchases_owner_id_id", "pk_purchases"}
-    assert on_purchases[0]["Scan Direction"] == "Backward"
-    assert not any(n["Node Type"] == "Sort" for n in nodes)
+    return plan_nodes((json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"])
