@@ -13,7 +13,8 @@ measured the same way, so their differences are what each layer adds:
 - the repository and service (``services.get_purchase``),
 - Marshmallow: loading the params and dumping the result,
 - the envelope (``envelope.answer``: jsonrpcserver, the method wrapper, both schemas,
-  the service) for ``rpc.discover`` and for ``purchase.get``.
+  the service; the caller's token found in the token cache, as in the server) for
+  ``rpc.discover`` and for ``purchase.get``.
 
 The database is made for the run (a file in a temporary directory; on PostgreSQL a new
 database on ``--postgres-url``, dropped at the end) with one user and one purchase.
@@ -43,6 +44,7 @@ from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import answer
 from rpc_server.json_codec import Fragment
 from rpc_server.methods import REGISTRY
+from rpc_server.token_cache import ActorCache
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.benchmarks.seed import create_database, drop_database
 
@@ -85,9 +87,11 @@ async def measure(engine_name: str, url: str, calls: int) -> list[tuple[str, flo
         links = FrontendLinks("http://localhost:3000")
         document = Fragment(b"{}")
 
+        actors = ActorCache(ttl_seconds=300)  # as in the server: the token is looked up once
+
         def context() -> RpcContext:
             return RpcContext(uow=uow_factory, links=links, token=token,
-                              service_description=document)  # fmt: skip
+                              service_description=document, actors=actors)  # fmt: skip
 
         request = {"jsonrpc": "2.0", "method": "purchase.get", "params": [purchase.purchase_id],
                    "id": 1}  # fmt: skip
