@@ -357,14 +357,23 @@ class Service:
         before = None if cursor is None else _decode_cursor(cursor)
         key = (not actor.is_staff, state is not None, before is not None)
         if key not in self.list_sql:
-            clauses = [c for c, on in zip(
-                ("purchases.owner_id = ?", "purchases.state = ?", "purchases.id < ?"), key,
-                strict=True) if on]  # fmt: skip
+            # As the project: one owner's first page names the owner as a range (so that
+            # PostgreSQL reads the (owner_id, id) index), later pages as an equality.
+            owner = "purchases.owner_id = ?" if key[2] else "purchases.owner_id BETWEEN ? AND ?"
+            conditions = (owner, "purchases.state = ?", "purchases.id < ?")
+            clauses = [c for c, on in zip(conditions, key, strict=True) if on]
             where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-            sql, extra = self.dialect.limit(PURCHASE_SELECT + where + " ORDER BY purchases.id DESC")
+            order = "purchases.owner_id DESC, purchases.id DESC" if key[0] else "purchases.id DESC"
+            sql, extra = self.dialect.limit(PURCHASE_SELECT + where + " ORDER BY " + order)
             self.list_sql[key] = (self.dialect.sql(sql), extra)
         sql, extra = self.list_sql[key]
-        args = [v for v, on in zip((actor.user_id, state, before), key, strict=True) if on]
+        owner_args = (actor.user_id,) if before is not None else (actor.user_id, actor.user_id)
+        args = [
+            a
+            for values, on in zip((owner_args, (state,), (before,)), key, strict=True)
+            if on
+            for a in values
+        ]
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(sql, *args, limit + 1, *extra)
         items = rows[:limit]

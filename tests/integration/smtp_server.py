@@ -8,7 +8,8 @@ can be stopped and started again on the same port, to play a mail server that go
 down and comes back.
 
 ``outbox_rows`` reads the ``receipt_outbox`` table as it is (claim token included);
-``fulfilled_purchase`` makes a receipt the way a fulfillment does; ``eventually`` polls.
+``fulfilled_purchase`` makes a receipt the way a fulfillment does; ``eventually`` polls;
+``assert_is_receipt`` checks a received or written receipt.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from models import ReceiptOutbox
+from rpc_server.config import Settings
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.records import Actor
 from rpc_server.domain.states import PurchaseState
+from rpc_server.receipts import message_id_for
 from rpc_server.repositories import as_utc
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import FRONTEND_URL
@@ -278,3 +281,32 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def assert_is_receipt(
+    message: EmailMessage,
+    *,
+    settings: Settings,
+    purchase_id: str,
+    recipient: str,
+    title: str,
+    amount: str,
+) -> None:
+    """The receipt the issue describes: headers, and both alternatives saying it all."""
+    assert message["From"] == settings.mail_from
+    assert message["To"] == recipient
+    assert message["Subject"] == f"Your receipt: {title}"
+    assert message["Message-ID"] == message_id_for(purchase_id, settings.mail_from)
+    assert message["Date"].datetime is not None
+    assert message.get_content_type() == "multipart/alternative"
+    assert [part.get_content_type() for part in message.iter_parts()] == [
+        "text/plain",
+        "text/html",
+    ]
+    for kind in ("plain", "html"):
+        body = message.get_body(preferencelist=(kind,))
+        assert body is not None
+        content = body.get_content()
+        assert title in content, kind
+        assert amount in content, kind
+        assert purchase_id in content, kind

@@ -22,6 +22,7 @@ from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import RpcCall, World
 from tests.integration.smtp_server import (
     OutboxRow,
+    assert_is_receipt,
     eventually,
     fulfilled_purchase,
     only_row,
@@ -43,31 +44,6 @@ def plain_text(message: EmailMessage) -> str:
 
 def files_in(directory: Path) -> list[Path]:
     return sorted(directory.iterdir()) if directory.exists() else []
-
-
-def assert_is_receipt(
-    message: EmailMessage,
-    *,
-    settings: Settings,
-    purchase_id: str,
-    recipient: str,
-    title: str,
-    amount: str,
-) -> None:
-    assert message["From"] == settings.mail_from
-    assert message["To"] == recipient
-    assert message["Subject"] == f"Your receipt: {title}"
-    assert message["Message-ID"] == message_id_for(purchase_id, settings.mail_from)
-    assert message["Date"].datetime is not None
-    assert [part.get_content_type() for part in message.iter_parts()] == [
-        "text/plain",
-        "text/html",
-    ]
-    for kind in ("plain", "html"):
-        body = message.get_body(preferencelist=(kind,))
-        assert body is not None
-        content = body.get_content()
-        assert title in content and amount in content and purchase_id in content, kind
 
 
 async def test_deliverer_writes_one_readable_eml_per_receipt(

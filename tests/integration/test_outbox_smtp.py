@@ -33,6 +33,7 @@ from tests.integration.smtp_server import (
     HOST,
     OutboxRow,
     SmtpServer,
+    assert_is_receipt,
     eventually,
     free_port,
     fulfilled_purchase,
@@ -106,34 +107,6 @@ def open_shop(
         return Shop(await aiohttp_client(create_app(fast(settings, smtp_url, **overrides))))
 
     return open_
-
-
-def assert_is_receipt(
-    message: EmailMessage,
-    *,
-    settings: Settings,
-    purchase_id: str,
-    recipient: str,
-    title: str,
-    amount: str,
-) -> None:
-    """The receipt the issue describes: headers, and both alternatives saying it all."""
-    assert message["From"] == settings.mail_from
-    assert message["To"] == recipient
-    assert title in message["Subject"]
-    assert message["Message-ID"] == message_id_for(purchase_id, settings.mail_from)
-    assert message.get_content_type() == "multipart/alternative"
-    assert [part.get_content_type() for part in message.iter_parts()] == [
-        "text/plain",
-        "text/html",
-    ]
-    for kind in ("plain", "html"):
-        body = message.get_body(preferencelist=(kind,))
-        assert body is not None
-        content = body.get_content()
-        assert title in content, kind
-        assert amount in content, kind
-        assert purchase_id in content, kind
 
 
 # --- over HTTP: the deliverer inside the app --------------------------------------------
