@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
+import socket
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -25,6 +27,9 @@ from rpc_server.config import Settings
 
 log = logging.getLogger("rpc_server.workers")
 
+# At most this many queued connections are taken over at shutdown (the kernel's accept
+# queue of one listening socket holds at most its backlog, 128 by default here).
+MAX_TAKEN_CONNECTIONS = 1024
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i" request_id=%{X-Request-ID}o'
 
 
@@ -65,12 +70,55 @@ async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = 
     deadline = loop.time() + settings.shutdown_timeout
     app[SHUTDOWN].deadline = deadline
     in_flight.closing = True  # answers from now on end their connection
+    taken = take_accept_queue(site)
     await site.stop()
+    await serve_taken(taken, runner)
     try:
         await asyncio.wait_for(in_flight.settled(), timeout=settings.shutdown_timeout)
     except TimeoutError:
         log.warning("%d call(s) still running at the shutdown timeout", in_flight.count)
     await runner.cleanup()
+
+
+def take_accept_queue(site: web.TCPSite) -> list[socket.socket]:
+    """Stop accepting, and take the connections waiting in the accept queue.
+
+    Closing a listening socket resets the connections the kernel has completed but the
+    server not yet accepted, and their clients may have written a request already (with
+    ``--workers``, each worker's socket has its own queue). So before the socket closes
+    the loop stops accepting and the queue is emptied here, in one go (no await: new
+    arrivals meanwhile are few, and then the socket closes); ``serve_taken`` hands the
+    connections to aiohttp like any other.
+    """
+    server = site._server  # aiohttp keeps the asyncio server of a started site here
+    if server is None:
+        return []
+    loop = asyncio.get_running_loop()
+    taken: list[socket.socket] = []
+    for listening in getattr(server, "sockets", ()):
+        loop.remove_reader(listening.fileno())
+        # A duplicate of the descriptor: the same listening socket, closed on its own.
+        with socket.socket(fileno=os.dup(listening.fileno())) as queue:
+            queue.setblocking(False)
+            while len(taken) < MAX_TAKEN_CONNECTIONS:
+                try:
+                    connection, _ = queue.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                connection.setblocking(False)
+                taken.append(connection)
+    return taken
+
+
+async def serve_taken(connections: list[socket.socket], runner: web.AppRunner) -> None:
+    if connections:
+        log.info("shutting down: serving %d connection(s) that were still queued", len(connections))
+    loop = asyncio.get_running_loop()
+    for connection in connections:
+        if runner.server is None:
+            connection.close()
+            continue
+        await loop.connect_accepted_socket(runner.server, connection)
 
 
 class InFlight:
