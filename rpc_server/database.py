@@ -9,26 +9,31 @@ SQLite cannot upgrade its read lock while another writer holds the database.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, CursorResult, ExceptionContext, make_url
-from sqlalchemy.exc import DBAPIError, DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry
-from sqlalchemy.sql import Executable
+from sqlalchemy.engine import Connection, ExceptionContext, make_url
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 from rpc_server.config import Settings
+from rpc_server.drivers import (
+    GONE_SQLSTATE_PREFIXES,
+    AsyncpgDriver,
+    Driver,
+    Rows,
+    SqliteDriver,
+    StatementCache,
+)
 from rpc_server.sqlite_driver import one_hop_connector
 
 # Execution option a write unit of work sets; the "begin" hook turns it into IMMEDIATE.
 SQLITE_IMMEDIATE = "rpc_server_sqlite_immediate"
-# Execution option of read units of work: no BEGIN at all. Each of them runs a single
-# SELECT, which SQLite (in WAL mode) answers from one consistent snapshot by itself;
-# skipping BEGIN saves a round trip to aiosqlite's thread per read.
-SQLITE_READ_ONLY = "rpc_server_sqlite_read_only"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -94,17 +99,12 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        options = connection.get_execution_options()
-        if options.get(SQLITE_READ_ONLY, False):
-            return
-        immediate = options.get(SQLITE_IMMEDIATE, False)
+        immediate = connection.get_execution_options().get(SQLITE_IMMEDIATE, False)
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-# SQLSTATEs after which a connection is gone: connection exceptions, and the server
-# shutting down, crashing or starting (57P01 to 57P03). asyncpg may report them before it
-# has noticed the closed socket, so SQLAlchemy is told explicitly.
-_GONE_SQLSTATE_PREFIXES = ("08", "57P01", "57P02", "57P03")
+# After these SQLSTATEs a connection is gone; asyncpg may report them before it has
+# noticed the closed socket, so SQLAlchemy is told explicitly.
 
 
 def _mark_lost_connections(engine: AsyncEngine) -> None:
@@ -112,57 +112,153 @@ def _mark_lost_connections(engine: AsyncEngine) -> None:
     def _on_error(context: ExceptionContext) -> None:
         error = context.original_exception
         sqlstate = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
-        if isinstance(sqlstate, str) and sqlstate.startswith(_GONE_SQLSTATE_PREFIXES):
+        if isinstance(sqlstate, str) and sqlstate.startswith(GONE_SQLSTATE_PREFIXES):
             context.is_disconnect = True  # invalidates it (and older pooled connections)
 
 
-Result = CursorResult[*tuple[Any, ...]]
+Parameters = Mapping[str, Any] | None
 
 
 class UnitOfWorkConnection:
-    """A unit of work's connection, checked out when its first statement runs.
+    """A unit of work's connection: taken from the pool at its first statement.
 
-    If that first statement finds the connection dead (the server restarted or closed
-    it since it was pooled), the statement runs again once on a new connection: nothing
-    had been done on the dead one, so this is what a pre-ping would have achieved,
-    without a round trip on every checkout. A connection that dies later fails the call
-    (-32000): by then the unit of work has done things that are not repeated blindly.
+    Statements are compiled by SQLAlchemy and run on the driver's connection
+    (``drivers``). A writing unit of work opens its transaction with its first statement
+    (on SQLite in the same trip to aiosqlite's thread); a reading one runs without a
+    transaction, each statement reading one consistent snapshot. Closing rolls back
+    whatever was not committed and gives the connection back.
+
+    If the first statement finds the connection dead (the server restarted or closed it
+    since it was pooled), the statement runs again once on a new connection: nothing had
+    been done on the dead one, so this is what a pre-ping would have achieved, without a
+    round trip on every checkout. A connection that dies later fails the call (-32000):
+    by then the unit of work has done things that are not repeated blindly.
     """
 
-    def __init__(self, engine: AsyncEngine):
+    __slots__ = (
+        "_driver",
+        "_driver_connection",
+        "_engine",
+        "_pooled",
+        "_savepoints",
+        "_statements",
+        "_write",
+    )
+
+    def __init__(
+        self, engine: AsyncEngine, driver: Driver, statements: StatementCache, *, write: bool
+    ):
         self._engine = engine
-        self._connection: AsyncConnection | None = None
+        self._driver = driver
+        self._statements = statements
+        self._write = write
+        self._pooled: PoolProxiedConnection | None = None
+        self._driver_connection: Any = None
+        self._savepoints = 0
 
-    async def execute(self, statement: Executable, params: Any = None) -> Result:
-        if self._connection is not None:
-            return await self._connection.execute(statement, params)
-        self._connection = await self._engine.connect()
-        try:
-            return await self._connection.execute(statement, params)
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-        await self.close()
-        self._connection = await self._engine.connect()
-        return await self._connection.execute(statement, params)
+    async def execute(
+        self, statement: ClauseElement, params: Mapping[str, Any] | None = None
+    ) -> Rows:
+        """Run one statement with ``params`` (by name); return its rows."""
+        compiled = self._statements.get(statement, params)
+        return compiled.rows(await self._run(compiled.sql, compiled.parameters(params)))
 
-    async def scalar(self, statement: Executable, params: Any = None) -> Any:
+    async def scalar(
+        self, statement: ClauseElement, params: Mapping[str, Any] | None = None
+    ) -> Any:
         return (await self.execute(statement, params)).scalar()
 
     @asynccontextmanager
     async def begin_nested(self) -> AsyncIterator[None]:
         """A savepoint: rolled back, and nothing else, if the block raises."""
-        if self._connection is None:
-            self._connection = await self._engine.connect()
-        async with self._connection.begin_nested():
+        self._savepoints += 1
+        name = f"unit_of_work_{self._savepoints}"
+        await self._run(f"SAVEPOINT {name}", ())
+        try:
             yield
+        except BaseException:
+            await self._run(f"ROLLBACK TO SAVEPOINT {name}", ())
+            raise
+        await self._run(f"RELEASE SAVEPOINT {name}", ())
 
     async def commit(self) -> None:
-        if self._connection is not None:
-            await self._connection.commit()
+        if self._driver_connection is not None:
+            try:
+                await self._driver.commit(self._driver_connection)
+            except Exception as error:
+                raise await self._failed(error, "COMMIT") from error
 
     async def close(self) -> None:
         """Roll back what was not committed and give the connection back to the pool."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.close()
+        pooled, connection = self._pooled, self._driver_connection
+        if pooled is None:
+            return
+        self._pooled = self._driver_connection = None
+        try:
+            await self._driver.rollback(connection)
+        except Exception as error:
+            await greenlet_spawn(pooled.invalidate, error)  # never pooled half-done
+        finally:
+            await greenlet_spawn(pooled.close)
+
+    async def _run(self, sql: str, arguments: Sequence[Any]) -> Sequence[Any]:
+        if self._driver_connection is None:
+            return await self._first(sql, arguments)
+        try:
+            return await self._driver.fetch(self._driver_connection, sql, arguments)
+        except Exception as error:
+            raise await self._failed(error, sql) from error
+
+    async def _first(self, sql: str, arguments: Sequence[Any]) -> Sequence[Any]:
+        driver = self._driver
+        for retry in (False, True):
+            connection = await self._checkout()
+            try:
+                if self._write:
+                    return await driver.begin_and_fetch(
+                        connection, driver.begin_sql, sql, arguments
+                    )
+                return await driver.fetch(connection, sql, arguments)
+            except Exception as error:
+                if retry or not driver.is_gone(connection, error):
+                    raise await self._failed(error, sql) from error
+                await self._discard(error)
+        raise AssertionError("unreachable")
+
+    async def _checkout(self) -> Any:
+        try:
+            self._pooled = await self._engine.raw_connection()
+        except Exception as error:
+            translated = self._driver.translate(error, "connect", True)
+            if translated is None:
+                raise
+            raise translated from error
+        self._driver_connection = self._pooled.driver_connection
+        return self._driver_connection
+
+    async def _discard(self, error: BaseException) -> None:
+        """Drop the connection: it is closed, not pooled again."""
+        pooled = self._pooled
+        self._pooled = self._driver_connection = None
+        if pooled is not None:
+            await greenlet_spawn(pooled.invalidate, error)
+            await greenlet_spawn(pooled.close)
+
+    async def _failed(self, error: Exception, sql: str) -> Exception:
+        """The exception to raise for a driver error (the connection dropped if gone)."""
+        gone = self._driver_connection is not None and self._driver.is_gone(
+            self._driver_connection, error
+        )
+        if gone:
+            await self._discard(error)
+        return self._driver.translate(error, sql, gone) or error
+
+
+def driver_for(engine: AsyncEngine) -> Driver:
+    """The driver adapter for the engine's database driver."""
+    name = engine.dialect.driver
+    if name == "aiosqlite":
+        return SqliteDriver()
+    if name == "asyncpg":
+        return AsyncpgDriver()
+    raise ValueError(f"unsupported database driver {name!r}: use aiosqlite or asyncpg")

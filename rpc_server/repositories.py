@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, Update, bindparam, func, insert, or_, select, update
+from sqlalchemy import Select, Update, bindparam, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from models import ApiToken as TokenRow
@@ -53,7 +53,7 @@ class SqlUserRepository:
     async def find_actor(self, token_hash: str, *, now: datetime) -> Actor | None:
         result = await self.connection.execute(_FIND_ACTOR, {"token_hash": token_hash, "now": now})
         row = result.first()
-        return None if row is None else Actor(row.id, row.email, row.is_staff)
+        return None if row is None else Actor(*row)
 
     async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> Actor:
         user_id = await self.connection.scalar(select(UserRow.id).where(UserRow.email == email))
@@ -233,7 +233,9 @@ def _transition_statement(sources: frozenset[PurchaseState], target: PurchaseSta
         update(PurchaseRow)
         .where(
             PurchaseRow.id == bindparam("pk"),
-            PurchaseRow.state.in_(sorted(s.value for s in sources)),
+            # One bound value per state ("IN (?, ?)"), not an expanding list: the
+            # statement compiles once, with its states bound in it.
+            PurchaseRow.state.in_([literal(s.value) for s in sorted(sources)]),
         )
         .values(**values)
         .returning(PurchaseRow.id)
@@ -445,19 +447,20 @@ class SqlReceiptOutboxRepository:
         )
         return [
             ReceiptJob(
-                outbox_id=row.id,
-                attempts=row.attempts,
+                outbox_id=outbox_id,
+                attempts=attempts,
                 receipt=Receipt(
-                    purchase_id=row.purchase_id,
-                    recipient=row.recipient,
-                    course_title=row.title,
-                    amount=row.amount,
-                    currency=row.currency,
-                    fulfilled_at=as_utc(row.fulfilled_at or row.updated_at),
+                    purchase_id=purchase_id,
+                    recipient=recipient,
+                    course_title=title,
+                    amount=amount,
+                    currency=currency,
+                    fulfilled_at=as_utc(fulfilled_at or updated_at),
                 ),
             )
-            for row in rows
-        ]
+            for (outbox_id, attempts, recipient, purchase_id, title, amount, currency,
+                 fulfilled_at, updated_at) in rows
+        ]  # fmt: skip
 
     async def settle(
         self,
@@ -522,17 +525,18 @@ class SqlReceiptOutboxRepository:
         )
         return [
             OutboxEntry(
-                outbox_id=row.id,
-                purchase_id=row.purchase_id,
-                recipient=row.recipient,
-                status=row.status,
-                attempts=row.attempts,
-                next_attempt_at=as_utc(row.next_attempt_at),
-                sent_at=None if row.sent_at is None else as_utc(row.sent_at),
-                last_error=row.last_error,
+                outbox_id=outbox_id,
+                purchase_id=purchase_id,
+                recipient=recipient,
+                status=status,
+                attempts=attempts,
+                next_attempt_at=as_utc(next_attempt_at),
+                sent_at=None if sent_at is None else as_utc(sent_at),
+                last_error=last_error,
             )
-            for row in rows
-        ]
+            for (outbox_id, purchase_id, recipient, status, attempts, next_attempt_at, sent_at,
+                 last_error) in rows
+        ]  # fmt: skip
 
     async def counts(self) -> dict[str, int]:
         rows = await self.connection.execute(

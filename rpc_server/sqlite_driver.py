@@ -34,7 +34,7 @@ Rows = list[Any]
 Outcome = tuple[Any, int, int | None, Rows]
 
 
-def _run(connection: sqlite3.Connection, sql: str, parameters: Any) -> Outcome:
+def run_statement(connection: sqlite3.Connection, sql: str, parameters: Any) -> Outcome:
     """On the connection's thread: one statement from start to finish."""
     cursor = connection.cursor()
     try:
@@ -44,6 +44,12 @@ def _run(connection: sqlite3.Connection, sql: str, parameters: Any) -> Outcome:
         return description, cursor.rowcount, cursor.lastrowid, rows
     finally:
         cursor.close()
+
+
+def begin_and_run(connection: sqlite3.Connection, begin: str, sql: str, parameters: Any) -> Outcome:
+    """On the connection's thread: open a transaction, then run the statement."""
+    connection.execute(begin)
+    return run_statement(connection, sql, parameters)
 
 
 def _run_many(connection: sqlite3.Connection, sql: str, parameters: Iterable[Any]) -> Outcome:
@@ -83,7 +89,9 @@ class OneHopCursor:
         await self.close()
 
     async def execute(self, sql: str, parameters: Any = ()) -> OneHopCursor:
-        outcome = await self._connection.run(_run, sql, () if parameters is None else parameters)
+        outcome = await self._connection.run(
+            run_statement, sql, () if parameters is None else parameters
+        )
         self.description, self.rowcount, self.lastrowid, self._rows = outcome
         return self
 
@@ -151,4 +159,10 @@ def one_hop_connector(url: URL) -> Callable[[], Awaitable[OneHopConnection]]:
     return create
 
 
-__all__: Sequence[str] = ["OneHopConnection", "OneHopCursor", "one_hop_connector"]
+__all__: Sequence[str] = [
+    "OneHopConnection",
+    "OneHopCursor",
+    "begin_and_run",
+    "one_hop_connector",
+    "run_statement",
+]

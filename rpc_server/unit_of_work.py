@@ -7,10 +7,10 @@ is a Core connection checked out of the pool at its first statement
 turn rows straight into domain records, and an ORM session would only add bookkeeping
 (identity map, snapshots, flush) that nothing here uses.
 
-Read units of work (``write=False``) do not open a transaction: on SQLite no BEGIN is
-sent, on PostgreSQL the connection is in autocommit, so a read costs its statements and
-nothing else. Each statement still reads one consistent snapshot; a read unit of work
-that needs several statements to agree with each other must ask for ``write=True``.
+Read units of work (``write=False``) do not open a transaction (no BEGIN is sent), so a
+read costs its statements and nothing else. Each statement still reads one consistent
+snapshot; a read unit of work that needs several statements to agree with each other
+must ask for ``write=True``.
 Write units of work run in one transaction (``BEGIN IMMEDIATE`` on SQLite).
 """
 
@@ -22,7 +22,8 @@ from typing import Self
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rpc_server.database import SQLITE_IMMEDIATE, SQLITE_READ_ONLY, UnitOfWorkConnection
+from rpc_server.database import UnitOfWorkConnection, driver_for
+from rpc_server.drivers import Driver, StatementCache
 from rpc_server.repositories import (
     SqlCourseRepository,
     SqlPurchaseRepository,
@@ -33,12 +34,15 @@ from rpc_server.repositories import (
 
 
 class SqlAlchemyUnitOfWork:
-    def __init__(self, engine: AsyncEngine, after_receipts: Sequence[Callable[[], None]] = ()):
-        self._engine = engine
+    def __init__(
+        self,
+        connection: UnitOfWorkConnection,
+        after_receipts: Sequence[Callable[[], None]] = (),
+    ):
+        self.connection = connection
         self._after_receipts = after_receipts
 
     async def __aenter__(self) -> Self:
-        self.connection = UnitOfWorkConnection(self._engine)
         self.users = SqlUserRepository(self.connection)
         self.courses = SqlCourseRepository(self.connection)
         self.purchases = SqlPurchaseRepository(self.connection)
@@ -70,14 +74,15 @@ class SqlAlchemyUnitOfWorkFactory:
 
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
-        if engine.dialect.name == "sqlite":
-            self._reader = engine.execution_options(**{SQLITE_READ_ONLY: True})
-            self._writer = engine.execution_options(**{SQLITE_IMMEDIATE: True})
-        else:
-            self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
-            self._writer = engine
+        self._driver: Driver = driver_for(engine)
+        # SQLite hands back datetimes and decimals as text and floats: SQLAlchemy's
+        # result processing turns them back. asyncpg's values are already Python's.
+        self._statements = StatementCache(
+            engine.dialect, process_results=engine.dialect.name == "sqlite"
+        )
         # Called after a commit that added receipt outbox rows (the deliverer's wake-up).
         self.after_receipts: list[Callable[[], None]] = []
 
     def __call__(self, *, write: bool = False) -> SqlAlchemyUnitOfWork:
-        return SqlAlchemyUnitOfWork(self._writer if write else self._reader, self.after_receipts)
+        connection = UnitOfWorkConnection(self.engine, self._driver, self._statements, write=write)
+        return SqlAlchemyUnitOfWork(connection, self.after_receipts)

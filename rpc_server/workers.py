@@ -19,9 +19,9 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from aiohttp import web
-from aiohttp.log import access_logger as access_log
 from aiohttp.typedefs import Handler
 
+from rpc_server import access_log
 from rpc_server.app import SHUTDOWN, create_app
 from rpc_server.config import Settings
 
@@ -30,7 +30,6 @@ log = logging.getLogger("rpc_server.workers")
 # At most this many queued connections are taken over at shutdown (the kernel's accept
 # queue of one listening socket holds at most its backlog, 128 by default here).
 MAX_TAKEN_CONNECTIONS = 1024
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i" request_id=%{X-Request-ID}o'
 
 
 def run_server(settings: Settings, host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -52,8 +51,8 @@ async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = 
     app.middlewares.append(in_flight.middleware)
     runner = web.AppRunner(
         app,
-        access_log=access_log if settings.access_log else None,
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log=access_log.LOGGER if settings.access_log else None,
+        access_log_class=access_log.AccessLogger,
         shutdown_timeout=settings.shutdown_timeout,
     )
     await runner.setup()

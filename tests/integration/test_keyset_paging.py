@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import asyncpg
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.domain import services
@@ -83,22 +84,21 @@ async def plan_of_page(
     engine: AsyncEngine, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, cursor: int | None
 ) -> list[dict[str, Any]]:
     """The plan nodes of the one statement that reads alice's page before ``cursor``."""
-    statements: list[tuple[str, Any]] = []
+    statements: list[tuple[str, tuple[Any, ...]]] = []
+    fetch = asyncpg.Connection.fetch
 
-    def record(conn: Any, cursor_: Any, statement: str, parameters: Any, *args: Any) -> None:
+    async def record(self: asyncpg.Connection, statement: str, *args: Any) -> Any:
         if "FROM purchases" in statement:
-            statements.append((statement, parameters))
+            statements.append((statement, args))
+        return await fetch(self, statement, *args)
 
-    event.listen(engine.sync_engine, "before_cursor_execute", record)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(asyncpg.Connection, "fetch", record)
         await services.list_purchases(uow_factory, world.alice.actor, limit=20, cursor=cursor)
-    finally:
-        event.remove(engine.sync_engine, "before_cursor_execute", record)
     assert len(statements) == 1
     statement, parameters = statements[0]
     async with engine.connect() as connection:
-        explained = await connection.exec_driver_sql(
-            "EXPLAIN (FORMAT JSON) " + statement, parameters
-        )
-        raw = explained.scalar_one()
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        raw = await driver.fetchval("EXPLAIN (FORMAT JSON) " + statement, *parameters)
     return plan_nodes((json.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"])

@@ -2,19 +2,19 @@
 
 On SQLite every trip to aiosqlite's thread is counted (``OneHopConnection.run`` and its
 commit/rollback): a read is one trip, with no BEGIN and no rollback; a fulfillment is
-BEGIN IMMEDIATE, its five statements and COMMIT. On PostgreSQL a read runs outside any
-transaction (autocommit) and a write inside one.
+its five statements (the first one with BEGIN IMMEDIATE, in the same trip) and COMMIT.
+On both engines a read runs outside any transaction and a write inside one, as the
+statements the driver is given show.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
+import asyncpg
 import pytest
-from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import text
 
 from rpc_server.config import Settings
 from rpc_server.database import engine_options
@@ -35,10 +35,9 @@ def trips(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     original_execute = OneHopConnection._execute
 
     async def execute(self: OneHopConnection, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if len(args) >= 2 and isinstance(args[1], str):  # run(_run, conn, sql, params)
-            counted[args[1].split()[0].upper()] += 1
-        else:
-            counted[getattr(fn, "__name__", "call")] += 1
+        # run(fn, conn, sql, params) or run(fn, conn, begin, sql, params)
+        words = [arg.split()[0].upper() for arg in args[1:3] if isinstance(arg, str)]
+        counted["+".join(words) or getattr(fn, "__name__", "call")] += 1
         return await original_execute(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(OneHopConnection, "_execute", execute)
@@ -46,16 +45,29 @@ def trips(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
 
 @pytest.fixture
-def statements(engine: AsyncEngine) -> Iterator[list[str]]:
-    """Every SQL statement SQLAlchemy sends, as sent."""
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The first word of every SQL statement given to a driver (aiosqlite's thread or
+    asyncpg), commits and rollbacks included, in order."""
     sent: list[str] = []
+    original_execute = OneHopConnection._execute
 
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(statement.split()[0].upper())
+    async def sqlite_execute(self: OneHopConnection, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        sql = [arg for arg in args[1:3] if isinstance(arg, str)]
+        sent.extend(s.split()[0].upper() for s in sql)
+        if not sql and self._connection is not None and self._connection.in_transaction:
+            sent.append(fn.__name__.upper())  # sqlite3's commit() or rollback()
+        return await original_execute(self, fn, *args, **kwargs)
 
-    event.listen(engine.sync_engine, "before_cursor_execute", record)
-    yield sent
-    event.remove(engine.sync_engine, "before_cursor_execute", record)
+    monkeypatch.setattr(OneHopConnection, "_execute", sqlite_execute)
+    for name in ("fetch", "execute"):
+        original = getattr(asyncpg.Connection, name)
+
+        async def recorded(self: Any, sql: str, *args: Any, _original: Any = original) -> Any:
+            sent.append(sql.split()[0].upper())
+            return await _original(self, sql, *args)
+
+        monkeypatch.setattr(asyncpg.Connection, name, recorded)
+    return sent
 
 
 @pytest.fixture
@@ -83,8 +95,9 @@ async def test_a_fulfillment_is_its_statements_in_one_transaction_on_sqlite(
         uow_factory, world.alice.actor, FrontendLinks(FRONTEND_URL),
         purchase_id=purchase.purchase_id, purchase_state=PurchaseState.FULFILLED,
     )  # fmt: skip
-    # BEGIN IMMEDIATE; read; conditional UPDATE; read back; registration; receipt; COMMIT.
-    assert trips == Counter({"BEGIN": 1, "SELECT": 2, "UPDATE": 1, "INSERT": 2, "commit": 1})
+    # BEGIN IMMEDIATE with the read; conditional UPDATE; read back; registration;
+    # receipt; COMMIT.
+    assert trips == Counter({"BEGIN+SELECT": 1, "UPDATE": 1, "SELECT": 1, "INSERT": 2, "commit": 1})
 
 
 @pytest.mark.backends("sqlite")
@@ -93,7 +106,7 @@ async def test_a_failed_write_rolls_back_in_one_trip(
 ) -> None:
     with pytest.raises(NotFound):
         await services.create_purchase(uow_factory, world.alice.actor, course="no-such-course")
-    assert trips == Counter({"BEGIN": 1, "SELECT": 1, "rollback": 1})
+    assert trips == Counter({"BEGIN+SELECT": 1, "rollback": 1})
 
 
 async def test_reads_run_outside_transactions_and_writes_inside_one(
@@ -106,15 +119,12 @@ async def test_reads_run_outside_transactions_and_writes_inside_one(
         await uow.courses.list_all()
         write_in_transaction = await in_transaction(uow.connection)
     assert (read_in_transaction, write_in_transaction) == (False, True)
-    # SQLite gets its BEGIN as a statement; PostgreSQL's comes from asyncpg itself.
-    expected_begin = ["BEGIN"] if uow_factory.engine.dialect.name == "sqlite" else []
-    assert statements == ["SELECT", *expected_begin, "SELECT"]
+    assert statements == ["SELECT", "BEGIN", "SELECT", "ROLLBACK"]
 
 
 async def in_transaction(connection: Any) -> bool:
     """Whether the driver's connection is inside a transaction right now."""
-    raw = await connection._connection.get_raw_connection()
-    driver = raw.driver_connection
+    driver = connection._driver_connection
     if isinstance(driver, OneHopConnection):
         return bool(driver._conn.in_transaction)
     return bool(driver.is_in_transaction())
