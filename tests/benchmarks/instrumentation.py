@@ -8,8 +8,9 @@ project's launcher (``project_server``) and in the baselines (``floor``, ``same_
   ``driver_round_trips``, the waits on the database: aiosqlite hands every operation to
   its connection's thread and waits for the answer (``Connection._execute``), asyncpg
   writes one message batch per round trip to the server's socket (writes to
-  ``--count-port`` are counted); ``connections_opened``; and, where SQLAlchemy is in use,
-  its statements, BEGIN/COMMIT/ROLLBACK events and pool checkouts.
+  ``--count-port`` are counted); ``connections_opened``; and in the project, the SQL
+  statements its units of work give the driver (BEGIN, COMMIT and ROLLBACK included and
+  also counted apart) and pool checkouts.
 - ``--profile-to PREFIX``: SIGUSR2 starts pyinstrument on the event loop's thread, the next
   SIGUSR2 stops it and writes ``PREFIX.html``, ``PREFIX.txt`` (call tree) and
   ``PREFIX.flat.txt`` (time by package, functions by self time and by inclusive time).
@@ -71,7 +72,7 @@ def install_counters(db_port: int) -> None:
     _count_aiosqlite()
     _count_socket_writes(db_port)
     _count_asyncpg_connects()
-    _count_sqlalchemy()
+    _count_statements()  # patches the project's drivers; unused in the baselines
 
 
 def _count_aiosqlite() -> None:
@@ -90,8 +91,8 @@ def _count_aiosqlite() -> None:
         COUNTS["connections_opened"] += 1
         return await connect(self)
 
-    core.Connection._execute = counted_execute  # type: ignore[method-assign]
-    core.Connection._connect = counted_connect  # type: ignore[method-assign]
+    core.Connection._execute = counted_execute  # type: ignore[method-assign, assignment]
+    core.Connection._connect = counted_connect  # type: ignore[method-assign, assignment]
 
 
 def _count_socket_writes(db_port: int) -> None:
@@ -129,22 +130,50 @@ def _count_asyncpg_connects() -> None:
     asyncpg.connect = counted_connect
 
 
-def _count_sqlalchemy() -> None:
+def _count_statements() -> None:
+    """The project's statements, as its units of work give them to the driver."""
     from sqlalchemy import event
-    from sqlalchemy.engine import Engine
     from sqlalchemy.pool import Pool
 
-    def counter(name: str) -> Callable[..., None]:
-        def count(*args: Any, **kwargs: Any) -> None:
-            COUNTS[name] += 1
+    from rpc_server import drivers
+    from rpc_server.sqlite_driver import OneHopConnection
 
-        return count
+    def in_transaction(connection: Any) -> bool:
+        if isinstance(connection, OneHopConnection):
+            return connection._in_transaction()
+        return bool(connection.is_in_transaction())
 
-    event.listen(Engine, "before_cursor_execute", counter("sqlalchemy_statements"))
-    event.listen(Engine, "begin", counter("sqlalchemy_begin"))
-    event.listen(Engine, "commit", counter("sqlalchemy_commit"))
-    event.listen(Engine, "rollback", counter("sqlalchemy_rollback"))
-    event.listen(Pool, "checkout", counter("pool_checkouts"))
+    for driver in (drivers.SqliteDriver, drivers.AsyncpgDriver):
+        fetch, begin_and_fetch = driver.fetch, driver.begin_and_fetch
+        commit, rollback = driver.commit, driver.rollback
+
+        async def counted_fetch(self: Any, connection: Any, *args: Any, _f: Any = fetch) -> Any:
+            COUNTS["sql_statements"] += 1
+            return await _f(self, connection, *args)
+
+        async def counted_begin_and_fetch(
+            self: Any, connection: Any, *args: Any, _f: Any = begin_and_fetch
+        ) -> Any:
+            COUNTS["sql_statements"] += 2
+            COUNTS["sql_begin"] += 1
+            return await _f(self, connection, *args)
+
+        async def counted_commit(self: Any, connection: Any, _f: Any = commit) -> Any:
+            COUNTS["sql_statements"] += 1
+            COUNTS["sql_commit"] += 1
+            return await _f(self, connection)
+
+        async def counted_rollback(self: Any, connection: Any, _f: Any = rollback) -> Any:
+            if in_transaction(connection):  # otherwise nothing is sent
+                COUNTS["sql_statements"] += 1
+                COUNTS["sql_rollback"] += 1
+            return await _f(self, connection)
+
+        driver.fetch = counted_fetch  # type: ignore[method-assign, assignment]
+        driver.begin_and_fetch = counted_begin_and_fetch  # type: ignore[method-assign, assignment]
+        driver.commit = counted_commit  # type: ignore[method-assign, assignment]
+        driver.rollback = counted_rollback  # type: ignore[method-assign, assignment]
+    event.listen(Pool, "checkout", lambda *args: COUNTS.update(["pool_checkouts"]))
 
 
 def count(name: str, increment: int = 1) -> None:

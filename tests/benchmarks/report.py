@@ -278,7 +278,7 @@ def round_trips_table(counts: Sequence[dict[str, Any]]) -> str:
         return ""
     lines = [
         "| call | engine | project: driver round trips | project: SQL statements "
-        "(BEGIN/COMMIT/ROLLBACK events) | project: pool checkouts | project: connections opened "
+        "(BEGIN/COMMIT/ROLLBACK) | project: pool checkouts | project: connections opened "
         "| baseline: driver round trips (= statements) |",
         "|---|---|--:|---|--:|--:|--:|",
     ]
@@ -286,9 +286,9 @@ def round_trips_table(counts: Sequence[dict[str, Any]]) -> str:
         p, b = c["project"], c["baseline"]
         lines.append(
             f"| {c['call']} | {engine_label(c['engine'])} | {p.get('driver_round_trips', 0):.2f} "
-            f"| {p.get('sqlalchemy_statements', 0):.2f} "
-            f"({p.get('sqlalchemy_begin', 0):.2f}/{p.get('sqlalchemy_commit', 0):.2f}/"
-            f"{p.get('sqlalchemy_rollback', 0):.2f}) | {p.get('pool_checkouts', 0):.2f} "
+            f"| {p.get('sql_statements', 0):.2f} "
+            f"({p.get('sql_begin', 0):.2f}/{p.get('sql_commit', 0):.2f}/"
+            f"{p.get('sql_rollback', 0):.2f}) | {p.get('pool_checkouts', 0):.2f} "
             f"| {p.get('connections_opened', 0):.2f} | {b.get('driver_round_trips', 0):.2f} |"
         )
     return "\n".join(lines)
