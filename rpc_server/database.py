@@ -9,15 +9,19 @@ SQLite cannot upgrade its read lock while another writer holds the database.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, ExceptionContext, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
+from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
+from sqlalchemy.exc import DisconnectionError, MissingGreenlet
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+from sqlalchemy.pool.base import reset_none
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.util.concurrency import greenlet_spawn
 
@@ -30,7 +34,7 @@ from rpc_server.drivers import (
     SqliteDriver,
     StatementCache,
 )
-from rpc_server.sqlite_driver import one_hop_connector
+from rpc_server.sqlite_driver import Connecting, one_hop_connector
 
 # Execution option a write unit of work sets; the "begin" hook turns it into IMMEDIATE.
 SQLITE_IMMEDIATE = "rpc_server_sqlite_immediate"
@@ -55,6 +59,14 @@ def engine_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def asyncpg_connector(url: URL, connect_args: Mapping[str, Any]) -> Callable[[], Connecting[Any]]:
+    """An ``async_creator``: ``asyncpg.connect`` with the arguments SQLAlchemy would use
+    (from the URL, plus ``connect_args``), started only when awaited (``Connecting``)."""
+    args, kwargs = PGDialect_asyncpg().create_connect_args(url)  # type: ignore[no-untyped-call]
+    connect = partial(asyncpg.connect, *args, **{**kwargs, **connect_args})
+    return lambda: Connecting(connect)
+
+
 def create_engine(url: str, **engine_kwargs: Any) -> AsyncEngine:
     """Return an async engine for ``url``, tuned for its backend.
 
@@ -63,13 +75,21 @@ def create_engine(url: str, **engine_kwargs: Any) -> AsyncEngine:
     a call. asyncpg notices the closed socket by itself, so the check costs nothing;
     ``pool_pre_ping=True`` (``RPC_SERVER_DB_PRE_PING``) adds a round trip per checkout
     for networks where connections die silently.
+
+    Connections go back to the pool without the pool's own rollback: units of work roll
+    back what they did not commit themselves, as SQLAlchemy's ``Connection`` does when
+    it closes, so the pool's reset would only repeat it, and without it giving a
+    connection back needs no I/O (``UnitOfWorkConnection``).
     """
+    engine_kwargs.setdefault("pool_reset_on_return", None)
     if is_sqlite(url):
         # One trip to aiosqlite's thread per statement instead of four (sqlite_driver).
         engine_kwargs.setdefault("async_creator", one_hop_connector(make_url(url)))
         engine = create_async_engine(url, **engine_kwargs)
         _tune_sqlite(engine)
         return engine
+    connect_args = engine_kwargs.pop("connect_args", {})
+    engine_kwargs.setdefault("async_creator", asyncpg_connector(make_url(url), connect_args))
     engine = create_async_engine(url, **engine_kwargs)
     _replace_closed_connections(engine)
     _mark_lost_connections(engine)
@@ -198,7 +218,11 @@ class UnitOfWorkConnection:
             await self._driver.rollback(connection)
         except Exception as error:
             await greenlet_spawn(pooled.invalidate, error)  # never pooled half-done
-        finally:
+            await greenlet_spawn(pooled.close)
+            return
+        if self._returns_without_io(pooled):
+            pooled.close()
+        else:
             await greenlet_spawn(pooled.close)
 
     async def _run(self, sql: str, arguments: Sequence[Any]) -> Sequence[Any]:
@@ -227,7 +251,7 @@ class UnitOfWorkConnection:
 
     async def _checkout(self) -> Any:
         try:
-            self._pooled = await self._engine.raw_connection()
+            self._pooled = self._take_idle() or await self._engine.raw_connection()
         except Exception as error:
             translated = self._driver.translate(error, "connect", True)
             if translated is None:
@@ -235,6 +259,32 @@ class UnitOfWorkConnection:
             raise translated from error
         self._driver_connection = self._pooled.driver_connection
         return self._driver_connection
+
+    def _take_idle(self) -> PoolProxiedConnection | None:
+        """An idle pooled connection, taken without SQLAlchemy's greenlet hand-off (it costs
+        about as much as the pool's own work); None when taking one needs I/O: none idle,
+        a pre-ping, or one to reopen."""
+        pool = self._engine.sync_engine.pool
+        if not isinstance(pool, QueuePool) or pool.checkedin() == 0 or pool._pre_ping:
+            return None
+        try:
+            return self._engine.sync_engine.raw_connection()
+        except MissingGreenlet:
+            # It had to be reopened (closed by the server, or invalidated): the pool has
+            # taken it back, and the creator was not awaited (``Connecting``).
+            return None
+
+    def _returns_without_io(self, pooled: PoolProxiedConnection) -> bool:
+        """Whether giving ``pooled`` back is I/O-free, so that it needs no greenlet hand-off:
+        no reset on return (the unit of work has rolled back itself) and room in the pool
+        (no more connections open than its size, else one would be closed)."""
+        pool = self._engine.sync_engine.pool
+        return (
+            isinstance(pool, QueuePool)
+            and pool._reset_on_return is reset_none
+            and pool.overflow() <= 0
+            and pooled.is_valid
+        )
 
     async def _discard(self, error: BaseException) -> None:
         """Drop the connection: it is closed, not pooled again."""

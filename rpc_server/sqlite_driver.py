@@ -24,13 +24,14 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiosqlite
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 from sqlalchemy.engine import URL
 
 Rows = list[Any]
+T = TypeVar("T")
 Outcome = tuple[Any, int, int | None, Rows]
 
 
@@ -143,7 +144,26 @@ class OneHopConnection(aiosqlite.Connection):
             await super().rollback()
 
 
-def one_hop_connector(url: URL) -> Callable[[], Awaitable[OneHopConnection]]:
+class Connecting(Generic[T]):
+    """An awaitable that starts connecting only when it is awaited.
+
+    What an ``async_creator`` returns. A unit of work takes an idle pooled connection
+    without SQLAlchemy's greenlet hand-off (``database.UnitOfWorkConnection``); when that
+    connection turns out to need reopening, SQLAlchemy calls the creator, finds it cannot
+    wait, and gives up before awaiting (the unit of work then checks out the usual way).
+    A coroutine would be left never awaited (a RuntimeWarning); this starts nothing.
+    """
+
+    __slots__ = ("_connect",)
+
+    def __init__(self, connect: Callable[[], Awaitable[T]]):
+        self._connect = connect
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._connect().__await__()
+
+
+def one_hop_connector(url: URL) -> Callable[[], Connecting[OneHopConnection]]:
     """An ``async_creator`` for ``create_async_engine``: connects as SQLAlchemy would
     (same file name and sqlite3 arguments from the URL), with ``OneHopConnection``."""
     args, kwargs = SQLiteDialect_aiosqlite().create_connect_args(url)
@@ -156,10 +176,11 @@ def one_hop_connector(url: URL) -> Callable[[], Awaitable[OneHopConnection]]:
         await connection  # starts the thread and connects; the result is ``connection``
         return connection
 
-    return create
+    return lambda: Connecting(create)
 
 
 __all__: Sequence[str] = [
+    "Connecting",
     "OneHopConnection",
     "OneHopCursor",
     "begin_and_run",

@@ -8,7 +8,6 @@ included) is printed. The least is the run the machine disturbed least; the step
 measured the same way, so their differences are what each layer adds:
 
 - the statement by hand on the driver (what the same-work baseline does per statement),
-- SQLAlchemy's pool: a connection out and back (what a unit of work adds),
 - a read unit of work: the pool, the statement compiled by SQLAlchemy (once) and run on
   the driver's connection,
 - for reference, SQLAlchemy's own execution: the same statement through
@@ -39,7 +38,6 @@ from typing import Any
 import aiosqlite
 import asyncpg
 from sqlalchemy import make_url
-from sqlalchemy.util.concurrency import greenlet_spawn
 
 from rpc_server import repositories
 from rpc_server.context import RpcContext
@@ -116,13 +114,6 @@ async def measure(engine_name: str, url: str, calls: int) -> list[tuple[str, flo
             )
         finally:
             await raw.close()
-
-        async def checkout() -> None:
-            pooled = await engine.raw_connection()
-            await greenlet_spawn(pooled.close)
-
-        results.append(("SQLAlchemy's pool: connection out and back",
-                        await cpu_per_call(checkout, calls)))  # fmt: skip
 
         async def unit_of_work() -> None:
             async with uow_factory() as uow:
