@@ -216,9 +216,14 @@ class UnitOfWorkConnection:
         self._pooled = self._driver_connection = None
         try:
             await self._driver.rollback(connection)
-        except Exception as error:
-            await greenlet_spawn(pooled.invalidate, error)  # never pooled half-done
-            await greenlet_spawn(pooled.close)
+        except BaseException as error:
+            # Rolled back or not, nobody can tell (a lost connection, or a cancellation
+            # while it waited): it is closed, never pooled half-done. Without awaiting, so
+            # that a cancellation cannot leave it checked out.
+            pooled.invalidate(error)
+            pooled.close()
+            if not isinstance(error, Exception):
+                raise
             return
         if self._returns_without_io(pooled):
             pooled.close()
@@ -246,7 +251,7 @@ class UnitOfWorkConnection:
             except Exception as error:
                 if retry or not driver.is_gone(connection, error):
                     raise await self._failed(error, sql) from error
-                await self._discard(error)
+                self._discard(error)
         raise AssertionError("unreachable")
 
     async def _checkout(self) -> Any:
@@ -286,13 +291,13 @@ class UnitOfWorkConnection:
             and pooled.is_valid
         )
 
-    async def _discard(self, error: BaseException) -> None:
+    def _discard(self, error: BaseException) -> None:
         """Drop the connection: it is closed, not pooled again."""
         pooled = self._pooled
         self._pooled = self._driver_connection = None
         if pooled is not None:
-            await greenlet_spawn(pooled.invalidate, error)
-            await greenlet_spawn(pooled.close)
+            pooled.invalidate(error)  # outside a greenlet SQLAlchemy closes it at once
+            pooled.close()
 
     async def _failed(self, error: Exception, sql: str) -> Exception:
         """The exception to raise for a driver error (the connection dropped if gone)."""
@@ -300,7 +305,7 @@ class UnitOfWorkConnection:
             self._driver_connection, error
         )
         if gone:
-            await self._discard(error)
+            self._discard(error)
         return self._driver.translate(error, sql, gone) or error
 
 
