@@ -18,14 +18,13 @@ import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import event
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL, Connection, ExceptionContext, make_url
-from sqlalchemy.exc import DisconnectionError, MissingGreenlet
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
-from sqlalchemy.pool.base import reset_none
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 from sqlalchemy.sql import ClauseElement
-from sqlalchemy.util.concurrency import greenlet_spawn
 
 from rpc_server.config import Settings
+from rpc_server.connection_pool import PoolGate
 from rpc_server.drivers import (
     GONE_SQLSTATE_PREFIXES,
     AsyncpgDriver,
@@ -158,17 +157,15 @@ class UnitOfWorkConnection:
     __slots__ = (
         "_driver",
         "_driver_connection",
-        "_engine",
+        "_pool",
         "_pooled",
         "_savepoints",
         "_statements",
         "_write",
     )
 
-    def __init__(
-        self, engine: AsyncEngine, driver: Driver, statements: StatementCache, *, write: bool
-    ):
-        self._engine = engine
+    def __init__(self, pool: PoolGate, driver: Driver, statements: StatementCache, *, write: bool):
+        self._pool = pool
         self._driver = driver
         self._statements = statements
         self._write = write
@@ -225,10 +222,7 @@ class UnitOfWorkConnection:
             if not isinstance(error, Exception):
                 raise
             return
-        if self._returns_without_io(pooled):
-            pooled.close()
-        else:
-            await greenlet_spawn(pooled.close)
+        await self._pool.give_back(pooled)
 
     async def _run(self, sql: str, arguments: Sequence[Any]) -> Sequence[Any]:
         if self._driver_connection is None:
@@ -256,7 +250,7 @@ class UnitOfWorkConnection:
 
     async def _checkout(self) -> Any:
         try:
-            self._pooled = self._take_idle() or await self._engine.raw_connection()
+            self._pooled = await self._pool.checkout()
         except Exception as error:
             translated = self._driver.translate(error, "connect", True)
             if translated is None:
@@ -264,32 +258,6 @@ class UnitOfWorkConnection:
             raise translated from error
         self._driver_connection = self._pooled.driver_connection
         return self._driver_connection
-
-    def _take_idle(self) -> PoolProxiedConnection | None:
-        """An idle pooled connection, taken without SQLAlchemy's greenlet hand-off (it costs
-        about as much as the pool's own work); None when taking one needs I/O: none idle,
-        a pre-ping, or one to reopen."""
-        pool = self._engine.sync_engine.pool
-        if not isinstance(pool, QueuePool) or pool.checkedin() == 0 or pool._pre_ping:
-            return None
-        try:
-            return self._engine.sync_engine.raw_connection()
-        except MissingGreenlet:
-            # It had to be reopened (closed by the server, or invalidated): the pool has
-            # taken it back, and the creator was not awaited (``Connecting``).
-            return None
-
-    def _returns_without_io(self, pooled: PoolProxiedConnection) -> bool:
-        """Whether giving ``pooled`` back is I/O-free, so that it needs no greenlet hand-off:
-        no reset on return (the unit of work has rolled back itself) and room in the pool
-        (no more connections open than its size, else one would be closed)."""
-        pool = self._engine.sync_engine.pool
-        return (
-            isinstance(pool, QueuePool)
-            and pool._reset_on_return is reset_none
-            and pool.overflow() <= 0
-            and pooled.is_valid
-        )
 
     def _discard(self, error: BaseException) -> None:
         """Drop the connection: it is closed, not pooled again."""

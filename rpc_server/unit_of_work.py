@@ -22,6 +22,7 @@ from typing import Self
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rpc_server.connection_pool import PoolGate
 from rpc_server.database import UnitOfWorkConnection, driver_for
 from rpc_server.drivers import Driver, StatementCache
 from rpc_server.repositories import (
@@ -75,6 +76,7 @@ class SqlAlchemyUnitOfWorkFactory:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self._driver: Driver = driver_for(engine)
+        self._pool = PoolGate(engine)
         # SQLite hands back datetimes and decimals as text and floats: SQLAlchemy's
         # result processing turns them back. asyncpg's values are already Python's.
         self._statements = StatementCache(
@@ -84,5 +86,5 @@ class SqlAlchemyUnitOfWorkFactory:
         self.after_receipts: list[Callable[[], None]] = []
 
     def __call__(self, *, write: bool = False) -> SqlAlchemyUnitOfWork:
-        connection = UnitOfWorkConnection(self.engine, self._driver, self._statements, write=write)
+        connection = UnitOfWorkConnection(self._pool, self._driver, self._statements, write=write)
         return SqlAlchemyUnitOfWork(connection, self.after_receipts)

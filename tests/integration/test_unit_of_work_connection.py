@@ -16,10 +16,13 @@ from typing import Any
 import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from models import User as UserRow
+from rpc_server.connection_pool import PoolGate
+from rpc_server.database import create_engine
 from rpc_server.domain import services
 from rpc_server.drivers import AsyncpgDriver, SqliteDriver
 from rpc_server.sqlite_driver import OneHopConnection
@@ -123,3 +126,69 @@ async def test_a_call_cancelled_mid_unit_of_work_gives_its_connection_back(
     assert await count_users(uow_factory) == 3
     async with uow_factory(write=True) as uow:
         assert len(await uow.courses.list_all()) == 2
+
+
+async def test_units_of_work_beyond_the_pool_wait_their_turn(database_url: str) -> None:
+    """Twenty units of work on two connections: each waits for one to come back (not for
+    the pool timeout), and every connection is back at the end."""
+    engine = create_engine(database_url, pool_size=2, max_overflow=0, pool_timeout=5)
+    uow_factory = SqlAlchemyUnitOfWorkFactory(engine)
+    in_use = {"now": 0, "most": 0}
+
+    async def call() -> None:
+        async with uow_factory() as uow:
+            await uow.courses.list_all()
+            in_use["now"] += 1
+            in_use["most"] = max(in_use["most"], in_use["now"])
+            await asyncio.sleep(0.01)  # holding the connection
+            in_use["now"] -= 1
+
+    try:
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(*(call() for _ in range(20)))
+        elapsed = asyncio.get_running_loop().time() - started
+        assert in_use["most"] == 2
+        assert elapsed < 2.0  # ten turns of ~10 ms, nowhere near the 5 s timeout
+        assert checked_out(engine) == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_waiting_for_a_connection_times_out_as_the_pool_does(database_url: str) -> None:
+    engine = create_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
+    gate = PoolGate(engine)
+    try:
+        held = await gate.checkout()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PoolTimeoutError):
+            await gate.checkout()
+        assert 0.25 < asyncio.get_running_loop().time() - started < 2.0
+        await gate.give_back(held)
+        again = await asyncio.wait_for(gate.checkout(), 1)  # the pool still serves
+        await gate.give_back(again)
+        assert checked_out(engine) == 0
+    finally:
+        await engine.dispose()
+
+
+async def test_a_waiter_cancelled_as_it_is_woken_passes_the_connection_on(
+    database_url: str,
+) -> None:
+    """The connection that came back for a call that was cancelled at that moment (its
+    timeout) goes to the next waiting call, rather than idling until that one times out."""
+    engine = create_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=5)
+    gate = PoolGate(engine)
+    try:
+        held = await gate.checkout()
+        first = asyncio.create_task(gate.checkout())
+        second = asyncio.create_task(gate.checkout())
+        await asyncio.sleep(0.05)  # both are waiting
+        await gate.give_back(held)  # wakes the first waiter…
+        first.cancel()  # …which is cancelled before it runs
+        taken = await asyncio.wait_for(second, 1)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await gate.give_back(taken)
+        assert checked_out(engine) == 0
+    finally:
+        await engine.dispose()
