@@ -1,10 +1,14 @@
 """Engine creation: one place that knows the differences between SQLite and PostgreSQL.
 
 SQLite is tuned for a server: WAL (readers never block the writer), a busy timeout,
-foreign keys on, and SQLAlchemy (not the sqlite3 driver) emitting BEGIN. A unit of work
-that will write starts with ``BEGIN IMMEDIATE``: a deferred transaction that reads and
-then writes fails at once with "database is locked" whatever the busy timeout, because
-SQLite cannot upgrade its read lock while another writer holds the database.
+foreign keys on, and the sqlite3 module leaving BEGIN to us. A unit of work that will
+write starts with ``BEGIN IMMEDIATE``: a deferred transaction that reads and then writes
+fails at once with "database is locked" whatever the busy timeout, because SQLite
+cannot upgrade its read lock while another writer holds the database. (Code that uses
+SQLAlchemy's own connections gets the same with the ``SQLITE_IMMEDIATE`` option.)
+
+Units of work run on ``UnitOfWorkConnection``: a pooled connection whose statements,
+compiled by SQLAlchemy, run on the driver's connection (``drivers``).
 """
 
 from __future__ import annotations
@@ -203,7 +207,7 @@ class UnitOfWorkConnection:
             try:
                 await self._driver.commit(self._driver_connection)
             except Exception as error:
-                raise await self._failed(error, "COMMIT") from error
+                raise self._failed(error, "COMMIT") from error
 
     async def close(self) -> None:
         """Roll back what was not committed and give the connection back to the pool."""
@@ -230,7 +234,7 @@ class UnitOfWorkConnection:
         try:
             return await self._driver.fetch(self._driver_connection, sql, arguments)
         except Exception as error:
-            raise await self._failed(error, sql) from error
+            raise self._failed(error, sql) from error
 
     async def _first(self, sql: str, arguments: Sequence[Any]) -> Sequence[Any]:
         driver = self._driver
@@ -244,7 +248,7 @@ class UnitOfWorkConnection:
                 return await driver.fetch(connection, sql, arguments)
             except Exception as error:
                 if retry or not driver.is_gone(connection, error):
-                    raise await self._failed(error, sql) from error
+                    raise self._failed(error, sql) from error
                 self._discard(error)
         raise AssertionError("unreachable")
 
@@ -267,7 +271,7 @@ class UnitOfWorkConnection:
             pooled.invalidate(error)  # outside a greenlet SQLAlchemy closes it at once
             pooled.close()
 
-    async def _failed(self, error: Exception, sql: str) -> Exception:
+    def _failed(self, error: Exception, sql: str) -> Exception:
         """The exception to raise for a driver error (the connection dropped if gone)."""
         gone = self._driver_connection is not None and self._driver.is_gone(
             self._driver_connection, error
