@@ -247,6 +247,9 @@ class SqliteDriver:
         )
 
 
+_BROKEN = (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+
 class AsyncpgDriver:
     """asyncpg's connection: its own statement cache prepares each statement once."""
 
@@ -269,7 +272,11 @@ class AsyncpgDriver:
             await connection.execute("ROLLBACK")
 
     def is_gone(self, connection: Any, error: BaseException) -> bool:
-        if connection.is_closed() or isinstance(error, OSError):
+        # A connection is never shared, so asyncpg complaining about the state of its
+        # protocol ("another operation is in progress", "cannot switch to state …") means
+        # the connection is broken: typically the server's termination notice arrived
+        # and the socket's end has not been read yet.
+        if connection.is_closed() or isinstance(error, _BROKEN):
             return True
         sqlstate = getattr(error, "sqlstate", None)
         return isinstance(sqlstate, str) and sqlstate.startswith(GONE_SQLSTATE_PREFIXES)
@@ -277,6 +284,10 @@ class AsyncpgDriver:
     def translate(self, error: Exception, sql: str, invalidated: bool) -> Exception | None:
         if isinstance(error, asyncpg.InterfaceError):
             return sa_exc.InterfaceError(sql, None, error, connection_invalidated=invalidated)
+        if isinstance(error, asyncpg.InternalClientError):
+            return _sqlalchemy_error(
+                error, sql, invalidated, integrity=False, unavailable=invalidated
+            )
         if not isinstance(error, (asyncpg.PostgresError, OSError)):
             return None
         sqlstate = getattr(error, "sqlstate", None)
