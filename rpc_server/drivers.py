@@ -31,6 +31,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from rpc_server.errors import UNAVAILABLE_SQLSTATE_PREFIXES
 from rpc_server.sqlite_driver import OneHopConnection, begin_and_run, run_statement
 
 Row = tuple[Any, ...]
@@ -39,8 +40,6 @@ Processor = Callable[[Any], Any] | None
 # SQLSTATEs after which a connection is gone: connection exceptions, and the server
 # shutting down, crashing or starting (57P01 to 57P03).
 GONE_SQLSTATE_PREFIXES = ("08", "57P01", "57P02", "57P03")
-# Failures of the database rather than of the statement (also: too many connections).
-UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P")
 
 
 class Rows:
@@ -178,6 +177,8 @@ class Driver(Protocol):
     """What a unit of work needs of a database driver's connection."""
 
     begin_sql: str
+    # Whether rows need SQLAlchemy's result processing to become Python values.
+    process_results: bool
 
     async def fetch(self, connection: Any, sql: str, arguments: Sequence[Any]) -> Sequence[Any]:
         """Run one statement; return its rows (none for a statement without)."""
@@ -191,6 +192,9 @@ class Driver(Protocol):
 
     async def rollback(self, connection: Any) -> None:
         """Roll back if a transaction is open; nothing otherwise."""
+
+    def in_transaction(self, connection: Any) -> bool:
+        """Whether a transaction is open on the connection (asks nobody)."""
 
     def is_gone(self, connection: Any, error: BaseException) -> bool:
         """Whether ``error`` means the connection is no longer usable."""
@@ -215,6 +219,8 @@ class SqliteDriver:
     """``OneHopConnection``: each statement (BEGIN included, when asked) in one trip."""
 
     begin_sql = "BEGIN IMMEDIATE"
+    # SQLite hands back decimals and datetimes as floats and text.
+    process_results = True
 
     async def fetch(
         self, connection: OneHopConnection, sql: str, arguments: Sequence[Any]
@@ -230,7 +236,10 @@ class SqliteDriver:
         await connection.commit()
 
     async def rollback(self, connection: OneHopConnection) -> None:
-        await connection.rollback()
+        await connection.rollback()  # no trip when no transaction is open
+
+    def in_transaction(self, connection: OneHopConnection) -> bool:
+        return connection._in_transaction()
 
     def is_gone(self, connection: OneHopConnection, error: BaseException) -> bool:
         return False  # a file: nothing goes away between statements
@@ -254,6 +263,7 @@ class AsyncpgDriver:
     """asyncpg's connection: its own statement cache prepares each statement once."""
 
     begin_sql = "BEGIN"
+    process_results = False  # asyncpg's values are already Python's
 
     async def fetch(self, connection: Any, sql: str, arguments: Sequence[Any]) -> Sequence[Any]:
         return await connection.fetch(sql, *arguments)  # type: ignore[no-any-return]
@@ -268,8 +278,11 @@ class AsyncpgDriver:
         await connection.execute("COMMIT")
 
     async def rollback(self, connection: Any) -> None:
-        if connection.is_in_transaction():
+        if self.in_transaction(connection):
             await connection.execute("ROLLBACK")
+
+    def in_transaction(self, connection: Any) -> bool:
+        return bool(connection.is_in_transaction())
 
     def is_gone(self, connection: Any, error: BaseException) -> bool:
         # A connection is never shared, so asyncpg complaining about the state of its

@@ -77,10 +77,8 @@ class SqlAlchemyUnitOfWorkFactory:
         self.engine = engine
         self._driver: Driver = driver_for(engine)
         self._pool = PoolGate(engine)
-        # SQLite hands back datetimes and decimals as text and floats: SQLAlchemy's
-        # result processing turns them back. asyncpg's values are already Python's.
         self._statements = StatementCache(
-            engine.dialect, process_results=engine.dialect.name == "sqlite"
+            engine.dialect, process_results=self._driver.process_results
         )
         # Called after a commit that added receipt outbox rows (the deliverer's wake-up).
         self.after_receipts: list[Callable[[], None]] = []

@@ -136,12 +136,6 @@ def _count_statements() -> None:
     from sqlalchemy.pool import Pool
 
     from rpc_server import drivers
-    from rpc_server.sqlite_driver import OneHopConnection
-
-    def in_transaction(connection: Any) -> bool:
-        if isinstance(connection, OneHopConnection):
-            return connection._in_transaction()
-        return bool(connection.is_in_transaction())
 
     for driver in (drivers.SqliteDriver, drivers.AsyncpgDriver):
         fetch, begin_and_fetch = driver.fetch, driver.begin_and_fetch
@@ -164,7 +158,7 @@ def _count_statements() -> None:
             return await _f(self, connection)
 
         async def counted_rollback(self: Any, connection: Any, _f: Any = rollback) -> Any:
-            if in_transaction(connection):  # otherwise nothing is sent
+            if self.in_transaction(connection):  # otherwise nothing is sent
                 COUNTS["sql_statements"] += 1
                 COUNTS["sql_rollback"] += 1
             return await _f(self, connection)

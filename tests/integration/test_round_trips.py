@@ -54,7 +54,7 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     async def sqlite_execute(self: OneHopConnection, fn: Any, *args: Any, **kwargs: Any) -> Any:
         sql = [arg for arg in args[1:3] if isinstance(arg, str)]
         sent.extend(s.split()[0].upper() for s in sql)
-        if not sql and self._connection is not None and self._connection.in_transaction:
+        if not sql and self._in_transaction():
             sent.append(fn.__name__.upper())  # sqlite3's commit() or rollback()
         return await original_execute(self, fn, *args, **kwargs)
 
@@ -114,20 +114,17 @@ async def test_reads_run_outside_transactions_and_writes_inside_one(
 ) -> None:
     async with uow_factory() as uow:
         await uow.courses.list_all()
-        read_in_transaction = await in_transaction(uow.connection)
+        read_in_transaction = in_transaction(uow.connection)
     async with uow_factory(write=True) as uow:
         await uow.courses.list_all()
-        write_in_transaction = await in_transaction(uow.connection)
+        write_in_transaction = in_transaction(uow.connection)
     assert (read_in_transaction, write_in_transaction) == (False, True)
     assert statements == ["SELECT", "BEGIN", "SELECT", "ROLLBACK"]
 
 
-async def in_transaction(connection: Any) -> bool:
+def in_transaction(connection: Any) -> bool:
     """Whether the driver's connection is inside a transaction right now."""
-    driver = connection._driver_connection
-    if isinstance(driver, OneHopConnection):
-        return bool(driver._conn.in_transaction)
-    return bool(driver.is_in_transaction())
+    return bool(connection._driver.in_transaction(connection._driver_connection))
 
 
 def test_pre_ping_is_a_setting_for_postgresql_only() -> None:

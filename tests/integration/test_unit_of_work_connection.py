@@ -25,15 +25,8 @@ from rpc_server.connection_pool import PoolGate
 from rpc_server.database import create_engine
 from rpc_server.domain import services
 from rpc_server.drivers import AsyncpgDriver, SqliteDriver
-from rpc_server.sqlite_driver import OneHopConnection
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import World
-
-
-async def in_transaction(connection: Any) -> bool:
-    if isinstance(connection, OneHopConnection):
-        return connection._in_transaction()
-    return bool(connection.is_in_transaction())
 
 
 def checked_out(engine: AsyncEngine) -> int:
@@ -102,7 +95,7 @@ async def test_a_call_cancelled_mid_unit_of_work_gives_its_connection_back(
     original = getattr(driver, hung)
 
     async def hang(self: Any, connection: Any, *args: Any) -> Any:
-        if where == "rollback" and not await in_transaction(connection):
+        if where == "rollback" and not self.in_transaction(connection):
             return await original(self, connection, *args)
         stuck.set()
         await asyncio.Event().wait()  # never set: only a cancellation ends this
