@@ -24,6 +24,7 @@ from rpc_server.deliverer import build_deliverer
 from rpc_server.demo import seed_demo
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
+from rpc_server.log_output import LoopBatchedStreamHandler
 from rpc_server.migrate import migrate
 from rpc_server.request_id import RequestIdFilter
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
@@ -186,10 +187,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def configure_logging(level: str) -> None:
-    """Log to stderr, each line stamped with the id of the request it belongs to."""
+    """Log to stderr, each line stamped with the id of the request it belongs to
+    (written a loop iteration's lines at a time: ``rpc_server.log_output``)."""
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
+        handlers=[LoopBatchedStreamHandler(sys.stderr)],
     )
     for handler in logging.getLogger().handlers:
         handler.addFilter(RequestIdFilter())

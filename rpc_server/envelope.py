@@ -13,9 +13,10 @@ import asyncio
 import logging
 from typing import Any
 
-from jsonrpcserver.async_dispatcher import dispatch_request
+from jsonrpcserver.async_dispatcher import call
 from jsonrpcserver.dispatcher import create_request, to_response
 from jsonrpcserver.response import to_serializable_one
+from jsonrpcserver.result import Error, MethodNotFoundResult
 from jsonrpcserver.sentinels import NOID
 
 from rpc_server import json_codec
@@ -88,11 +89,20 @@ async def answer_one(
         return error_object(
             RATE_LIMITED, "Too many requests", {"retry_after": retry_after}, item["id"]
         )
-    # jsonrpcserver's own step for one request object: find the method, check the
-    # arguments, call it. Its outer layers (parse, schema-validate, gather) would only
-    # repeat what this module has already done for the whole body.
+    # jsonrpcserver's own steps for one request object: make its Request, call the
+    # method (which maps a JsonRpcError or any other exception to an error result), make
+    # the response. Its outer layers (parse, schema-validate, gather) would only repeat
+    # what this module has already done for the whole body. Its argument check is
+    # skipped too: it binds ``inspect.signature(method)`` to the params, and every
+    # ``RpcMethod`` takes ``(ctx, /, *args, **kwargs)`` and checks its params itself with
+    # its schema, so that check could never fail; it cost more than the rest of the
+    # dispatch of a cheap call (tests/benchmarks/profile.md).
     request = create_request(item)
-    _, result = await dispatch_request(registry.dispatch_table(), ctx, request)
+    method = registry.dispatch_table().get(request.method)
+    if method is None:
+        result = Error(*MethodNotFoundResult(request.method))  # as its get_method answers
+    else:
+        result = await call(request, ctx, method)
     if request.id is NOID:
         return None  # a notification: run, never answered
     answer = to_serializable_one(to_response(request, result))
