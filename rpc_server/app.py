@@ -141,8 +141,10 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         payload = parse(body, max_depth=settings.max_json_depth)
     except ParseError as exc:
         return json_response(parse_error(str(exc)))
+    uow_factory = request.app[UOW_FACTORY]
     ctx = RpcContext(
-        uow=request.app[UOW_FACTORY],
+        # A batch's calls read purchases by id together (rpc_server.coalescing).
+        uow=uow_factory.for_batch() if isinstance(payload, list) else uow_factory,
         links=request.app[LINKS],
         token=bearer_token(request),
         call_timeout=settings.call_timeout,

@@ -15,7 +15,18 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, Update, bindparam, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    Select,
+    Update,
+    bindparam,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from models import ApiToken as TokenRow
@@ -24,6 +35,7 @@ from models import CourseRegistration as RegistrationRow
 from models import Purchase as PurchaseRow
 from models import ReceiptOutbox as ReceiptRow
 from models import User as UserRow
+from rpc_server.coalescing import PurchaseLookups
 from rpc_server.database import UnitOfWorkConnection
 from rpc_server.domain.records import Actor, Course, Purchase, Registration
 from rpc_server.domain.states import PurchaseState
@@ -185,6 +197,25 @@ _PURCHASE_BY_IDEMPOTENCY_KEY = _PURCHASE_QUERY.where(
     PurchaseRow.owner_id == bindparam("owner_id"),
     PurchaseRow.idempotency_key == bindparam("idempotency_key"),
 )
+# At most this many ids in one ``IN`` list (SQLite allows 32766 bound values, older
+# builds 999): longer lists are read in several statements.
+IDS_PER_STATEMENT = 100
+
+
+@functools.cache
+def _purchases_by_ids(count: int, *, of_owner: bool) -> Select[*tuple[Any, ...]]:
+    """Purchases whose id is one of ``count`` bound ids (``id_0`` …), maybe one owner's.
+
+    One statement per count and condition (at most twice IDS_PER_STATEMENT), each built
+    and compiled once, like the other statements here.
+    """
+    ids: list[BindParameter[str]] = [bindparam(f"id_{n}") for n in range(count)]
+    query = _PURCHASE_QUERY.where(PurchaseRow.purchase_id.in_(ids))
+    if of_owner:
+        query = query.where(PurchaseRow.owner_id == bindparam("owner_id"))
+    return query
+
+
 _INSERT_PURCHASE = insert(PurchaseRow)
 _INSERT_REGISTRATION = insert(RegistrationRow)
 _INSERT_RECEIPT = insert(ReceiptRow)
@@ -264,8 +295,11 @@ def _purchase(row: Sequence[Any]) -> Purchase:
 
 
 class SqlPurchaseRepository:
-    def __init__(self, connection: UnitOfWorkConnection):
+    def __init__(self, connection: UnitOfWorkConnection, lookups: PurchaseLookups | None = None):
+        """``lookups``: where ``get`` reads instead, coalesced with other calls' (only
+        for a read unit of work: ``rpc_server.coalescing``)."""
         self.connection = connection
+        self._lookups = lookups
 
     async def _one(
         self, query: Select[*tuple[Any, ...]], params: dict[str, Any]
@@ -305,11 +339,29 @@ class SqlPurchaseRepository:
         return await self.get(purchase_id, owner_id=owner_id)
 
     async def get(self, purchase_id: str, *, owner_id: int | None) -> Purchase | None:
+        if self._lookups is not None:
+            return await self._lookups.get(purchase_id, owner_id)
         if owner_id is None:
             return await self._one(_PURCHASE_BY_ID, {"purchase_id": purchase_id})
         return await self._one(
             _OWN_PURCHASE_BY_ID, {"purchase_id": purchase_id, "owner_id": owner_id}
         )
+
+    async def get_many(
+        self, purchase_ids: Sequence[str], *, owner_id: int | None
+    ) -> dict[str, Purchase]:
+        """The purchases among ``purchase_ids`` (only ``owner_id``'s unless None), by id."""
+        found: dict[str, Purchase] = {}
+        for start in range(0, len(purchase_ids), IDS_PER_STATEMENT):
+            chunk = purchase_ids[start : start + IDS_PER_STATEMENT]
+            params: dict[str, Any] = {f"id_{n}": id_ for n, id_ in enumerate(chunk)}
+            if owner_id is not None:
+                params["owner_id"] = owner_id
+            query = _purchases_by_ids(len(chunk), of_owner=owner_id is not None)
+            for row in await self.connection.execute(query, params):
+                purchase = _purchase(row)
+                found[purchase.purchase_id] = purchase
+        return found
 
     async def get_by_idempotency_key(self, owner_id: int, key: str) -> Purchase | None:
         return await self._one(

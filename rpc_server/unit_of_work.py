@@ -22,8 +22,10 @@ from typing import Self
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rpc_server.coalescing import PurchaseLookups
 from rpc_server.connection_pool import PoolGate
 from rpc_server.database import UnitOfWorkConnection, driver_for
+from rpc_server.domain.records import Purchase
 from rpc_server.drivers import Driver, StatementCache
 from rpc_server.repositories import (
     SqlCourseRepository,
@@ -39,14 +41,16 @@ class SqlAlchemyUnitOfWork:
         self,
         connection: UnitOfWorkConnection,
         after_receipts: Sequence[Callable[[], None]] = (),
+        lookups: PurchaseLookups | None = None,
     ):
         self.connection = connection
         self._after_receipts = after_receipts
+        self._lookups = lookups
 
     async def __aenter__(self) -> Self:
         self.users = SqlUserRepository(self.connection)
         self.courses = SqlCourseRepository(self.connection)
-        self.purchases = SqlPurchaseRepository(self.connection)
+        self.purchases = SqlPurchaseRepository(self.connection, self._lookups)
         self.registrations = SqlRegistrationRepository(self.connection)
         self.receipts = SqlReceiptOutboxRepository(self.connection)
         return self
@@ -83,6 +87,31 @@ class SqlAlchemyUnitOfWorkFactory:
         # Called after a commit that added receipt outbox rows (the deliverer's wake-up).
         self.after_receipts: list[Callable[[], None]] = []
 
-    def __call__(self, *, write: bool = False) -> SqlAlchemyUnitOfWork:
+    def __call__(
+        self, *, write: bool = False, lookups: PurchaseLookups | None = None
+    ) -> SqlAlchemyUnitOfWork:
         connection = UnitOfWorkConnection(self._pool, self._driver, self._statements, write=write)
-        return SqlAlchemyUnitOfWork(connection, self.after_receipts)
+        return SqlAlchemyUnitOfWork(connection, self.after_receipts, lookups)
+
+    def for_batch(self) -> BatchUnitOfWorkFactory:
+        """The factory for one batch request's calls (see ``BatchUnitOfWorkFactory``)."""
+        return BatchUnitOfWorkFactory(self)
+
+    async def read_purchases(
+        self, purchase_ids: Sequence[str], owner_id: int | None
+    ) -> dict[str, Purchase]:
+        async with self() as uow:
+            return await uow.purchases.get_many(purchase_ids, owner_id=owner_id)
+
+
+class BatchUnitOfWorkFactory:
+    """Units of work for the calls of one batch request: like the engine's, except that
+    their reads of a purchase by id are coalesced across the batch's concurrent calls
+    into one statement (``rpc_server.coalescing``). Write units of work are unchanged."""
+
+    def __init__(self, factory: SqlAlchemyUnitOfWorkFactory):
+        self._factory = factory
+        self._lookups = PurchaseLookups(factory.read_purchases)
+
+    def __call__(self, *, write: bool = False) -> SqlAlchemyUnitOfWork:
+        return self._factory(write=write, lookups=None if write else self._lookups)

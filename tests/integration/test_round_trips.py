@@ -147,3 +147,30 @@ async def test_pre_ping_engine_serves_calls(database_url: str, world: World) -> 
     finally:
         await engine.dispose()
     assert actor == world.bob.actor
+
+
+async def test_a_batch_of_gets_reads_one_statement_per_round_of_its_lanes(
+    client: Any,
+    settings: Settings,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    world: World,
+    statements: list[str],
+) -> None:
+    made = [
+        await services.create_purchase(uow_factory, world.alice.actor, course="python-basics")
+        for _ in range(25)
+    ]
+    headers = {"Authorization": f"Bearer {world.alice.token}"}
+    course_list = {"jsonrpc": "2.0", "method": "course.list", "id": 0}
+    await client.post("/rpc", json=course_list, headers=headers)  # the token is now cached
+    statements.clear()
+    batch = [
+        {"jsonrpc": "2.0", "method": "purchase.get", "params": [p.purchase_id], "id": n}
+        for n, p in enumerate(made)
+    ]
+    answers = await (await client.post("/rpc", json=batch, headers=headers)).json()
+    assert [a["result"]["purchase_id"] for a in answers] == [p.purchase_id for p in made]
+    # The items run in as many lanes as the pool has connections; the lookups of one
+    # round of lanes are read together (rpc_server.coalescing).
+    rounds = -(-len(made) // settings.db_pool_size)
+    assert (rounds, statements) == (3, ["SELECT"] * rounds)
