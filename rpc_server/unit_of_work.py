@@ -12,6 +12,10 @@ read costs its statements and nothing else. Each statement still reads one consi
 snapshot; a read unit of work that needs several statements to agree with each other
 must ask for ``write=True``.
 Write units of work run in one transaction (``BEGIN IMMEDIATE`` on SQLite).
+
+The calls of one batch request get their units of work from a ``BatchUnitOfWorkFactory``:
+the same, except that their reads of a purchase by id, made at the same moment by the
+batch's concurrent calls, are read with one statement (``rpc_server.coalescing``).
 """
 
 from __future__ import annotations
@@ -90,8 +94,10 @@ class SqlAlchemyUnitOfWorkFactory:
     def __call__(
         self, *, write: bool = False, lookups: PurchaseLookups | None = None
     ) -> SqlAlchemyUnitOfWork:
+        """A unit of work; a read one (only) looks purchases up through ``lookups``: a
+        write one must read inside its own transaction."""
         connection = UnitOfWorkConnection(self._pool, self._driver, self._statements, write=write)
-        return SqlAlchemyUnitOfWork(connection, self.after_receipts, lookups)
+        return SqlAlchemyUnitOfWork(connection, self.after_receipts, None if write else lookups)
 
     def for_batch(self) -> BatchUnitOfWorkFactory:
         """The factory for one batch request's calls (see ``BatchUnitOfWorkFactory``)."""
@@ -114,4 +120,4 @@ class BatchUnitOfWorkFactory:
         self._lookups = PurchaseLookups(factory.read_purchases)
 
     def __call__(self, *, write: bool = False) -> SqlAlchemyUnitOfWork:
-        return self._factory(write=write, lookups=None if write else self._lookups)
+        return self._factory(write=write, lookups=self._lookups)

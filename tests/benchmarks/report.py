@@ -17,7 +17,11 @@ from tests.benchmarks.workloads import WORKLOADS
 
 TIMES = "\N{MULTIPLICATION SIGN}"
 MB_150_IN_MIB = 150e6 / 2**20  # the target is in MB; RSS is read in KiB
-BASELINE_NAMES = {"floor": "floor (a)", "same-work": "same-work (b)"}
+BASELINE_NAMES = {
+    "floor": "floor (a)",
+    "same-work": "same-work (b)",
+    "same-work-coalesced": "same-work (b), batch reads coalesced",
+}
 
 
 @dataclass(frozen=True)

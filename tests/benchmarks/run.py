@@ -230,6 +230,16 @@ class Bench:
                 )
                 same.start()
                 started["same-work"] = same
+            if any(w.baseline == "same-work-coalesced" for w in workloads):
+                coalescing = servers.same_work_server(
+                    dataset.url,
+                    directory,
+                    self.server_cpus,
+                    self.args.pool_size,
+                    coalesce_batch_reads=True,
+                )
+                coalescing.start()
+                started["same-work-coalesced"] = coalescing
         except BaseException:
             for server in started.values():
                 server.stop()

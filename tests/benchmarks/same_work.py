@@ -15,7 +15,12 @@ writes run in one ``BEGIN … COMMIT``; each statement is one driver call
 (``execute_fetchall`` on aiosqlite, ``fetch``/``execute`` on asyncpg); connections come
 from a fixed pool (``--pool-size``, default 10: the project's ``RPC_SERVER_DB_POOL_SIZE``).
 
-    python -m tests.benchmarks.same_work --port P --database-url URL
+With ``--coalesce-batch-reads`` (the ``get-batch-coalesced`` workload) a batch's
+``purchase.get`` calls are read the way the project reads them, together, and better:
+one ``SELECT … WHERE purchase_id IN (…)`` for the whole batch before its items run
+(the project reads each round of its lanes together: about one statement per 10).
+
+    python -m tests.benchmarks.same_work --port P --database-url URL [--coalesce-batch-reads]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import re
 import secrets
@@ -305,6 +311,7 @@ class Service:
         self.insert_receipt_sql = d.sql(INSERT_RECEIPT_SQL, returning="receipt_outbox.id")
         self.transition_sql: dict[tuple[str, int], str] = {}
         self.list_sql: dict[tuple[bool, bool, bool], tuple[str, tuple[int, ...]]] = {}
+        self.by_ids_sql: dict[tuple[int, bool], str] = {}
 
     async def authenticate(self, token: str) -> Actor | None:
         token_hash = hashlib.sha256(token.encode()).hexdigest()
@@ -339,10 +346,31 @@ class Service:
             rows = await connection.fetch(self.get_sql, purchase_id, actor.user_id)
         return rows[0] if rows else None
 
-    async def get(self, actor: Actor, params: Any) -> Any:
+    async def read_many(self, actor: Actor, purchase_ids: Sequence[str]) -> dict[str, Row]:
+        """The purchases among ``purchase_ids`` the actor may see, by id, in one statement
+        per 100 ids."""
+        found: dict[str, Row] = {}
+        for start in range(0, len(purchase_ids), 100):
+            chunk = list(purchase_ids[start : start + 100])
+            key = (len(chunk), actor.is_staff)
+            if key not in self.by_ids_sql:
+                where = " WHERE purchases.purchase_id IN (" + ", ".join("?" * len(chunk)) + ")"
+                owner = "" if actor.is_staff else " AND purchases.owner_id = ?"
+                self.by_ids_sql[key] = self.dialect.sql(PURCHASE_SELECT + where + owner)
+            args = chunk if actor.is_staff else [*chunk, actor.user_id]
+            async with self.pool.acquire() as connection:
+                for row in await connection.fetch(self.by_ids_sql[key], *args):
+                    found[row[1]] = row
+        return found
+
+    async def get(self, actor: Actor, params: Any, read: dict[str, Row] | None = None) -> Any:
+        """``read``: the batch's purchases, read beforehand (``--coalesce-batch-reads``)."""
         purchase_id = _purchase_id(_named(params, ("purchase_id",)))
-        async with self.pool.acquire() as connection:
-            row = await self._purchase(connection, purchase_id, actor)
+        if read is not None:
+            row = read.get(purchase_id)
+        else:
+            async with self.pool.acquire() as connection:
+                row = await self._purchase(connection, purchase_id, actor)
         if row is None:
             raise RpcError(404, "Not found", {"purchase_id": purchase_id})
         return self.purchase_json(row)
@@ -538,6 +566,7 @@ def _decode_cursor(value: Any) -> int:
 # --- HTTP ---------------------------------------------------------------------------------
 
 SERVICE = web.AppKey("service", Service)
+COALESCE = web.AppKey("coalesce_batch_reads", bool)
 Method = Callable[[Service, Actor, Any], Awaitable[Any]]
 METHODS: dict[str, Method] = {
     "purchase.get": Service.get,
@@ -553,6 +582,8 @@ class Caller:
     def __init__(self, service: Service, token: str | None):
         self.service, self.token = service, token
         self._actor: asyncio.Task[Actor | None] | None = None
+        # The batch's purchases read beforehand (--coalesce-batch-reads), else None.
+        self.read: dict[str, Row] | None = None
 
     async def actor(self) -> Actor:
         if self.token is None:
@@ -573,12 +604,32 @@ async def answer_item(item: Any, caller: Caller) -> JsonObject | None:
     try:
         if method is None:
             raise RpcError(-32601, "Method not found", item.get("method"))
-        result = await method(caller.service, await caller.actor(), item.get("params", {}))
+        actor = await caller.actor()
+        if method is Service.get and caller.read is not None:
+            result = await caller.service.get(actor, item.get("params", {}), caller.read)
+        else:
+            result = await method(caller.service, actor, item.get("params", {}))
     except RpcError as exc:
         answer: JsonObject = {"jsonrpc": "2.0", "error": exc.as_error(), "id": item.get("id")}
     else:
         answer = {"jsonrpc": "2.0", "result": result, "id": item.get("id")}
     return answer if "id" in item else None
+
+
+async def read_batch(payload: list[Any], caller: Caller) -> None:
+    """Read every purchase the batch's valid ``purchase.get`` calls ask for, at once."""
+    ids = []
+    for item in payload:
+        if isinstance(item, dict) and item.get("method") == "purchase.get":
+            with contextlib.suppress(RpcError):  # then the item answers its own error
+                ids.append(_purchase_id(_named(item.get("params", {}), ("purchase_id",))))
+    if not ids:
+        return
+    try:
+        actor = await caller.actor()
+    except RpcError:
+        return  # each item answers 401
+    caller.read = await caller.service.read_many(actor, list(dict.fromkeys(ids)))
 
 
 async def handle_rpc(request: web.Request) -> web.Response:
@@ -590,6 +641,8 @@ async def handle_rpc(request: web.Request) -> web.Response:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     caller = Caller(request.app[SERVICE], token.strip() if scheme.lower() == "bearer" else None)
     if isinstance(payload, list):
+        if request.app[COALESCE]:
+            await read_batch(payload, caller)
         answers = await asyncio.gather(*(answer_item(item, caller) for item in payload))
         collected: Any = [a for a in answers if a is not None] or None
     else:
@@ -603,8 +656,11 @@ async def handle_healthz(request: web.Request) -> web.Response:
     return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
 
-def create_app(database_url: str, pool_size: int, frontend_url: str) -> web.Application:
+def create_app(
+    database_url: str, pool_size: int, frontend_url: str, *, coalesce: bool = False
+) -> web.Application:
     app = web.Application()
+    app[COALESCE] = coalesce
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         pool, dialect = await open_pool(database_url, pool_size)
@@ -625,9 +681,16 @@ def main() -> None:
     parser.add_argument("--database-url", required=True, help="the project's SQLAlchemy URL")
     parser.add_argument("--pool-size", type=int, default=10)
     parser.add_argument("--frontend-url", default="http://localhost:3000")
+    parser.add_argument(
+        "--coalesce-batch-reads",
+        action="store_true",
+        help="read a batch's purchase.get calls with one statement",
+    )
     instrumentation.add_arguments(parser)
     args = parser.parse_args()
-    app = create_app(args.database_url, args.pool_size, args.frontend_url)
+    app = create_app(
+        args.database_url, args.pool_size, args.frontend_url, coalesce=args.coalesce_batch_reads
+    )
     instrumentation.attach(app, args)
     web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
 

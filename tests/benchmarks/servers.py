@@ -230,9 +230,16 @@ def same_work_server(
     *,
     instrument: Sequence[str] = (),
     name: str = "same-work",
+    coalesce_batch_reads: bool = False,
 ) -> ServerProcess:
+    """Baseline (b); with ``coalesce_batch_reads``, its variant for ``get-batch-coalesced``
+    (role "same-work-coalesced")."""
     command = [PYTHON, "-m", "tests.benchmarks.same_work", "--port", "{port}"]
     command += ["--database-url", database_url, "--pool-size", str(pool_size), *instrument]
+    role = "same-work"
+    if coalesce_batch_reads:
+        command.append("--coalesce-batch-reads")
+        role = name = "same-work-coalesced"
     return ServerProcess(
-        role="same-work", command=command, env={}, log_path=workdir / f"{name}.log", cpus=cpus
+        role=role, command=command, env={}, log_path=workdir / f"{name}.log", cpus=cpus
     )

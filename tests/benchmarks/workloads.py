@@ -28,7 +28,7 @@ MIXED_PATTERN = "LGCLGLFLGCLGLFLGCLFG"  # 8 list, 6 get, 3 create, 3 fulfill in 
 class Workload:
     name: str
     description: str
-    baseline: str  # "floor" or "same-work"
+    baseline: str  # "floor", "same-work" or "same-work-coalesced"
     calls_per_request: int = 1
     variants: tuple[str, ...] = ("",)
     uses_database: bool = True
@@ -61,6 +61,14 @@ WORKLOADS: dict[str, Workload] = {
             "get-batch",
             f"purchase.get, a batch of {BATCH} distinct purchases per request",
             "same-work",
+            calls_per_request=BATCH,
+        ),
+        Workload(
+            "get-batch-coalesced",
+            f"the same batches of {BATCH} purchase.get, against a baseline that reads each "
+            "batch's purchases with one statement (no target: how much of get-batch's "
+            "ratio is the project's coalesced reads)",
+            "same-work-coalesced",
             calls_per_request=BATCH,
         ),
         Workload(
@@ -142,7 +150,7 @@ async def build_plan(
             for i in range(1000)
         ]
         return loadgen.REPLAY_SCRIPT, loadgen.write_replay_plan(path, requests)
-    if name == "get-batch":
+    if name in ("get-batch", "get-batch-coalesced"):
         auth = dataset.get_user.authorization
         batches = []
         for _ in range(200):
