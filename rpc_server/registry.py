@@ -3,9 +3,10 @@
 An ``RpcMethod`` binds a name to a thin handler, the Marshmallow schema of its params
 (whose field order is the positional order), the schema of its result, whether it needs
 a token, and the application errors it may return. ``MethodRegistry.dispatch_table``
-turns the registry into the ``{name: function}`` dict that jsonrpcserver dispatches
-over; each function loads params, authenticates, calls the handler, dumps the result,
-and maps exceptions to JSON-RPC errors. Nothing reaches jsonrpcserver's global registry.
+turns the registry into the ``{name: function}`` dict the envelope looks methods up in
+and calls through jsonrpcserver; each function loads params, authenticates, calls the
+handler, dumps the result, and maps exceptions to JSON-RPC errors. Nothing reaches
+jsonrpcserver's global registry.
 """
 
 from __future__ import annotations
@@ -144,5 +145,5 @@ class MethodRegistry:
         self._table: dict[str, Callable[..., Awaitable[Result]]] = dict(self.methods)
 
     def dispatch_table(self) -> dict[str, Callable[..., Awaitable[Result]]]:
-        """The ``methods`` dict to hand to jsonrpcserver's dispatch (built once)."""
+        """The ``{name: function}`` dict the envelope dispatches over (built once)."""
         return self._table
