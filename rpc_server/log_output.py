@@ -25,8 +25,8 @@ class LoopBatchedStreamHandler(logging.StreamHandler[TextIO]):
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
-        # The thread whose event loop will call ``flush`` (None: no flush scheduled).
-        self._flush_scheduled_on: int | None = None
+        # The thread, and its event loop, that will call ``flush`` (None: none will).
+        self._flush_scheduled_on: tuple[int, asyncio.AbstractEventLoop] | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         # Called with the handler's lock held (``Handler.handle``).
@@ -36,16 +36,19 @@ class LoopBatchedStreamHandler(logging.StreamHandler[TextIO]):
             self.handleError(record)
             return
         if record.levelno < logging.WARNING:
-            thread = threading.get_ident()
-            if self._flush_scheduled_on == thread:
-                return  # this loop's flush is coming
-            if self._flush_scheduled_on is None:
+            scheduled = self._flush_scheduled_on
+            if scheduled is not None and scheduled[0] == threading.get_ident():
+                if scheduled[1].is_running():
+                    return  # this loop's flush is coming
+                # That loop stopped before its flush ran: write now, and forget it.
+                self._flush_scheduled_on = scheduled = None
+            if scheduled is None:
                 try:
                     loop = asyncio.get_running_loop()
                 except RuntimeError:
                     loop = None  # not an event loop's thread: write now
                 if loop is not None:
-                    self._flush_scheduled_on = thread
+                    self._flush_scheduled_on = (threading.get_ident(), loop)
                     loop.call_soon(self.flush)
                     return
         self._write_pending()

@@ -214,7 +214,9 @@ def supervise(settings: Settings, host: str, port: int, workers: int) -> int:
         for process in [p for p in running if not p.is_alive()]:
             running.remove(process)
             if stopping:
-                failed = failed or process.exitcode != 0
+                if process.exitcode != 0:
+                    log.error("worker %s exited (%s) while stopping", process.pid, process.exitcode)
+                    failed = True
             else:
                 log.error("worker %s exited (%s); starting another", process.pid, process.exitcode)
                 running.append(start())

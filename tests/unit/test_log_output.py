@@ -102,3 +102,20 @@ async def test_a_stream_that_fails_is_reported_not_raised(
     logger.info("lost")
     await asyncio.sleep(0)  # the flush runs as a loop callback: it must not raise there
     logger.error("also lost")
+
+
+def test_lines_held_for_a_loop_that_stopped_go_out_with_the_next_line(
+    logger: logging.Logger, stream: RecordingStream
+) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        # Logged by the loop's last callback: the flush it schedules never runs.
+        loop.run_until_complete(asyncio.sleep(0, result=None))
+        loop.call_soon(logger.info, "last words of the loop")
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+    finally:
+        loop.close()
+    assert stream.getvalue() == ""  # held for a flush that will never come
+    logger.info("after the loop")
+    assert stream.getvalue() == "INFO last words of the loop\nINFO after the loop\n"
