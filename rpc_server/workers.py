@@ -30,6 +30,9 @@ log = logging.getLogger("rpc_server.workers")
 # At most this many queued connections are taken over at shutdown (the kernel's accept
 # queue of one listening socket holds at most its backlog, 128 by default here).
 MAX_TAKEN_CONNECTIONS = 1024
+# At shutdown, how long the listening socket stays open (not accepted from) for the
+# handshakes under way to complete before it closes (see ``serve``).
+HANDSHAKE_GRACE_SECONDS = 0.05
 
 
 def run_server(settings: Settings, host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -69,6 +72,13 @@ async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = 
     deadline = loop.time() + settings.shutdown_timeout
     app[SHUTDOWN].deadline = deadline
     in_flight.closing = True  # answers from now on end their connection
+    await serve_taken(take_accept_queue(site), runner)
+    # A handshake under way now completes in the kernel a moment later (under load the
+    # loopback's packet processing can lag by milliseconds), and its client may already
+    # have written a request: closing the socket now would reset that connection. So it
+    # stays open, not accepted from, a little longer, and what arrived meanwhile is taken
+    # and served too; then it closes and new connections are refused.
+    await asyncio.sleep(HANDSHAKE_GRACE_SECONDS)
     taken = take_accept_queue(site)
     await site.stop()
     await serve_taken(taken, runner)
@@ -85,9 +95,9 @@ def take_accept_queue(site: web.TCPSite) -> list[socket.socket]:
     Closing a listening socket resets the connections the kernel has completed but the
     server not yet accepted, and their clients may have written a request already (with
     ``--workers``, each worker's socket has its own queue). So before the socket closes
-    the loop stops accepting and the queue is emptied here, in one go (no await: new
-    arrivals meanwhile are few, and then the socket closes); ``serve_taken`` hands the
-    connections to aiohttp like any other.
+    the loop stops accepting and the queue is emptied here, in one go (no await);
+    ``serve`` calls this again just before closing the socket, for what arrived since,
+    and ``serve_taken`` hands the connections to aiohttp like any other.
     """
     server = site._server  # aiohttp keeps the asyncio server of a started site here
     if server is None:
