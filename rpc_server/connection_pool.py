@@ -51,12 +51,11 @@ class PoolGate:
 
     async def checkout(self) -> PoolProxiedConnection:
         """A pooled connection (raises what the pool raises: its timeout, connect errors)."""
-        pooled = self._take_idle()
-        if pooled is not None:
-            return pooled
         pool = self._queue_pool()
-        if pool is not None and pool.overflow() >= pool._max_overflow:
-            pooled = await self._wait_for_one(pool)
+        if pool is not None:
+            pooled = self._take_idle(pool)
+            if pooled is None and pool.overflow() >= pool._max_overflow:
+                pooled = await self._wait_for_one(pool)
             if pooled is not None:
                 return pooled
         return await self._engine.raw_connection()
@@ -74,9 +73,8 @@ class PoolGate:
         else:
             await greenlet_spawn(pooled.close)
 
-    def _take_idle(self) -> PoolProxiedConnection | None:
-        pool = self._queue_pool()
-        if pool is None or pool.checkedin() == 0:
+    def _take_idle(self, pool: QueuePool) -> PoolProxiedConnection | None:
+        if pool.checkedin() == 0:
             return None
         try:
             return self._engine.sync_engine.raw_connection()
@@ -106,7 +104,7 @@ class PoolGate:
                         f"timeout {pool._timeout:.2f}"
                     ) from None
                 raise
-            pooled = self._take_idle()
+            pooled = self._take_idle(pool)
             if pooled is not None:
                 return pooled
             if pool.overflow() < pool._max_overflow or pool.checkedin() > 0:

@@ -36,8 +36,9 @@ class LoopBatchedStreamHandler(logging.StreamHandler[TextIO]):
             self.handleError(record)
             return
         if record.levelno < logging.WARNING:
+            thread = threading.get_ident()
             scheduled = self._flush_scheduled_on
-            if scheduled is not None and scheduled[0] == threading.get_ident():
+            if scheduled is not None and scheduled[0] == thread:
                 if scheduled[1].is_running():
                     return  # this loop's flush is coming
                 # That loop stopped before its flush ran: write now, and forget it.
@@ -48,7 +49,7 @@ class LoopBatchedStreamHandler(logging.StreamHandler[TextIO]):
                 except RuntimeError:
                     loop = None  # not an event loop's thread: write now
                 if loop is not None:
-                    self._flush_scheduled_on = (threading.get_ident(), loop)
+                    self._flush_scheduled_on = (thread, loop)
                     loop.call_soon(self.flush)
                     return
         self._write_pending()
