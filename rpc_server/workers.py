@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import socket
+from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -199,7 +200,11 @@ def supervise(settings: Settings, host: str, port: int, workers: int) -> int:
     def start() -> BaseProcess:
         process = context.Process(target=_worker_main, args=(settings, host, port), daemon=False)
         # The child inherits the signal mask: a SIGTERM sent before it has a handler
-        # waits, blocked, instead of killing it half-started.
+        # waits, blocked, instead of killing it half-started. The first start of a spawn
+        # context launches multiprocessing's resource tracker, and that launch unblocks
+        # SIGTERM and SIGINT (it blocks them around its own spawn): so the tracker is
+        # started first, outside the block.
+        resource_tracker.ensure_running()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             process.start()

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -13,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server.domain import services
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import World
-from tests.processes import running_server
+from tests.processes import RPC_SERVER, free_port, running_server
 
 
 async def post(session: aiohttp.ClientSession, port: int, token: str, payload: object) -> object:
@@ -100,3 +106,34 @@ async def test_workers_share_one_port_and_stop_cleanly(
         workers = worker_processes(server.pid)
     assert len(workers) == 2
     assert sorted(answer["id"] for answer in answers) == list(range(20))  # type: ignore[index]
+
+
+def test_sigterm_while_workers_are_still_starting_stops_them_cleanly(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Workers spend about a second importing before they can handle a signal; one sent
+    # then must wait (blocked) until they can, not kill them. The first worker of a
+    # supervisor is the one at risk: starting it also starts multiprocessing's resource
+    # tracker, which unblocks SIGTERM.
+    env = {
+        **os.environ,
+        "RPC_SERVER_DATABASE_URL": database_url,
+        "RPC_SERVER_MAIL_DIR": str(tmp_path / "mail"),
+    }
+    command = [RPC_SERVER, "serve", "--port", str(free_port()), "--workers", "2"]
+    with tempfile.TemporaryFile("w+") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while _read(log).count("started") < 2:  # "worker N started", twice
+            assert server.poll() is None and time.monotonic() < deadline, _read(log)
+            time.sleep(0.01)
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        output = _read(log)
+    assert "exited" not in output, output  # "worker N exited (-15) while stopping"
+    assert server.returncode == 0, output
+
+
+def _read(log: Any) -> str:
+    log.seek(0)
+    return str(log.read())
