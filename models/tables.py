@@ -1,4 +1,5 @@
-"""The tables: users, API tokens, courses, purchases, registrations, the receipt outbox."""
+"""The tables: users, API tokens, courses, purchases, registrations, the receipt outbox,
+the audit trail of purchase state changes and the counter that numbers it."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ BigIntPk = BigInteger().with_variant(Integer(), "sqlite")
 
 PURCHASE_STATES = ("pending", "fulfilled", "failed", "canceled")
 OUTBOX_STATUSES = ("pending", "sent", "dead")
+TOKEN_SCOPES = ("buyer", "staff", "payments")
+EVENT_SOURCES = ("rpc", "webhook", "cli", "migration")
+EVENT_EVIDENCE = ("payment_event", "payments_scope", "staff_comp")
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -39,6 +43,7 @@ class User(Base):
 
     id: Mapped[int] = mapped_column(BigIntPk, primary_key=True)
     email: Mapped[str] = mapped_column(String(320), unique=True)
+    # The user's role as first issued; what a call may do is its token's ``scope``.
     is_staff: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -47,6 +52,7 @@ class ApiToken(Base):
     """A bearer token. Only the SHA-256 of the token is stored; the token is shown once."""
 
     __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint(_in("scope", TOKEN_SCOPES), name="scope_known"),)
 
     id: Mapped[int] = mapped_column(BigIntPk, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -54,6 +60,9 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What the token may do: buyer (own purchases), staff (support desk), payments (the
+    # shop's payment backend). Per token, like a restricted API key.
+    scope: Mapped[str] = mapped_column(String(16), default="buyer", server_default="buyer")
 
 
 class Course(Base):
@@ -88,6 +97,9 @@ class Purchase(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     fulfilled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The provider's reference of the payment that fulfilled it. UNIQUE: one payment
+    # fulfils one purchase, whatever the application does.
+    payment_ref: Mapped[str | None] = mapped_column(String(255), unique=True)
 
 
 class CourseRegistration(Base):
@@ -136,3 +148,58 @@ class RateLimitBucket(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # How many calls the last request was granted (returned by the same UPSERT).
     last_granted: Mapped[int] = mapped_column(Integer)
+
+
+class PurchaseEvent(Base):
+    """One state change of a purchase, appended in the transaction that made it.
+
+    ``seq`` comes from ``event_sequence`` (see there): strictly increasing in commit
+    order, with no gaps, on every engine.
+    """
+
+    __tablename__ = "purchase_events"
+    __table_args__ = (
+        CheckConstraint(_in("to_state", PURCHASE_STATES), name="to_state_known"),
+        CheckConstraint(_in("source", EVENT_SOURCES), name="source_known"),
+        CheckConstraint(_in("actor_scope", TOKEN_SCOPES), name="actor_scope_known"),
+        CheckConstraint(_in("evidence", EVENT_EVIDENCE), name="evidence_known"),
+        # One purchase's history in order: serves purchase.events.
+        Index("ix_purchase_events_purchase_id_seq", "purchase_id", "seq"),
+    )
+
+    seq: Mapped[int] = mapped_column(BigIntPk, primary_key=True, autoincrement=False)
+    purchase_id: Mapped[int] = mapped_column(ForeignKey("purchases.id"))
+    # NULL: the purchase was created (or, for rows written by the migration, its state
+    # before this history began is unknown).
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    # Who asked: a user through a token of this scope; both NULL for the payment webhook.
+    actor_user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    actor_scope: Mapped[str | None] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    # Why a fulfilment was allowed: a verified payment event, a payments-scope token, or
+    # a staff comp; NULL for changes that need no evidence.
+    evidence: Mapped[str | None] = mapped_column(String(16))
+    # The signed payment event's id (webhook-id), when one made the change.
+    payment_event_id: Mapped[str | None] = mapped_column(String(255), index=True)
+    payment_ref: Mapped[str | None] = mapped_column(String(255))
+    error_msg: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EventSequence(Base):
+    """One row: the last ``purchase_events.seq`` handed out.
+
+    A transaction takes the next number with ``UPDATE … SET last_seq = last_seq + 1
+    RETURNING last_seq`` as its last statement before COMMIT. The row lock that UPDATE
+    takes is held until the transaction ends, so on PostgreSQL a second writer waits
+    for the first to commit (or roll back) before it numbers its event: numbers follow
+    commit order and a rolled-back number is given out again, never skipped. On SQLite
+    writers are serialized by ``BEGIN IMMEDIATE`` anyway.
+    """
+
+    __tablename__ = "event_sequence"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    last_seq: Mapped[int] = mapped_column(BigInteger)

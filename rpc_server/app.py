@@ -17,15 +17,19 @@ import aiohttp_cors
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rpc_server import docs_page, json_codec
+from rpc_server import docs_page, json_codec, webhooks
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext
 from rpc_server.database import create_engine, engine_options, is_sqlite
 from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
+from rpc_server.domain import services
+from rpc_server.domain.errors import PaymentNotVerified
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import ParseError, answer, invalid_request, parse, parse_error
+from rpc_server.errors import database_unavailable
 from rpc_server.methods import REGISTRY
 from rpc_server.openrpc import build_document
+from rpc_server.payment_signatures import PaymentSignatures
 from rpc_server.rate_limit import DatabaseRateLimiter, MemoryRateLimiter, RateLimiter
 from rpc_server.registry import MethodRegistry
 from rpc_server.request_id import HEADER as REQUEST_ID_HEADER
@@ -71,6 +75,7 @@ SHUTDOWN = web.AppKey("shutdown", Shutdown)
 ACTORS = web.AppKey("actors", ActorCache)
 LIMITER = web.AppKey("rate_limiter", RateLimiter)
 LINKS = web.AppKey("links", FrontendLinks)
+PAYMENTS = web.AppKey("payments", PaymentSignatures)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
 # reset connection) up to this many bytes; beyond it the connection is closed.
@@ -146,6 +151,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         # A batch's calls read purchases by id together (rpc_server.coalescing).
         uow=uow_factory.for_batch() if isinstance(payload, list) else uow_factory,
         links=request.app[LINKS],
+        payments=request.app[PAYMENTS],
         token=bearer_token(request),
         call_timeout=settings.call_timeout,
         service_description=request.app[OPENRPC].fragment,
@@ -163,6 +169,34 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     if result is None:
         return web.Response(status=204)
     return json_response(result)
+
+
+async def handle_payment_webhook(request: web.Request) -> web.StreamResponse:
+    """POST /webhooks/payments: a signed payment event (``rpc_server.webhooks``)."""
+    body = await read_body(request, webhooks.MAX_BODY_BYTES)
+    if body is None:
+        return json_response(
+            {"status": "error", "reason": "too_large",
+             "message": f"the body is larger than {webhooks.MAX_BODY_BYTES} bytes"},
+            status=413,
+        )  # fmt: skip
+    settings = request.app[SETTINGS]
+    try:
+        signed = webhooks.signed_payment(request, body)
+        async with asyncio.timeout(settings.call_timeout):
+            result, purchase = await services.record_payment_event(
+                request.app[UOW_FACTORY], request.app[PAYMENTS], signed
+            )
+    except PaymentNotVerified as exc:
+        return webhooks.refusal(exc)
+    except Exception as exc:
+        if not (database_unavailable(exc) or isinstance(exc, TimeoutError)):
+            raise
+        log.warning("payment event not handled, database unavailable: %s", type(exc).__name__)
+        return json_response({"status": "unavailable", "message": "retry later"}, status=503)
+    return json_response(
+        {"status": result.value, "purchase_id": purchase.purchase_id, "state": purchase.state}
+    )
 
 
 async def handle_healthz(request: web.Request) -> web.Response:
@@ -245,6 +279,9 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app[REGISTRY_KEY] = registry
     app[SHUTDOWN] = Shutdown()
     app[LINKS] = FrontendLinks(settings.frontend_url)
+    app[PAYMENTS] = PaymentSignatures(
+        settings.payment_keys, tolerance_seconds=settings.payment_tolerance
+    )
     if settings.token_cache_seconds > 0:
         app[ACTORS] = ActorCache(settings.token_cache_seconds)
     document = build_document(registry)
@@ -255,6 +292,7 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     if settings.mail_in_serve:
         app.cleanup_ctx.append(deliverer_ctx)
     app.router.add_post("/rpc", handle_rpc)
+    app.router.add_post("/webhooks/payments", handle_payment_webhook)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)
     app.router.add_get("/openrpc.json", handle_openrpc)

@@ -1,4 +1,5 @@
-"""The ``rpc-server`` command: migrate, create-token, create-course, seed-demo, serve.
+"""The ``rpc-server`` command: migrate, create-token, create-course, seed-demo, serve,
+sign-payment, and the receipt outbox's send-mail, mail-status and mail-retry.
 
 Configuration comes from ``RPC_SERVER_*`` environment variables (see ``config.Settings``);
 flags override them where offered.
@@ -8,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import json
 import logging
+import secrets
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -21,11 +27,14 @@ from rpc_server import __version__
 from rpc_server.config import ConfigError, Settings
 from rpc_server.database import create_engine, engine_options, is_sqlite
 from rpc_server.deliverer import build_deliverer
-from rpc_server.demo import seed_demo
+from rpc_server.demo import DEMO_PAYMENT_KEY, live_demo_tokens, seed_demo
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
+from rpc_server.domain.records import PaymentOutcome
+from rpc_server.domain.states import Scope
 from rpc_server.log_output import LoopBatchedStreamHandler
 from rpc_server.migrate import migrate
+from rpc_server.payment_signatures import sign
 from rpc_server.request_id import RequestIdFilter
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from rpc_server.workers import run_server, supervise
@@ -60,16 +69,17 @@ def cmd_create_token(settings: Settings, args: argparse.Namespace) -> int:
     if args.expires_in is not None and args.expires_in <= 0:
         print("error: --expires-in must be a positive number of days", file=sys.stderr)
         return 2
+    if args.staff and args.scope not in (None, Scope.STAFF.value):
+        print(f"error: --staff means --scope staff, not --scope {args.scope}", file=sys.stderr)
+        return 2
+    scope = Scope.STAFF if args.staff else Scope(args.scope or Scope.BUYER.value)
     expires_in = None if args.expires_in is None else timedelta(days=args.expires_in)
     token = with_database(
         settings,
-        lambda uow: services.issue_token(
-            uow, args.email, is_staff=args.staff, expires_in=expires_in
-        ),
+        lambda uow: services.issue_token(uow, args.email, scope=scope, expires_in=expires_in),
     )
-    kind = "staff user" if args.staff else "user"
     until = f", valid for {args.expires_in:g} days" if expires_in else ""
-    print(f"new token for {kind} {args.email}{until} (shown once, store it now):")
+    print(f"new {scope} token for {args.email}{until} (shown once, store it now):")
     print(token)
     return 0
 
@@ -111,8 +121,64 @@ def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
     )
     print("demo data ready. Demo tokens (well-known: never use them in production):")
     for user in users:
-        role = " (staff)" if user.is_staff else ""
-        print(f"  {user.email}{role}: {user.token}")
+        print(f"  {user.email} ({user.scope}): {user.token}")
+    if not settings.payment_keys:
+        print(
+            "payments: while demo tokens are live and RPC_SERVER_PAYMENT_KEYS is unset, "
+            "serve verifies payment events with the public demo key"
+        )
+    return 0
+
+
+def payment_keys_in_use(settings: Settings) -> tuple[tuple[str, ...], bool]:
+    """The payment keys ``serve`` and ``sign-payment`` use, and whether demo data is live.
+
+    Without ``RPC_SERVER_PAYMENT_KEYS``, the demo key is used while demo tokens are live
+    (after ``seed-demo``), so the demo pays with no set-up; otherwise no key (fail closed).
+    """
+    try:
+        demo_live = bool(with_database(settings, live_demo_tokens))
+    except Exception:  # an unmigrated or unreachable database has no demo tokens
+        demo_live = False
+    if settings.payment_keys:
+        return settings.payment_keys, demo_live or DEMO_PAYMENT_KEY in settings.payment_keys
+    return ((DEMO_PAYMENT_KEY,) if demo_live else ()), demo_live
+
+
+def cmd_sign_payment(settings: Settings, args: argparse.Namespace) -> int:
+    keys, _ = payment_keys_in_use(settings)
+    if not keys:
+        print("error: no payment key: set RPC_SERVER_PAYMENT_KEYS", file=sys.stderr)
+        return 2
+
+    async def work(uow_factory: SqlAlchemyUnitOfWorkFactory) -> Any:
+        async with uow_factory() as uow:
+            return await uow.purchases.get(args.purchase_id, owner_id=None)
+
+    purchase = with_database(settings, work)
+    if purchase is None:
+        print(f"error: no purchase {args.purchase_id}", file=sys.stderr)
+        return 1
+    data: dict[str, str] = {
+        "purchase_id": purchase.purchase_id,
+        "amount": f"{purchase.amount:.2f}",
+        "currency": purchase.currency,
+        "payment_ref": args.ref or f"manual_{secrets.token_hex(8)}",
+    }
+    outcome = PaymentOutcome.SUCCEEDED
+    if args.failed is not None:
+        outcome = PaymentOutcome.FAILED
+        data["error_message"] = args.failed
+    payload = json.dumps({"type": outcome.value, "data": data})
+    message_id = f"evt_{secrets.token_hex(12)}"
+    timestamp = int(time.time())
+    proof = {
+        "id": message_id,
+        "timestamp": timestamp,
+        "signature": sign(keys[0], message_id, timestamp, payload),
+        "payload": payload,
+    }
+    print(json.dumps(proof))
     return 0
 
 
@@ -166,12 +232,34 @@ def cmd_mail_retry(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     if is_sqlite(settings.database_url):
         # The embedded database needs no separate step: bring it up to date here.
         asyncio.run(migrate(settings.database_url))
+    keys, demo_live = payment_keys_in_use(settings)
+    if demo_live and not is_loopback(host) and not (args.allow_demo or settings.allow_demo):
+        print(
+            f"error: refusing to listen on {host}: the demo tokens or the demo payment key "
+            "are live, and anyone could use them. Revoke them "
+            "(rpc-server revoke-token demo-alice …, set RPC_SERVER_PAYMENT_KEYS) or pass "
+            "--allow-demo",
+            file=sys.stderr,
+        )
+        return 2
+    if keys != settings.payment_keys:
+        log.warning("demo data is live: payment events are verified with the public demo key")
+    settings = replace(settings, payment_keys=keys)
     url = f"http://{host}:{port}/rpc"
     print(f"JSON-RPC 2.0 endpoint: POST {url}", flush=True)
     print(
@@ -215,7 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
         "create-token", help="create the user if needed and print a new token (last line)"
     )
     token.add_argument("email")
-    token.add_argument("--staff", action="store_true", help="the user is staff (support desk)")
+    token.add_argument(
+        "--scope",
+        choices=[scope.value for scope in Scope],
+        help="what the token may do: buyer (default; own purchases), staff (support desk) "
+        "or payments (the shop's payment backend)",
+    )
+    token.add_argument("--staff", action="store_true", help="short for --scope staff")
     token.add_argument(
         "--expires-in", type=float, metavar="DAYS", help="the token stops working after DAYS"
     )
@@ -261,7 +355,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="worker processes sharing the port (RPC_SERVER_WORKERS, default 1)",
     )
+    serve.add_argument(
+        "--allow-demo",
+        action="store_true",
+        help="listen on a non-loopback address even while demo tokens or the demo key live "
+        "(RPC_SERVER_ALLOW_DEMO)",
+    )
     serve.set_defaults(run=cmd_serve)
+
+    sign_payment = commands.add_parser(
+        "sign-payment",
+        help="print a signed payment event for a purchase (a payment_proof, as JSON)",
+    )
+    sign_payment.add_argument("purchase_id")
+    sign_payment.add_argument("--ref", help="the provider's payment reference (default: random)")
+    sign_payment.add_argument(
+        "--failed", metavar="MESSAGE", help="a payment.failed event with this error message"
+    )
+    sign_payment.set_defaults(run=cmd_sign_payment)
     return parser
 
 

@@ -65,6 +65,14 @@ class Settings:
     mail_retry_cap: float = 3600.0
     mail_poll_interval: float = 5.0
     mail_lease: float = 300.0
+    # Signed payment events (Standard Webhooks): comma-separated whsec_ secrets, any of
+    # which may sign (list the new one first while rotating; sign-payment uses the first).
+    # None: no proof or webhook is ever accepted.
+    payment_keys: tuple[str, ...] = ()
+    # How far a payment event's timestamp may be from now, in either direction.
+    payment_tolerance: float = 300.0
+    # Let serve listen on a non-loopback address while demo tokens or the demo key live.
+    allow_demo: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -117,6 +125,15 @@ class Settings:
                 SmtpMailer.from_url(self.smtp_url)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if not 0 < self.payment_tolerance <= 86400:
+            raise ConfigError("RPC_SERVER_PAYMENT_TOLERANCE must be between 0 and 86400 seconds")
+        from rpc_server.payment_signatures import parse_secret  # the keys' one parser
+
+        for number, secret in enumerate(self.payment_keys, start=1):
+            try:
+                parse_secret(secret)
+            except ValueError as exc:  # never echo the secret itself
+                raise ConfigError(f"RPC_SERVER_PAYMENT_KEYS, key {number}: {exc}") from None
         if not 0 < self.port < 65536:
             raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")
 

@@ -1,7 +1,8 @@
 """The per-request context jsonrpcserver passes as every method's first argument.
 
 It carries a unit-of-work factory (never a session: batch items run concurrently and
-each opens its own transaction), the frontend links, and the caller's token. The token
+each opens its own transaction), the frontend links, the payment-event verifier and the
+caller's token. The token
 is looked up at most once per HTTP request, however many batch items need it.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.domain.ports import UnitOfWorkFactory
+from rpc_server.domain.ports import PaymentVerifier, UnitOfWorkFactory
 from rpc_server.domain.records import Actor
 from rpc_server.domain.tokens import hash_token
 from rpc_server.token_cache import ActorCache
@@ -26,6 +27,8 @@ log = logging.getLogger("rpc_server.auth")
 class RpcContext:
     uow: UnitOfWorkFactory
     links: FrontendLinks
+    # Checks payment proofs (rpc_server.payment_signatures).
+    payments: PaymentVerifier
     token: str | None = None
     call_timeout: float = 30.0
     # The OpenRPC document, for rpc.discover (serialized once: a JSON fragment).

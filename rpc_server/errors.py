@@ -1,7 +1,7 @@
 """Exceptions to JSON-RPC errors: one table, looked up along the exception's class hierarchy.
 
 Application errors use codes outside the range JSON-RPC reserves (-32768..-32000) and
-mirror HTTP: 401, 404, 409. ``-32000`` "Service unavailable" is the one
+mirror HTTP: 401, 402, 404, 409. ``-32000`` "Service unavailable" is the one
 implementation-defined server error (the database cannot be reached). Anything not in
 the table is an internal error: logged with an error id; the client gets only the id.
 """
@@ -17,7 +17,13 @@ from jsonrpcserver.result import Result
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from rpc_server.domain.errors import Conflict, DomainError, NotFound, Unauthenticated
+from rpc_server.domain.errors import (
+    Conflict,
+    DomainError,
+    NotFound,
+    PaymentNotVerified,
+    Unauthenticated,
+)
 from rpc_server.request_id import current_request_id
 
 logger = logging.getLogger("rpc_server.errors")
@@ -33,6 +39,7 @@ SERVICE_UNAVAILABLE = -32000
 TIMED_OUT = -32001
 # Application errors, mirroring HTTP.
 UNAUTHENTICATED = 401
+PAYMENT_NOT_VERIFIED = 402
 NOT_FOUND = 404
 CONFLICT = 409
 RATE_LIMITED = 429
@@ -44,6 +51,7 @@ ERROR_MESSAGES: dict[int, str] = {
     SERVICE_UNAVAILABLE: "Service unavailable",
     TIMED_OUT: "Timed out",
     UNAUTHENTICATED: "Unauthenticated",
+    PAYMENT_NOT_VERIFIED: "Payment not verified",
     NOT_FOUND: "Not found",
     CONFLICT: "Conflict",
     RATE_LIMITED: "Too many requests",
@@ -55,6 +63,7 @@ STANDARD_METHOD_ERRORS = (
 
 ERROR_CODES: dict[type[BaseException], int] = {
     Unauthenticated: UNAUTHENTICATED,
+    PaymentNotVerified: PAYMENT_NOT_VERIFIED,
     NotFound: NOT_FOUND,
     Conflict: CONFLICT,
 }

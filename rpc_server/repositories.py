@@ -32,13 +32,25 @@ from sqlalchemy.exc import IntegrityError
 from models import ApiToken as TokenRow
 from models import Course as CourseRow
 from models import CourseRegistration as RegistrationRow
+from models import EventSequence as EventSequenceRow
 from models import Purchase as PurchaseRow
+from models import PurchaseEvent as PurchaseEventRow
 from models import ReceiptOutbox as ReceiptRow
 from models import User as UserRow
 from rpc_server.coalescing import PurchaseLookups
 from rpc_server.database import UnitOfWorkConnection
-from rpc_server.domain.records import Actor, Course, Purchase, Registration
-from rpc_server.domain.states import PurchaseState
+from rpc_server.domain.errors import PaymentNotVerified
+from rpc_server.domain.records import (
+    Actor,
+    Backing,
+    Course,
+    NewPurchaseEvent,
+    Purchase,
+    PurchaseEventRecord,
+    Registration,
+    Source,
+)
+from rpc_server.domain.states import PurchaseState, Scope
 from rpc_server.receipts import Receipt
 
 
@@ -48,7 +60,7 @@ def as_utc(moment: datetime) -> datetime:
 
 
 _FIND_ACTOR = (
-    select(UserRow.id, UserRow.email, UserRow.is_staff)
+    select(UserRow.id, UserRow.email, TokenRow.scope)
     .join(TokenRow, TokenRow.user_id == UserRow.id)
     .where(
         TokenRow.token_hash == bindparam("token_hash"),
@@ -65,9 +77,9 @@ class SqlUserRepository:
     async def find_actor(self, token_hash: str, *, now: datetime) -> Actor | None:
         result = await self.connection.execute(_FIND_ACTOR, {"token_hash": token_hash, "now": now})
         row = result.first()
-        return None if row is None else Actor(*row)
+        return None if row is None else Actor(row[0], row[1], Scope(row[2]))
 
-    async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> Actor:
+    async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> int:
         user_id = await self.connection.scalar(select(UserRow.id).where(UserRow.email == email))
         if user_id is None:
             user_id = await self.connection.scalar(
@@ -75,18 +87,15 @@ class SqlUserRepository:
                 .values(email=email, is_staff=is_staff, created_at=now)
                 .returning(UserRow.id)
             )
-        else:
-            await self.connection.execute(
-                update(UserRow).where(UserRow.id == user_id).values(is_staff=is_staff)
-            )
         assert user_id is not None
-        return Actor(user_id, email, is_staff)
+        return int(user_id)
 
     async def add_token(
         self,
         user_id: int,
         token_hash: str,
         *,
+        scope: Scope,
         now: datetime,
         expires_at: datetime | None = None,
     ) -> bool:
@@ -97,7 +106,11 @@ class SqlUserRepository:
             return False
         await self.connection.execute(
             insert(TokenRow).values(
-                user_id=user_id, token_hash=token_hash, created_at=now, expires_at=expires_at
+                user_id=user_id,
+                token_hash=token_hash,
+                scope=scope.value,
+                created_at=now,
+                expires_at=expires_at,
             )
         )
         return True
@@ -216,6 +229,9 @@ def _purchases_by_ids(count: int, *, of_owner: bool) -> Select[*tuple[Any, ...]]
     return query
 
 
+_PURCHASE_BY_PAYMENT_REF = select(PurchaseRow.id).where(
+    PurchaseRow.payment_ref == bindparam("payment_ref")
+)
 _INSERT_PURCHASE = insert(PurchaseRow)
 _INSERT_REGISTRATION = insert(RegistrationRow)
 _INSERT_RECEIPT = insert(ReceiptRow)
@@ -260,6 +276,7 @@ def _transition_statement(sources: frozenset[PurchaseState], target: PurchaseSta
     }
     if target is PurchaseState.FULFILLED:
         values["fulfilled_at"] = bindparam("now")
+        values["payment_ref"] = bindparam("payment_ref")
     return (
         update(PurchaseRow)
         .where(
@@ -396,12 +413,37 @@ class SqlPurchaseRepository:
         target: PurchaseState,
         error_msg: str | None,
         now: datetime,
+        payment_ref: str | None = None,
     ) -> bool:
-        result = await self.connection.execute(
-            _transition_statement(sources, target),
-            {"pk": pk, "new_error_msg": error_msg, "now": now},
-        )
+        params: dict[str, Any] = {"pk": pk, "new_error_msg": error_msg, "now": now}
+        if target is PurchaseState.FULFILLED:
+            params["payment_ref"] = payment_ref
+        try:
+            result = await self.connection.execute(_transition_statement(sources, target), params)
+        except IntegrityError:
+            # Only UNIQUE (payment_ref) can fail here: another purchase was fulfilled
+            # with this payment since the caller checked (on PostgreSQL; SQLite's
+            # writers are serialized).
+            if payment_ref is None:
+                raise
+            raise PaymentNotVerified(
+                "reused", "this payment already fulfilled another purchase"
+            ) from None
         return result.first() is not None
+
+    async def holder_of_payment_ref(self, payment_ref: str) -> int | None:
+        pk = await self.connection.scalar(_PURCHASE_BY_PAYMENT_REF, {"payment_ref": payment_ref})
+        return None if pk is None else int(pk)
+
+
+_REGISTRATION_OF_USER_FOR_COURSE = (
+    select(RegistrationRow.id)
+    .where(
+        RegistrationRow.user_id == bindparam("user_id"),
+        RegistrationRow.course_id == bindparam("course_id"),
+    )
+    .limit(1)
+)
 
 
 class SqlRegistrationRepository:
@@ -418,6 +460,12 @@ class SqlRegistrationRepository:
                 "created_at": now,
             },
         )
+
+    async def exists(self, user_id: int, course_pk: int) -> bool:
+        found = await self.connection.scalar(
+            _REGISTRATION_OF_USER_FOR_COURSE, {"user_id": user_id, "course_id": course_pk}
+        )
+        return found is not None
 
     async def list_for_user(self, user_id: int) -> list[Registration]:
         rows = await self.connection.execute(
@@ -595,6 +643,96 @@ class SqlReceiptOutboxRepository:
             select(ReceiptRow.status, func.count()).group_by(ReceiptRow.status)
         )
         return {status: int(count) for status, count in rows}
+
+
+# The next sequence number; its row lock is held until the transaction ends, which is
+# what makes numbers follow commit order (models.EventSequence).
+_NEXT_SEQ = (
+    update(EventSequenceRow)
+    .where(EventSequenceRow.id == 1)
+    .values(last_seq=EventSequenceRow.last_seq + 1)
+    .returning(EventSequenceRow.last_seq)
+)
+_INSERT_EVENT = insert(PurchaseEventRow)
+_EVENTS_OF_PURCHASE = (
+    select(
+        PurchaseEventRow.seq,
+        PurchaseRow.purchase_id,
+        PurchaseEventRow.from_state,
+        PurchaseEventRow.to_state,
+        PurchaseEventRow.actor_user_id,
+        UserRow.email,
+        PurchaseEventRow.actor_scope,
+        PurchaseEventRow.source,
+        PurchaseEventRow.evidence,
+        PurchaseEventRow.payment_ref,
+        PurchaseEventRow.error_msg,
+        PurchaseEventRow.created_at,
+    )
+    .join(PurchaseRow, PurchaseRow.id == PurchaseEventRow.purchase_id)
+    .outerjoin(UserRow, UserRow.id == PurchaseEventRow.actor_user_id)
+    .where(PurchaseEventRow.purchase_id == bindparam("purchase_pk"))
+    .order_by(PurchaseEventRow.seq)
+)
+_EVENT_OF_PAYMENT = (
+    select(PurchaseEventRow.seq)
+    .where(PurchaseEventRow.payment_event_id == bindparam("event_id"))
+    .limit(1)
+)
+
+
+class SqlPurchaseEventRepository:
+    """The audit trail of purchase state changes (``purchase_events``)."""
+
+    def __init__(self, connection: UnitOfWorkConnection):
+        self.connection = connection
+
+    async def append(self, event: NewPurchaseEvent, *, now: datetime) -> int:
+        seq = await self.connection.scalar(_NEXT_SEQ)
+        assert seq is not None, "event_sequence has no row: run rpc-server migrate"
+        await self.connection.execute(
+            _INSERT_EVENT,
+            {
+                "seq": seq,
+                "purchase_id": event.purchase_pk,
+                "from_state": None if event.from_state is None else event.from_state.value,
+                "to_state": event.to_state.value,
+                "actor_user_id": event.actor.user_id,
+                "actor_scope": None if event.actor.scope is None else event.actor.scope.value,
+                "source": event.source.value,
+                "evidence": None if event.backing is None else event.backing.value,
+                "payment_event_id": event.payment_event_id,
+                "payment_ref": event.payment_ref,
+                "error_msg": event.error_msg,
+                "created_at": now,
+            },
+        )
+        return int(seq)
+
+    async def list_for(self, purchase_pk: int) -> list[PurchaseEventRecord]:
+        rows = await self.connection.execute(_EVENTS_OF_PURCHASE, {"purchase_pk": purchase_pk})
+        return [
+            PurchaseEventRecord(
+                seq=seq,
+                purchase_id=purchase_id,
+                from_state=None if from_state is None else PurchaseState(from_state),
+                to_state=PurchaseState(to_state),
+                actor_user_id=actor_user_id,
+                actor_email=email,
+                actor_scope=None if scope is None else Scope(scope),
+                source=Source(source),
+                backing=None if evidence is None else Backing(evidence),
+                payment_ref=payment_ref,
+                error_msg=error_msg,
+                created_at=as_utc(created_at),
+            )
+            for (seq, purchase_id, from_state, to_state, actor_user_id, email, scope, source,
+                 evidence, payment_ref, error_msg, created_at) in rows
+        ]  # fmt: skip
+
+    async def payment_event_applied(self, event_id: str) -> bool:
+        found = await self.connection.scalar(_EVENT_OF_PAYMENT, {"event_id": event_id})
+        return found is not None
 
 
 @dataclass(frozen=True, slots=True)

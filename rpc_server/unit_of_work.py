@@ -33,6 +33,7 @@ from rpc_server.domain.records import Purchase
 from rpc_server.drivers import Driver, StatementCache
 from rpc_server.repositories import (
     SqlCourseRepository,
+    SqlPurchaseEventRepository,
     SqlPurchaseRepository,
     SqlReceiptOutboxRepository,
     SqlRegistrationRepository,
@@ -57,6 +58,7 @@ class SqlAlchemyUnitOfWork:
         self.purchases = SqlPurchaseRepository(self.connection, self._lookups)
         self.registrations = SqlRegistrationRepository(self.connection)
         self.receipts = SqlReceiptOutboxRepository(self.connection)
+        self.events = SqlPurchaseEventRepository(self.connection)
         return self
 
     async def __aexit__(

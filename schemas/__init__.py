@@ -9,9 +9,12 @@ of the method's params.
 from schemas.base import Out, Params
 from schemas.course import CourseListParams, CourseOut, CourseSaveParams
 from schemas.discovery import DiscoverParams
+from schemas.payment import PaymentEventPayload, PaymentProofParams
 from schemas.purchase import (
     FulfillmentOut,
     PurchaseCreateParams,
+    PurchaseEventOut,
+    PurchaseEventsParams,
     PurchaseFulfillParams,
     PurchaseGetParams,
     PurchaseListParams,
@@ -28,7 +31,11 @@ __all__ = [
     "FulfillmentOut",
     "Out",
     "Params",
+    "PaymentEventPayload",
+    "PaymentProofParams",
     "PurchaseCreateParams",
+    "PurchaseEventOut",
+    "PurchaseEventsParams",
     "PurchaseFulfillParams",
     "PurchaseGetParams",
     "PurchaseListParams",

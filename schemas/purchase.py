@@ -5,11 +5,15 @@
 and the nested ``purchase`` out.
 """
 
-from marshmallow import fields, validate
+from typing import Any
 
-from rpc_server.domain.states import REQUESTABLE_STATES, PurchaseState
+from marshmallow import fields, post_load, validate
+
+from rpc_server.domain.records import Backing, SignedPayment, Source
+from rpc_server.domain.states import REQUESTABLE_STATES, PurchaseState, Scope
 from schemas.base import Out, Params
 from schemas.fields import Cursor
+from schemas.payment import PaymentProofParams, printable
 
 REQUESTABLE = "Must be one of: " + ", ".join(REQUESTABLE_STATES) + "."
 PURCHASE_ID = fields.String(
@@ -43,7 +47,26 @@ class PurchaseFulfillParams(Params):
         error_messages={"unknown": REQUESTABLE},
         validate=validate.OneOf(REQUESTABLE_STATES, error=REQUESTABLE),
     )
-    error_msg = fields.String(validate=validate.Length(max=1000))
+    error_msg = fields.String(validate=[validate.Length(max=1000), printable])
+    payment_proof = fields.Nested(PaymentProofParams)
+
+    @post_load
+    def signed_payment(self, params: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        proof = params.get("payment_proof")
+        if proof is not None:
+            params["payment_proof"] = SignedPayment(
+                message_id=proof["id"],
+                timestamp=proof["timestamp"],
+                signature=proof["signature"],
+                # As signed; text that is not Unicode (a lone surrogate) stays unreadable
+                # and is refused by the verifier as malformed.
+                payload=proof["payload"].encode("utf-8", "surrogatepass"),
+            )
+        return params
+
+
+class PurchaseEventsParams(Params):
+    purchase_id = PURCHASE_ID
 
 
 class PurchaseOut(Out):
@@ -66,3 +89,21 @@ class PurchasePageOut(Out):
 class FulfillmentOut(Out):
     redirect_url = fields.String()
     purchase = fields.Nested(PurchaseOut)
+
+
+class PurchaseEventOut(Out):
+    """One state change: ``from_state`` is null for the creation (or the first event of
+    a purchase made before the history was kept); ``actor_scope`` is null for the
+    payment webhook; ``actor_email`` is null unless the viewer may see who it was."""
+
+    seq = fields.Integer()
+    purchase_id = fields.String()
+    from_state = fields.Enum(PurchaseState, by_value=True, allow_none=True)
+    to_state = fields.Enum(PurchaseState, by_value=True)
+    actor_scope = fields.Enum(Scope, by_value=True, allow_none=True)
+    actor_email = fields.String(allow_none=True)
+    source = fields.Enum(Source, by_value=True)
+    evidence = fields.Enum(Backing, by_value=True, attribute="backing", allow_none=True)
+    payment_ref = fields.String(allow_none=True)
+    error_msg = fields.String(allow_none=True)
+    created_at = fields.DateTime()

@@ -45,3 +45,24 @@ class IdempotencyKeyReused(Conflict):
             "This idempotency_key was already used for a purchase of another course",
             {"idempotency_key": idempotency_key, "course": course},
         )
+
+
+class AlreadyRegistered(Conflict):
+    def __init__(self, course: str):
+        super().__init__("You are already registered for this course", {"course": course})
+
+
+class PaymentNotVerified(DomainError):
+    """A fulfilment (or a payment event) without evidence the server can check.
+
+    ``reason`` is one of ``REASONS``; nothing was written.
+    """
+
+    REASONS = ("missing", "invalid_signature", "expired", "mismatch", "reused", "malformed")
+    message = "Payment not verified"
+
+    def __init__(self, reason: str, detail: str):
+        assert reason in self.REASONS, reason
+        super().__init__(f"Payment not verified: {detail}", {"reason": reason})
+        self.reason = reason
+        self.detail = detail

@@ -11,8 +11,17 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Protocol, Self
 
-from rpc_server.domain.records import Actor, Course, Purchase, Registration
-from rpc_server.domain.states import PurchaseState
+from rpc_server.domain.records import (
+    Actor,
+    Course,
+    NewPurchaseEvent,
+    PaymentEvent,
+    Purchase,
+    PurchaseEventRecord,
+    Registration,
+    SignedPayment,
+)
+from rpc_server.domain.states import PurchaseState, Scope
 
 
 class CourseRepository(Protocol):
@@ -63,17 +72,29 @@ class PurchaseRepository(Protocol):
         target: PurchaseState,
         error_msg: str | None,
         now: datetime,
+        payment_ref: str | None = None,
     ) -> bool:
         """Atomically move the purchase to ``target`` if its state is in ``sources``.
 
         Returns True if this call made the change. This is one conditional UPDATE in
         the database, never a read-then-write, so concurrent callers cannot both win.
+        ``payment_ref`` is recorded with a fulfilment; if another purchase already holds
+        it (a race the caller's check could not see), raises
+        ``PaymentNotVerified("reused")`` and the unit of work must be abandoned.
         """
+        ...
+
+    async def holder_of_payment_ref(self, payment_ref: str) -> int | None:
+        """Return the pk of the purchase fulfilled with this payment, if any."""
         ...
 
 
 class RegistrationRepository(Protocol):
     async def add(self, purchase: Purchase, *, now: datetime) -> None: ...
+
+    async def exists(self, user_id: int, course_pk: int) -> bool:
+        """True if the user is registered for the course (by any purchase)."""
+        ...
 
     async def list_for_user(self, user_id: int) -> list[Registration]: ...
 
@@ -82,13 +103,48 @@ class ReceiptOutboxRepository(Protocol):
     async def add(self, purchase: Purchase, *, now: datetime) -> None: ...
 
 
+class PurchaseEventRepository(Protocol):
+    """The audit trail: one row per state change, in the transaction that made it."""
+
+    async def append(self, event: NewPurchaseEvent, *, now: datetime) -> int:
+        """Append the event and return its sequence number.
+
+        Call it last before committing: numbering holds a lock until the transaction
+        ends (see ``models.EventSequence``).
+        """
+        ...
+
+    async def list_for(self, purchase_pk: int) -> list[PurchaseEventRecord]:
+        """One purchase's history, oldest first."""
+        ...
+
+    async def payment_event_applied(self, event_id: str) -> bool:
+        """True if the payment event with this id already changed a purchase."""
+        ...
+
+
+class PaymentVerifier(Protocol):
+    """Checks a signed payment event: keys, signature, timestamp, payload shape."""
+
+    @property
+    def configured(self) -> bool:
+        """False when no key is configured: then nothing ever verifies (fail closed)."""
+        ...
+
+    def verify(self, signed: SignedPayment) -> PaymentEvent:
+        """Return the verified event; raise PaymentNotVerified with the reason otherwise
+        (``invalid_signature``, ``expired`` or ``malformed``)."""
+        ...
+
+
 class UserRepository(Protocol):
     async def find_actor(self, token_hash: str, *, now: datetime) -> Actor | None:
         """Return the owner of a live (not expired, not revoked) token, or None."""
         ...
 
-    async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> Actor:
-        """Return the user with this email, creating it (or updating its staff flag)."""
+    async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> int:
+        """Return the id of the user with this email, creating it if needed (``is_staff``
+        is its role then). An existing user is never changed."""
         ...
 
     async def add_token(
@@ -96,10 +152,12 @@ class UserRepository(Protocol):
         user_id: int,
         token_hash: str,
         *,
+        scope: Scope,
         now: datetime,
         expires_at: datetime | None = None,
     ) -> bool:
-        """Store a token hash for the user; False if that hash is already stored."""
+        """Store a token hash of this scope for the user; False if that hash is already
+        stored (the stored token is left as it is)."""
         ...
 
     async def revoke_token(self, token_hash: str, *, now: datetime) -> bool:
@@ -128,6 +186,9 @@ class UnitOfWork(Protocol):
 
     @property
     def receipts(self) -> ReceiptOutboxRepository: ...
+
+    @property
+    def events(self) -> PurchaseEventRepository: ...
 
     async def __aenter__(self) -> Self: ...
 

@@ -8,22 +8,39 @@ methods so that handlers can pass loaded params straight through.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 
-from rpc_server.domain.errors import IdempotencyKeyReused, InvalidTransition, NotFound
+from rpc_server.domain.errors import (
+    AlreadyRegistered,
+    IdempotencyKeyReused,
+    InvalidTransition,
+    NotFound,
+    PaymentNotVerified,
+)
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.domain.ports import UnitOfWorkFactory
+from rpc_server.domain.ports import PaymentVerifier, UnitOfWork, UnitOfWorkFactory
 from rpc_server.domain.records import (
+    WEBHOOK_ACTOR,
     Actor,
+    Backing,
     Course,
+    EventActor,
     Fulfillment,
+    NewPurchaseEvent,
+    PaymentEvent,
+    PaymentOutcome,
     Purchase,
+    PurchaseEventRecord,
     PurchasePage,
     Registration,
+    SignedPayment,
+    Source,
 )
-from rpc_server.domain.states import PurchaseState, Step, sources_of, step_for
+from rpc_server.domain.states import Evidence, PurchaseState, Scope, Step, evidence_for, step_for
 from rpc_server.domain.tokens import hash_token, new_token
 
 Clock = Callable[[], datetime]
@@ -39,8 +56,8 @@ def new_purchase_id() -> str:
 
 
 def _visible_owner(actor: Actor) -> int | None:
-    """Staff (the support desk) see every purchase; everyone else only their own."""
-    return None if actor.is_staff else actor.user_id
+    """Staff and the payment backend see every purchase; buyers only their own."""
+    return None if actor.sees_every_purchase else actor.user_id
 
 
 async def authenticate(
@@ -55,22 +72,28 @@ async def issue_token(
     uow_factory: UnitOfWorkFactory,
     email: str,
     *,
+    scope: Scope | None = None,
     is_staff: bool = False,
     token: str | None = None,
     expires_in: timedelta | None = None,
     clock: Clock = utcnow,
 ) -> str:
-    """Create the user if needed and return a new token for it (shown this once).
+    """Create the user if needed and return a new token of ``scope`` for it (shown once).
 
-    ``token`` fixes the token's value (used only for the well-known demo tokens);
-    issuing a fixed token that is already stored is a no-op that returns it.
+    ``is_staff=True`` is short for ``scope=Scope.STAFF``; the default is a buyer token.
+    Issuing a token changes no other token and no existing user. ``token`` fixes the
+    token's value (used only for the well-known demo tokens); issuing a fixed token
+    that is already stored is a no-op that returns it.
     """
+    scope = scope or (Scope.STAFF if is_staff else Scope.BUYER)
     token = token or new_token()
     async with uow_factory(write=True) as uow:
-        user = await uow.users.ensure_user(email, is_staff=is_staff, now=clock())
         now = clock()
+        user_id = await uow.users.ensure_user(email, is_staff=scope is Scope.STAFF, now=now)
         expires_at = None if expires_in is None else now + expires_in
-        await uow.users.add_token(user.user_id, hash_token(token), now=now, expires_at=expires_at)
+        await uow.users.add_token(
+            user_id, hash_token(token), scope=scope, now=now, expires_at=expires_at
+        )
         await uow.commit()
     return token
 
@@ -116,13 +139,15 @@ async def create_purchase(
     *,
     course: str,
     idempotency_key: str | None = None,
+    source: Source = Source.RPC,
     clock: Clock = utcnow,
 ) -> Purchase:
     """Create a pending purchase of ``course`` for the actor.
 
     With an ``idempotency_key``, a repeated call returns the purchase the first call
-    created and creates nothing. Raises NotFound for an unknown course and
-    IdempotencyKeyReused when the key was used for another course.
+    created and creates nothing. Raises NotFound for an unknown course,
+    IdempotencyKeyReused when the key was used for another course and AlreadyRegistered
+    when the actor is already registered for the course.
     """
     async with uow_factory(write=True) as uow:
         found = await uow.courses.get_by_slug(course)
@@ -132,12 +157,15 @@ async def create_purchase(
             earlier = await uow.purchases.get_by_idempotency_key(actor.user_id, idempotency_key)
             if earlier is not None:
                 return _replayed(earlier, course, idempotency_key)
+        if await uow.registrations.exists(actor.user_id, found.pk):
+            raise AlreadyRegistered(course)
+        now = clock()
         created = await uow.purchases.add(
             purchase_id=new_purchase_id(),
             owner_id=actor.user_id,
             course=found,
             idempotency_key=idempotency_key,
-            now=clock(),
+            now=now,
         )
         if created is None:
             # A concurrent call with the same key won the race; answer as it did.
@@ -145,6 +173,16 @@ async def create_purchase(
             earlier = await uow.purchases.get_by_idempotency_key(actor.user_id, idempotency_key)
             assert earlier is not None
             return _replayed(earlier, course, idempotency_key)
+        await uow.events.append(
+            NewPurchaseEvent(
+                purchase_pk=created.pk,
+                from_state=None,
+                to_state=PurchaseState.PENDING,
+                actor=EventActor.of(actor),
+                source=source,
+            ),
+            now=now,
+        )
         await uow.commit()
         return created
 
@@ -184,6 +222,17 @@ async def list_purchases(
     return PurchasePage(items=items, next_before=next_before)
 
 
+@dataclass(frozen=True, slots=True)
+class _Approval:
+    """Why a change may be applied: what the audit row records as its backing."""
+
+    backing: Backing | None
+    payment_event: PaymentEvent | None = None
+
+
+Approve = Callable[[Purchase], Awaitable[_Approval]]
+
+
 async def fulfill_purchase(
     uow_factory: UnitOfWorkFactory,
     actor: Actor,
@@ -192,46 +241,232 @@ async def fulfill_purchase(
     purchase_id: str,
     purchase_state: PurchaseState,
     error_msg: str | None = None,
+    payment_proof: SignedPayment | None = None,
+    verifier: PaymentVerifier,
+    source: Source = Source.RPC,
     clock: Clock = utcnow,
 ) -> Fulfillment:
     """Apply the outcome of a payment to a purchase, following ``states.TRANSITIONS``.
 
-    Fulfilling creates the course registration and the receipt outbox row in the same
-    transaction. Repeating a request answers exactly as before and changes nothing.
+    Only a change the state machine applies needs evidence (``states.OUTCOME_EVIDENCE``):
+    a buyer fulfils only with a ``payment_proof`` that verifies and matches the purchase
+    as stored; a payments-scope caller needs none; staff without one record a comp. A
+    proof, when given, is always checked and must match the outcome asked for.
+    Fulfilling creates the course registration and the receipt outbox row, and every
+    change its audit event, in the same transaction. Repeating a request answers
+    exactly as before and changes nothing (a REPEAT needs no evidence).
     ``error_msg`` is recorded only when the purchase becomes ``failed``.
-    Raises NotFound (unknown or not visible) and InvalidTransition (409).
+    Raises NotFound (unknown or not visible), InvalidTransition (409) and
+    PaymentNotVerified (nothing written).
     """
     owner = _visible_owner(actor)
+    needed = evidence_for(actor.scope, purchase_state)
+    verified: list[PaymentEvent] = []  # the proof, verified at most once
+
+    async def approve(purchase: Purchase) -> _Approval:
+        if payment_proof is not None:
+            if not verified:
+                verified.append(verifier.verify(payment_proof))
+            await _check_event_fits(uow, verified[0], purchase, purchase_state)
+            return _Approval(Backing.PAYMENT_EVENT, verified[0])
+        if needed is Evidence.PROOF:
+            raise PaymentNotVerified(
+                "missing",
+                "fulfilling a purchase needs a payment_proof (the signed payment event "
+                "the payment step returned)",
+            )
+        if needed is Evidence.PROOF_OR_COMP:
+            return _Approval(Backing.STAFF_COMP)
+        if purchase_state is PurchaseState.FULFILLED:
+            return _Approval(Backing.PAYMENTS_SCOPE)
+        return _Approval(None)
+
     async with uow_factory(write=True) as uow:
         purchase = await uow.purchases.get(purchase_id, owner_id=owner)
         if purchase is None:
             raise NotFound("Purchase not found", {"purchase_id": purchase_id})
-        # Each lost race moves the purchase on to another state, so this loop ends.
-        for _attempt in range(len(PurchaseState)):
-            step = step_for(purchase.state, purchase_state)
-            if step is not Step.APPLY:
-                break
-            now = clock()
-            changed = await uow.purchases.transition(
-                purchase.pk,
-                sources=sources_of(purchase_state),
-                target=purchase_state,
-                error_msg=error_msg if purchase_state is PurchaseState.FAILED else None,
+        purchase, step = await _request_state(
+            uow,
+            purchase,
+            purchase_state,
+            approve=approve,
+            actor=EventActor.of(actor),
+            source=source,
+            error_msg=error_msg,
+            owner=owner,
+            clock=clock,
+        )
+    if step is Step.CONFLICT:
+        raise InvalidTransition(purchase.state, purchase_state)
+    return Fulfillment(redirect_url=links.after_fulfillment(purchase), purchase=purchase)
+
+
+class PaymentEventResult(StrEnum):
+    """What a payment event delivered to the webhook did."""
+
+    APPLIED = "applied"  # it changed the purchase
+    REPEATED = "repeated"  # the purchase was already in the state it asks for
+    DUPLICATE = "duplicate"  # this event id already changed the purchase
+    CONFLICT = "conflict"  # the purchase can no longer take that state (for example canceled)
+
+
+async def record_payment_event(
+    uow_factory: UnitOfWorkFactory,
+    verifier: PaymentVerifier,
+    signed: SignedPayment,
+    *,
+    clock: Clock = utcnow,
+) -> tuple[PaymentEventResult, Purchase]:
+    """Apply a signed payment event delivered by the payment backend (the webhook).
+
+    ``payment.succeeded`` fulfils, ``payment.failed`` fails with its ``error_message``,
+    through the same state machine and checks as ``fulfill_purchase`` with a proof;
+    whichever of the two arrives first applies and the others repeat.
+    Raises PaymentNotVerified: ``malformed``, ``invalid_signature`` and ``expired``
+    before anything is read; ``mismatch`` (unknown purchase, other amount or currency)
+    and ``reused`` after. Nothing is written then.
+    """
+    event = verifier.verify(signed)
+    requested = event.outcome.requested_state
+
+    async def approve(purchase: Purchase) -> _Approval:
+        await _check_event_fits(uow, event, purchase, requested)
+        return _Approval(Backing.PAYMENT_EVENT, event)
+
+    async with uow_factory(write=True) as uow:
+        purchase = await uow.purchases.get(event.purchase_id, owner_id=None)
+        if purchase is None:
+            raise PaymentNotVerified("mismatch", "the payment event is for an unknown purchase")
+        if await uow.events.payment_event_applied(event.event_id):
+            return PaymentEventResult.DUPLICATE, purchase
+        purchase, step = await _request_state(
+            uow,
+            purchase,
+            requested,
+            approve=approve,
+            actor=WEBHOOK_ACTOR,
+            source=Source.WEBHOOK,
+            error_msg=event.error_message or "Payment failed",
+            owner=None,
+            clock=clock,
+        )
+    results = {
+        Step.APPLY: PaymentEventResult.APPLIED,
+        Step.REPEAT: PaymentEventResult.REPEATED,
+        Step.CONFLICT: PaymentEventResult.CONFLICT,
+    }
+    return results[step], purchase
+
+
+async def _check_event_fits(
+    uow: UnitOfWork, event: PaymentEvent, purchase: Purchase, requested: PurchaseState
+) -> None:
+    """Raise PaymentNotVerified unless ``event`` pays for ``purchase`` as stored and
+    asks for ``requested``, with a payment no other purchase was fulfilled with."""
+    if event.purchase_id != purchase.purchase_id:
+        raise PaymentNotVerified("mismatch", "the payment event is for another purchase")
+    if event.outcome.requested_state is not requested:
+        raise PaymentNotVerified(
+            "mismatch", f"a {event.outcome} event cannot make a purchase {requested}"
+        )
+    if event.amount != purchase.amount or event.currency != purchase.currency:
+        raise PaymentNotVerified(
+            "mismatch", "the payment's amount or currency is not the purchase's"
+        )
+    if event.outcome is PaymentOutcome.SUCCEEDED:
+        holder = await uow.purchases.holder_of_payment_ref(event.payment_ref)
+        if holder is not None and holder != purchase.pk:
+            raise PaymentNotVerified("reused", "this payment already fulfilled another purchase")
+
+
+async def _request_state(
+    uow: UnitOfWork,
+    purchase: Purchase,
+    requested: PurchaseState,
+    *,
+    approve: Approve,
+    actor: EventActor,
+    source: Source,
+    error_msg: str | None,
+    owner: int | None,
+    clock: Clock,
+) -> tuple[Purchase, Step]:
+    """Move ``purchase`` to ``requested`` if the state machine says APPLY and ``approve``
+    does not raise; commit the change with its side effects and its audit event.
+
+    Returns the purchase as the database holds it afterwards and the step taken for
+    the state it was last seen in. The change is conditional on the state read, so a
+    concurrent change makes it miss; the purchase is then read again and the table
+    consulted again. Each lost race moves the purchase on, so this ends.
+    """
+    for _attempt in range(len(PurchaseState)):
+        step = step_for(purchase.state, requested)
+        if step is not Step.APPLY:
+            return purchase, step
+        approval = await approve(purchase)
+        event = approval.payment_event
+        message = error_msg if requested is PurchaseState.FAILED else None
+        now = clock()
+        changed = await uow.purchases.transition(
+            purchase.pk,
+            sources=frozenset({purchase.state}),
+            target=requested,
+            error_msg=message,
+            payment_ref=(
+                event.payment_ref
+                if event is not None and requested is PurchaseState.FULFILLED
+                else None
+            ),
+            now=now,
+        )
+        # Read back what the database holds now: ours if we won, the winner's if not.
+        refreshed = await uow.purchases.get(purchase.purchase_id, owner_id=owner)
+        assert refreshed is not None
+        if changed:
+            if requested is PurchaseState.FULFILLED:
+                await uow.registrations.add(refreshed, now=now)
+                await uow.receipts.add(refreshed, now=now)
+            await uow.events.append(
+                NewPurchaseEvent(
+                    purchase_pk=purchase.pk,
+                    from_state=purchase.state,
+                    to_state=requested,
+                    actor=actor,
+                    source=source,
+                    backing=approval.backing,
+                    payment_event_id=None if event is None else event.event_id,
+                    payment_ref=None if event is None else event.payment_ref,
+                    error_msg=message,
+                ),
                 now=now,
             )
-            # Read back what the database holds now: ours if we won, the winner's if not.
-            refreshed = await uow.purchases.get(purchase_id, owner_id=owner)
-            assert refreshed is not None
-            purchase = refreshed
-            if changed:
-                if purchase_state is PurchaseState.FULFILLED:
-                    await uow.registrations.add(purchase, now=now)
-                    await uow.receipts.add(purchase, now=now)
-                await uow.commit()
-                break
-        if step is Step.CONFLICT:
-            raise InvalidTransition(purchase.state, purchase_state)
-    return Fulfillment(redirect_url=links.after_fulfillment(purchase), purchase=purchase)
+            await uow.commit()
+            return refreshed, step
+        purchase = refreshed
+    raise AssertionError("a purchase changed state more often than it has states")
+
+
+async def list_purchase_events(
+    uow_factory: UnitOfWorkFactory, actor: Actor, *, purchase_id: str
+) -> list[PurchaseEventRecord]:
+    """Return the history of a purchase the actor may see, oldest first.
+
+    Who made a change is shown by email only to staff and the payment backend, and to
+    a buyer for their own changes; otherwise only the actor's scope is shown.
+    """
+    async with uow_factory() as uow:
+        purchase = await uow.purchases.get(purchase_id, owner_id=_visible_owner(actor))
+        if purchase is None:
+            raise NotFound("Purchase not found", {"purchase_id": purchase_id})
+        events = await uow.events.list_for(purchase.pk)
+    if actor.sees_every_purchase:
+        return events
+    return [
+        event
+        if event.actor_user_id in (None, actor.user_id)
+        else replace(event, actor_user_id=None, actor_email=None)
+        for event in events
+    ]
 
 
 async def list_registrations(uow_factory: UnitOfWorkFactory, actor: Actor) -> list[Registration]:

@@ -4,7 +4,7 @@ Handlers are thin: they get loaded params and the caller, make one domain servic
 and return a record; the registry dumps it through the result schema.
 """
 
-from rpc_server.errors import CONFLICT, NOT_FOUND, UNAUTHENTICATED
+from rpc_server.errors import CONFLICT, NOT_FOUND, PAYMENT_NOT_VERIFIED, UNAUTHENTICATED
 from rpc_server.methods import courses, discovery, examples, purchases, registrations
 from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas import (
@@ -13,6 +13,8 @@ from schemas import (
     DiscoverParams,
     FulfillmentOut,
     PurchaseCreateParams,
+    PurchaseEventOut,
+    PurchaseEventsParams,
     PurchaseFulfillParams,
     PurchaseGetParams,
     PurchaseListParams,
@@ -44,8 +46,13 @@ REGISTRY = MethodRegistry(
         ),
         RpcMethod(
             "purchase.fulfill", purchases.fulfill_purchase, PurchaseFulfillParams,
-            FulfillmentOut(), errors=(UNAUTHENTICATED, NOT_FOUND, CONFLICT),
+            FulfillmentOut(), errors=(UNAUTHENTICATED, PAYMENT_NOT_VERIFIED, NOT_FOUND, CONFLICT),
             result_name="fulfillment", example=examples.PURCHASE_FULFILL,
+        ),
+        RpcMethod(
+            "purchase.events", purchases.list_purchase_events, PurchaseEventsParams,
+            PurchaseEventOut(many=True), errors=(UNAUTHENTICATED, NOT_FOUND),
+            result_name="events", example=examples.PURCHASE_EVENTS,
         ),
         RpcMethod(
             "registration.list", registrations.list_registrations, RegistrationListParams,

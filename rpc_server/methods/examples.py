@@ -11,8 +11,17 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.domain.records import Course, Fulfillment, Purchase, PurchasePage, Registration
-from rpc_server.domain.states import PurchaseState
+from rpc_server.domain.records import (
+    Backing,
+    Course,
+    Fulfillment,
+    Purchase,
+    PurchaseEventRecord,
+    PurchasePage,
+    Registration,
+    Source,
+)
+from rpc_server.domain.states import PurchaseState, Scope
 from rpc_server.registry import Example
 
 _CREATED = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
@@ -45,9 +54,24 @@ PURCHASE_LIST = Example(
     {"state": "pending", "limit": 1},
     PurchasePage(items=[PENDING], next_before=PENDING.pk),
 )
+# What the payment step hands the browser: a payment event signed by the shop's
+# payment backend (Standard Webhooks v1; this signature is illustrative).
+PAYMENT_PAYLOAD = (
+    '{"type": "payment.succeeded", "data": {"purchase_id": "' + PURCHASE_ID + '", '
+    '"amount": "49.00", "currency": "USD", "payment_ref": "pi_3PqR7s"}}'
+)
 PURCHASE_FULFILL = Example(
-    "the payment went through",
-    {"purchase_id": PURCHASE_ID, "purchase_state": "fulfilled"},
+    "the payment went through: fulfil with the signed payment event",
+    {
+        "purchase_id": PURCHASE_ID,
+        "purchase_state": "fulfilled",
+        "payment_proof": {
+            "id": "evt_2KWPBgLlAfxdpx2AI54pPJ85f4W",
+            "timestamp": 1795771860,
+            "signature": "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=",
+            "payload": PAYMENT_PAYLOAD,
+        },
+    },
     Fulfillment(
         redirect_url=FrontendLinks("https://shop.example").after_fulfillment(FULFILLED),
         purchase=FULFILLED,
@@ -57,4 +81,38 @@ REGISTRATION_LIST = Example(
     "the caller's registrations",
     {},
     [Registration(course_slug="python-basics", purchase_id=PURCHASE_ID, created_at=_FULFILLED)],
+)
+PURCHASE_EVENTS = Example(
+    "a purchase's history",
+    {"purchase_id": PURCHASE_ID},
+    [
+        PurchaseEventRecord(
+            seq=1041,
+            purchase_id=PURCHASE_ID,
+            from_state=None,
+            to_state=PurchaseState.PENDING,
+            actor_user_id=7,
+            actor_email="alice@example.com",
+            actor_scope=Scope.BUYER,
+            source=Source.RPC,
+            backing=None,
+            payment_ref=None,
+            error_msg=None,
+            created_at=_CREATED,
+        ),
+        PurchaseEventRecord(
+            seq=1042,
+            purchase_id=PURCHASE_ID,
+            from_state=PurchaseState.PENDING,
+            to_state=PurchaseState.FULFILLED,
+            actor_user_id=None,
+            actor_email=None,
+            actor_scope=None,
+            source=Source.WEBHOOK,
+            backing=Backing.PAYMENT_EVENT,
+            payment_ref="pi_3PqR7s",
+            error_msg=None,
+            created_at=_FULFILLED,
+        ),
+    ],
 )

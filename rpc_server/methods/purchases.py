@@ -1,10 +1,17 @@
-"""purchase.create, purchase.get, purchase.list, purchase.fulfill."""
+"""purchase.create, purchase.get, purchase.list, purchase.fulfill, purchase.events."""
 
 from __future__ import annotations
 
 from rpc_server.context import RpcContext
 from rpc_server.domain import services
-from rpc_server.domain.records import Actor, Fulfillment, Purchase, PurchasePage
+from rpc_server.domain.records import (
+    Actor,
+    Fulfillment,
+    Purchase,
+    PurchaseEventRecord,
+    PurchasePage,
+    SignedPayment,
+)
 from rpc_server.domain.states import PurchaseState
 
 
@@ -41,8 +48,13 @@ async def fulfill_purchase(
     purchase_id: str,
     purchase_state: PurchaseState,
     error_msg: str | None = None,
+    payment_proof: SignedPayment | None = None,
 ) -> Fulfillment:
-    """Record a payment outcome: fulfilled, failed or canceled; idempotent."""
+    """Record a payment outcome: fulfilled, failed or canceled; idempotent.
+
+    Fulfilling needs evidence of payment: a buyer passes the signed payment event as
+    payment_proof; a payments-scope token needs none; staff without one record a comp.
+    """
     return await services.fulfill_purchase(
         ctx.uow,
         actor,
@@ -50,4 +62,14 @@ async def fulfill_purchase(
         purchase_id=purchase_id,
         purchase_state=purchase_state,
         error_msg=error_msg,
+        payment_proof=payment_proof,
+        verifier=ctx.payments,
     )
+
+
+async def list_purchase_events(
+    ctx: RpcContext, actor: Actor, *, purchase_id: str
+) -> list[PurchaseEventRecord]:
+    """Return the history of a purchase, oldest first: every state change, who made it
+    and on what evidence."""
+    return await services.list_purchase_events(ctx.uow, actor, purchase_id=purchase_id)
