@@ -26,9 +26,11 @@ from rpc_server.config import Settings
 from rpc_server.database import create_engine
 from rpc_server.domain import services
 from rpc_server.domain.records import Actor, Course
+from rpc_server.domain.states import Scope
 from rpc_server.migrate import migrate
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests import databases
+from tests.payments import TEST_PAYMENT_KEY
 
 FRONTEND_URL = "https://shop.example"
 
@@ -95,6 +97,8 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
         # Off here, so that tests sending thousands of calls test what they are about;
         # tests/e2e/test_rate_limit.py turns it on.
         rate_limit=0,
+        # Proofs signed with tests.payments.TEST_PAYMENT_KEY verify.
+        payment_keys=(TEST_PAYMENT_KEY,),
     )
 
 
@@ -119,11 +123,14 @@ class User:
 
 @dataclass(frozen=True)
 class World:
-    """What every HTTP test starts with: three users and two courses."""
+    """What every HTTP test starts with: two buyers, a staff user (support desk), the
+    shop's payment backend (a payments-scope token: fulfils without a proof) and two
+    courses."""
 
     alice: User
     bob: User
     staff: User
+    payments: User
     python: Course
     sql: Course
 
@@ -131,12 +138,13 @@ class World:
 @pytest.fixture
 async def world(uow_factory: SqlAlchemyUnitOfWorkFactory) -> World:
     users = []
-    for email, is_staff in (
-        ("alice@example.com", False),
-        ("bob@example.com", False),
-        ("support@example.com", True),
+    for email, scope in (
+        ("alice@example.com", Scope.BUYER),
+        ("bob@example.com", Scope.BUYER),
+        ("support@example.com", Scope.STAFF),
+        ("payments@example.com", Scope.PAYMENTS),
     ):
-        token = await services.issue_token(uow_factory, email, is_staff=is_staff)
+        token = await services.issue_token(uow_factory, email, scope=scope)
         actor = await services.authenticate(uow_factory, token)
         assert actor is not None
         users.append(User(email, token, actor))
