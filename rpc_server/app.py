@@ -188,7 +188,8 @@ async def handle_payment_webhook(request: web.Request) -> web.StreamResponse:
                 request.app[UOW_FACTORY], request.app[PAYMENTS], signed
             )
     except PaymentNotVerified as exc:
-        return webhooks.refusal(exc)
+        answer, status = webhooks.refusal(exc)
+        return json_response(answer, status=status)
     except Exception as exc:
         if not (database_unavailable(exc) or isinstance(exc, TimeoutError)):
             raise

@@ -50,10 +50,9 @@ def signed_payment(request: web.Request, body: bytes) -> SignedPayment:
     )
 
 
-def refusal(exc: PaymentNotVerified) -> web.Response:
+def refusal(exc: PaymentNotVerified) -> tuple[dict[str, str], int]:
+    """The answer to a refused event, and its HTTP status."""
     status = REFUSAL_STATUS.get(exc.reason, 200)
     outcome = "refused" if status == 200 else "error"
     log.warning("payment event %s: %s (%s)", outcome, exc.reason, exc.detail)
-    return web.json_response(
-        {"status": outcome, "reason": exc.reason, "message": exc.detail}, status=status
-    )
+    return {"status": outcome, "reason": exc.reason, "message": exc.detail}, status
