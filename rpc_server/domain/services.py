@@ -44,6 +44,8 @@ from rpc_server.domain.states import Evidence, PurchaseState, Scope, Step, evide
 from rpc_server.domain.tokens import hash_token, new_token
 
 Clock = Callable[[], datetime]
+# What a signed payment.failed event without an error_message records.
+FAILED_PAYMENT = "Payment failed"
 
 
 def utcnow() -> datetime:
@@ -251,7 +253,8 @@ async def fulfill_purchase(
     Only a change the state machine applies needs evidence (``states.OUTCOME_EVIDENCE``):
     a buyer fulfils only with a ``payment_proof`` that verifies and matches the purchase
     as stored; a payments-scope caller needs none; staff without one record a comp. A
-    proof, when given, is always checked and must match the outcome asked for.
+    proof, when given, is always checked and must match the outcome asked for; a
+    ``payment.failed`` proof records its own ``error_message``, not ``error_msg``.
     Fulfilling creates the course registration and the receipt outbox row, and every
     change its audit event, in the same transaction. Repeating a request answers
     exactly as before and changes nothing (a REPEAT needs no evidence).
@@ -334,10 +337,14 @@ async def record_payment_event(
         return _Approval(Backing.PAYMENT_EVENT, event)
 
     async with uow_factory(write=True) as uow:
+        # The event first, the purchase after: read in this order, a purchase changed by
+        # this event in a transaction that committed meanwhile (READ COMMITTED) is read
+        # as it is now, never as it was before the event applied.
+        duplicate = await uow.events.payment_event_applied(event.event_id)
         purchase = await uow.purchases.get(event.purchase_id, owner_id=None)
         if purchase is None:
             raise PaymentNotVerified("mismatch", "the payment event is for an unknown purchase")
-        if await uow.events.payment_event_applied(event.event_id):
+        if duplicate:
             return PaymentEventResult.DUPLICATE, purchase
         purchase, step = await _request_state(
             uow,
@@ -346,7 +353,7 @@ async def record_payment_event(
             approve=approve,
             actor=WEBHOOK_ACTOR,
             source=Source.WEBHOOK,
-            error_msg=event.error_message or "Payment failed",
+            error_msg=None,
             owner=None,
             clock=clock,
         )
@@ -405,7 +412,10 @@ async def _request_state(
             return purchase, step
         approval = await approve(purchase)
         event = approval.payment_event
-        message = error_msg if requested is PurchaseState.FAILED else None
+        message = None
+        if requested is PurchaseState.FAILED:
+            # A signed payment.failed event's own message wins, however it came in.
+            message = event.error_message or FAILED_PAYMENT if event is not None else error_msg
         now = clock()
         changed = await uow.purchases.transition(
             purchase.pk,

@@ -5,8 +5,12 @@ committed store on enter and works on that copy; ``commit`` publishes the copy, 
 leaving without a commit discards it, like a rolled-back transaction. Read-only units
 of work (``factory()``) refuse to write, so a service that forgets ``write=True`` fails.
 
-The database guarantees the SQL schema gives (one registration and one receipt per
-purchase, one purchase per owner and idempotency key) are enforced here too.
+The database guarantees the SQL schema gives are enforced here too: one registration
+and one receipt per purchase, one purchase per owner and idempotency key, one purchase
+per ``payment_ref`` (``purchases.payment_ref`` is UNIQUE: the repository turns that
+violation into ``PaymentNotVerified("reused")`` as the SQL one does), and events that
+name an existing purchase and user. Event sequence numbers are handed out in append
+order, one more than the last; a rolled-back number is given out again (no gaps).
 
 To act out concurrency, ``FakeUnitOfWorkFactory.interleave`` runs another writer's
 committed change just before a repository call of the unit of work under test, and
@@ -22,13 +26,29 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Self
 
-from rpc_server.domain.records import Actor, Course, Purchase, Registration
-from rpc_server.domain.states import PurchaseState
+from rpc_server.domain.errors import PaymentNotVerified
+from rpc_server.domain.records import (
+    WEBHOOK_ACTOR,
+    Actor,
+    Backing,
+    Course,
+    EventActor,
+    NewPurchaseEvent,
+    Purchase,
+    PurchaseEventRecord,
+    Registration,
+    Source,
+)
+from rpc_server.domain.states import PurchaseState, Scope
 from rpc_server.domain.tokens import hash_token
 
 
 class UniqueViolation(Exception):
     """What the database's unique constraints would raise."""
+
+
+class ForeignKeyViolation(Exception):
+    """What the database's foreign keys would raise."""
 
 
 class ReadOnlyUnitOfWork(AssertionError):
@@ -44,15 +64,29 @@ class FixedClock:
     def __call__(self) -> datetime:
         return self.now
 
+    def timestamp(self) -> float:
+        """The same moment as Unix seconds (the payment verifier's clock)."""
+        return self.now.timestamp()
+
     def advance(self, seconds: float = 1) -> datetime:
         self.now += timedelta(seconds=seconds)
         return self.now
 
 
 @dataclass(frozen=True)
+class UserRow:
+    """A user: ``is_staff`` is its role, fixed when it was created."""
+
+    user_id: int
+    email: str
+    is_staff: bool
+
+
+@dataclass(frozen=True)
 class TokenRow:
     user_id: int
     token_hash: str
+    scope: Scope
     created_at: datetime
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
@@ -62,6 +96,7 @@ class TokenRow:
 class PurchaseRow:
     purchase: Purchase
     idempotency_key: str | None
+    payment_ref: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,17 +118,37 @@ class ReceiptRow:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class EventRow:
+    """One ``purchase_events`` row."""
+
+    seq: int
+    purchase_pk: int
+    from_state: PurchaseState | None
+    to_state: PurchaseState
+    actor_user_id: int | None
+    actor_scope: Scope | None
+    source: Source
+    backing: Backing | None
+    payment_event_id: str | None
+    payment_ref: str | None
+    error_msg: str | None
+    created_at: datetime
+
+
 @dataclass
 class FakeStore:
     """The rows of the fake database. Records are frozen, so copies share them safely."""
 
-    users: dict[int, Actor] = field(default_factory=dict)
+    users: dict[int, UserRow] = field(default_factory=dict)
     tokens: dict[str, TokenRow] = field(default_factory=dict)
     courses: dict[str, Course] = field(default_factory=dict)
     purchases: dict[int, PurchaseRow] = field(default_factory=dict)
     registrations: list[RegistrationRow] = field(default_factory=list)
     receipts: list[ReceiptRow] = field(default_factory=list)
+    events: list[EventRow] = field(default_factory=list)
     next_pk: int = 1
+    last_seq: int = 0  # the one row of event_sequence
 
     def clone(self) -> FakeStore:
         return FakeStore(
@@ -103,7 +158,9 @@ class FakeStore:
             purchases=dict(self.purchases),
             registrations=list(self.registrations),
             receipts=list(self.receipts),
+            events=list(self.events),
             next_pk=self.next_pk,
+            last_seq=self.last_seq,
         )
 
     def new_pk(self) -> int:
@@ -117,7 +174,20 @@ class FakeStore:
                 return row
         return None
 
+    def holder_of(self, payment_ref: str) -> int | None:
+        for pk, row in self.purchases.items():
+            if row.payment_ref == payment_ref:
+                return pk
+        return None
+
     # The writes, shared by the repositories and by the concurrent writers of tests.
+
+    def add_user(self, email: str, *, is_staff: bool) -> UserRow:
+        if any(user.email == email for user in self.users.values()):
+            raise UniqueViolation(f"user {email} exists")
+        user = UserRow(self.new_pk(), email, is_staff)
+        self.users[user.user_id] = user
+        return user
 
     def set_state(
         self,
@@ -127,15 +197,22 @@ class FakeStore:
         target: PurchaseState,
         error_msg: str | None,
         now: datetime,
+        payment_ref: str | None = None,
     ) -> bool:
-        """The conditional UPDATE of ``SqlPurchaseRepository.transition``."""
+        """The conditional UPDATE of ``SqlPurchaseRepository.transition``: it sets
+        ``payment_ref`` with a fulfilment, under the UNIQUE constraint."""
         row = self.purchases.get(pk)
         if row is None or row.purchase.state not in sources:
             return False
         updated = replace(row.purchase, state=target, error_msg=error_msg, updated_at=now)
+        stored_ref = row.payment_ref
         if target is PurchaseState.FULFILLED:
             updated = replace(updated, fulfilled_at=now)
-        self.purchases[pk] = replace(row, purchase=updated)
+            holder = None if payment_ref is None else self.holder_of(payment_ref)
+            if holder is not None and holder != pk:
+                raise UniqueViolation(f"payment_ref {payment_ref} is held by purchase {holder}")
+            stored_ref = payment_ref
+        self.purchases[pk] = replace(row, purchase=updated, payment_ref=stored_ref)
         return True
 
     def add_registration(self, purchase: Purchase, *, now: datetime) -> None:
@@ -201,24 +278,64 @@ class FakeStore:
         self.purchases[purchase.pk] = PurchaseRow(purchase, idempotency_key)
         return purchase
 
+    def append_event(self, event: NewPurchaseEvent, *, now: datetime) -> int:
+        """The INSERT into purchase_events, numbered from event_sequence."""
+        if event.purchase_pk not in self.purchases:
+            raise ForeignKeyViolation(f"no purchase {event.purchase_pk}")
+        if event.actor.user_id is not None and event.actor.user_id not in self.users:
+            raise ForeignKeyViolation(f"no user {event.actor.user_id}")
+        self.last_seq += 1
+        self.events.append(
+            EventRow(
+                seq=self.last_seq,
+                purchase_pk=event.purchase_pk,
+                from_state=event.from_state,
+                to_state=event.to_state,
+                actor_user_id=event.actor.user_id,
+                actor_scope=event.actor.scope,
+                source=event.source,
+                backing=event.backing,
+                payment_event_id=event.payment_event_id,
+                payment_ref=event.payment_ref,
+                error_msg=event.error_msg,
+                created_at=now,
+            )
+        )
+        return self.last_seq
+
 
 # A change another transaction commits while the unit of work under test runs.
 Writer = Callable[[FakeStore], None]
 
 
 def winner_moves(
-    purchase_id: str, target: PurchaseState, *, now: datetime, error_msg: str | None = None
+    purchase_id: str,
+    target: PurchaseState,
+    *,
+    now: datetime,
+    error_msg: str | None = None,
+    payment_ref: str | None = None,
+    payment_event_id: str | None = None,
+    actor: EventActor = WEBHOOK_ACTOR,
+    source: Source = Source.WEBHOOK,
+    backing: Backing | None = None,
 ) -> Writer:
-    """Another ``fulfill_purchase`` call that wins: the state change and its side effects."""
+    """Another ``fulfill_purchase`` (or webhook) call that wins: the state change from
+    the state it read, its side effects and its audit event, as a real winner writes
+    them. By default the winner is the payment webhook."""
 
     def write(store: FakeStore) -> None:
         row = store.purchase_by_id(purchase_id)
         assert row is not None
+        current = row.purchase.state
+        assert current is not target, "the concurrent writer must change the state"
+        message = error_msg if target is PurchaseState.FAILED else None
         moved = store.set_state(
             row.purchase.pk,
-            sources=frozenset(PurchaseState) - {target},
+            sources=frozenset({current}),
             target=target,
-            error_msg=error_msg if target is PurchaseState.FAILED else None,
+            error_msg=message,
+            payment_ref=payment_ref,
             now=now,
         )
         assert moved, "the concurrent writer must change the state"
@@ -226,6 +343,20 @@ def winner_moves(
             moved_row = store.purchases[row.purchase.pk]
             store.add_registration(moved_row.purchase, now=now)
             store.add_receipt(moved_row.purchase, now=now)
+        store.append_event(
+            NewPurchaseEvent(
+                purchase_pk=row.purchase.pk,
+                from_state=current,
+                to_state=target,
+                actor=actor,
+                source=source,
+                backing=backing,
+                payment_event_id=payment_event_id,
+                payment_ref=payment_ref,
+                error_msg=message,
+            ),
+            now=now,
+        )
 
     return write
 
@@ -244,6 +375,16 @@ def winner_creates(
             now=now,
         )
         assert created is not None
+        store.append_event(
+            NewPurchaseEvent(
+                purchase_pk=created.pk,
+                from_state=None,
+                to_state=PurchaseState.PENDING,
+                actor=EventActor(owner_id, Scope.BUYER),
+                source=Source.RPC,
+            ),
+            now=now,
+        )
 
     return write
 
@@ -259,31 +400,31 @@ class FakeUserRepository:
             return None
         if token.expires_at is not None and token.expires_at <= now:
             return None
-        return store.users[token.user_id]
+        user = store.users[token.user_id]
+        return Actor(user.user_id, user.email, token.scope)
 
-    async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> Actor:
+    async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> int:
         store = self._uow.writable()
         for user in store.users.values():
             if user.email == email:
-                updated = replace(user, is_staff=is_staff)
-                store.users[user.user_id] = updated
-                return updated
-        actor = Actor(store.new_pk(), email, is_staff)
-        store.users[actor.user_id] = actor
-        return actor
+                return user.user_id  # never changed
+        return store.add_user(email, is_staff=is_staff).user_id
 
     async def add_token(
         self,
         user_id: int,
         token_hash: str,
         *,
+        scope: Scope,
         now: datetime,
         expires_at: datetime | None = None,
     ) -> bool:
         store = self._uow.writable()
         if token_hash in store.tokens:
             return False
-        store.tokens[token_hash] = TokenRow(user_id, token_hash, now, expires_at)
+        if user_id not in store.users:
+            raise ForeignKeyViolation(f"no user {user_id}")
+        store.tokens[token_hash] = TokenRow(user_id, token_hash, Scope(scope), now, expires_at)
         return True
 
     async def revoke_token(self, token_hash: str, *, now: datetime) -> bool:
@@ -383,15 +524,31 @@ class FakePurchaseRepository:
         target: PurchaseState,
         error_msg: str | None,
         now: datetime,
+        payment_ref: str | None = None,
     ) -> bool:
         factory = self._uow.factory
-        factory.transition_calls.append((pk, sources, target, error_msg))
+        factory.transition_calls.append((pk, sources, target, error_msg, payment_ref))
         factory._run_interleaved("purchases.transition", self._uow)
         store = self._uow.writable()
         if factory.lost_transitions > 0:
             factory.lost_transitions -= 1
             return False
-        return store.set_state(pk, sources=sources, target=target, error_msg=error_msg, now=now)
+        try:
+            return store.set_state(
+                pk,
+                sources=sources,
+                target=target,
+                error_msg=error_msg,
+                now=now,
+                payment_ref=payment_ref,
+            )
+        except UniqueViolation:
+            raise PaymentNotVerified(
+                "reused", "this payment already fulfilled another purchase"
+            ) from None
+
+    async def holder_of_payment_ref(self, payment_ref: str) -> int | None:
+        return self._uow.store.holder_of(payment_ref)
 
 
 class FakeRegistrationRepository:
@@ -400,6 +557,11 @@ class FakeRegistrationRepository:
 
     async def add(self, purchase: Purchase, *, now: datetime) -> None:
         self._uow.writable().add_registration(purchase, now=now)
+
+    async def exists(self, user_id: int, course_pk: int) -> bool:
+        return any(
+            r.user_id == user_id and r.course_pk == course_pk for r in self._uow.store.registrations
+        )
 
     async def list_for_user(self, user_id: int) -> list[Registration]:
         rows = [r for r in self._uow.store.registrations if r.user_id == user_id]
@@ -415,6 +577,43 @@ class FakeReceiptOutboxRepository:
         self._uow.writable().add_receipt(purchase, now=now)
 
 
+class FakePurchaseEventRepository:
+    def __init__(self, uow: FakeUnitOfWork):
+        self._uow = uow
+
+    async def append(self, event: NewPurchaseEvent, *, now: datetime) -> int:
+        return self._uow.writable().append_event(event, now=now)
+
+    async def list_for(self, purchase_pk: int) -> list[PurchaseEventRecord]:
+        store = self._uow.store
+        rows = sorted(
+            (row for row in store.events if row.purchase_pk == purchase_pk),
+            key=lambda row: row.seq,
+        )
+        return [
+            PurchaseEventRecord(
+                seq=row.seq,
+                purchase_id=store.purchases[row.purchase_pk].purchase.purchase_id,
+                from_state=row.from_state,
+                to_state=row.to_state,
+                actor_user_id=row.actor_user_id,
+                actor_email=(
+                    None if row.actor_user_id is None else store.users[row.actor_user_id].email
+                ),
+                actor_scope=row.actor_scope,
+                source=row.source,
+                backing=row.backing,
+                payment_ref=row.payment_ref,
+                error_msg=row.error_msg,
+                created_at=row.created_at,
+            )
+            for row in rows
+        ]
+
+    async def payment_event_applied(self, event_id: str) -> bool:
+        return any(row.payment_event_id == event_id for row in self._uow.store.events)
+
+
 class FakeUnitOfWork:
     """One fake transaction: a private copy of the store, published only by ``commit``."""
 
@@ -428,6 +627,7 @@ class FakeUnitOfWork:
         self.purchases = FakePurchaseRepository(self)
         self.registrations = FakeRegistrationRepository(self)
         self.receipts = FakeReceiptOutboxRepository(self)
+        self.events = FakePurchaseEventRepository(self)
 
     @property
     def store(self) -> FakeStore:
@@ -463,6 +663,10 @@ class FakeUnitOfWork:
         self.committed = True
 
 
+# One ``purchases.transition`` call: pk, sources, target, error_msg, payment_ref.
+TransitionCall = tuple[int, frozenset[PurchaseState], PurchaseState, str | None, str | None]
+
+
 class FakeUnitOfWorkFactory:
     """``factory(write=False)`` -> a new ``FakeUnitOfWork``; also the test's view of the data."""
 
@@ -472,9 +676,7 @@ class FakeUnitOfWorkFactory:
         self.rollbacks = 0
         self.opened: list[bool] = []  # the ``write`` flag of each unit of work made
         self.open_units: list[FakeUnitOfWork] = []
-        self.transition_calls: list[
-            tuple[int, frozenset[PurchaseState], PurchaseState, str | None]
-        ] = []
+        self.transition_calls: list[TransitionCall] = []
         self.lost_transitions = 0
         self._interleaved: dict[str, list[Writer]] = {}
 
@@ -505,10 +707,11 @@ class FakeUnitOfWorkFactory:
 
     # Seeding and reading committed rows, outside any unit of work.
 
-    def add_user(self, email: str, *, is_staff: bool = False) -> Actor:
-        actor = Actor(self.committed.new_pk(), email, is_staff)
-        self.committed.users[actor.user_id] = actor
-        return actor
+    def add_user(self, email: str, *, scope: Scope = Scope.BUYER) -> Actor:
+        """A user (staff by role if ``scope`` is staff) and the actor of a token of
+        ``scope`` for it (store the token with ``add_token``)."""
+        user = self.committed.add_user(email, is_staff=scope is Scope.STAFF)
+        return Actor(user.user_id, email, scope)
 
     def add_course(
         self, slug: str, title: str, price: str | Decimal, currency: str = "USD"
@@ -518,14 +721,22 @@ class FakeUnitOfWorkFactory:
         return course
 
     def add_token(self, actor: Actor, token: str) -> str:
+        """Store ``token`` for the actor's user, of the actor's scope."""
         token_hash = hash_token(token)
-        self.committed.tokens[token_hash] = TokenRow(actor.user_id, token_hash, FixedClock()())
+        self.committed.tokens[token_hash] = TokenRow(
+            actor.user_id, token_hash, actor.scope, FixedClock()()
+        )
         return token
 
     def purchase(self, purchase_id: str) -> Purchase:
         row = self.committed.purchase_by_id(purchase_id)
         assert row is not None, f"no committed purchase {purchase_id}"
         return row.purchase
+
+    def payment_ref_of(self, purchase_id: str) -> str | None:
+        row = self.committed.purchase_by_id(purchase_id)
+        assert row is not None, f"no committed purchase {purchase_id}"
+        return row.payment_ref
 
     @property
     def purchases(self) -> list[Purchase]:
@@ -540,5 +751,18 @@ class FakeUnitOfWorkFactory:
         return list(self.committed.receipts)
 
     @property
+    def events(self) -> list[EventRow]:
+        """Every committed audit event, in sequence order."""
+        return sorted(self.committed.events, key=lambda row: row.seq)
+
+    def events_of(self, purchase_id: str) -> list[EventRow]:
+        pk = self.purchase(purchase_id).pk
+        return [row for row in self.events if row.purchase_pk == pk]
+
+    @property
     def tokens(self) -> dict[str, TokenRow]:
         return dict(self.committed.tokens)
+
+    @property
+    def users(self) -> dict[int, UserRow]:
+        return dict(self.committed.users)

@@ -1,6 +1,7 @@
-"""The fulfillment table as the issue states it, written out independently of the code."""
+"""The issue's tables (the state machine, and who may ask for which outcome), written out
+independently of the code."""
 
-from rpc_server.domain.states import PurchaseState, Step
+from rpc_server.domain.states import Evidence, PurchaseState, Scope, Step
 
 PENDING = PurchaseState.PENDING
 FULFILLED = PurchaseState.FULFILLED
@@ -24,3 +25,17 @@ ISSUE_TABLE: dict[tuple[PurchaseState, PurchaseState], Step] = {
 
 CELLS = sorted(ISSUE_TABLE.items())
 CONFLICT_CELLS = [cell for cell, step in CELLS if step is Step.CONFLICT]
+
+# Who may ask for which outcome, by the scope of the token (the issue's second table).
+ISSUE_EVIDENCE: dict[tuple[Scope, PurchaseState], Evidence] = {
+    (Scope.BUYER, CANCELED): Evidence.ANYONE,
+    (Scope.BUYER, FAILED): Evidence.ANYONE,
+    (Scope.BUYER, FULFILLED): Evidence.PROOF,
+    (Scope.PAYMENTS, CANCELED): Evidence.ANYONE,
+    (Scope.PAYMENTS, FAILED): Evidence.ANYONE,
+    (Scope.PAYMENTS, FULFILLED): Evidence.ANYONE,
+    (Scope.STAFF, CANCELED): Evidence.ANYONE,
+    (Scope.STAFF, FAILED): Evidence.ANYONE,
+    (Scope.STAFF, FULFILLED): Evidence.PROOF_OR_COMP,
+}
+EVIDENCE_CELLS = sorted(ISSUE_EVIDENCE.items())

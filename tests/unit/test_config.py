@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from rpc_server.config import DEFAULT_DATABASE_URL, ConfigError, Settings
+from tests.payments import OTHER_PAYMENT_KEY, TEST_PAYMENT_KEY
 
 
 def test_defaults() -> None:
@@ -95,3 +96,80 @@ def test_settings_are_immutable() -> None:
     settings = Settings.from_env({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.port = 1  # type: ignore[misc]
+
+
+# Payment keys and tolerance (issue 14).
+
+
+def test_payment_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.payment_keys == ()
+    assert settings.payment_tolerance == 300
+    assert settings.allow_demo is False
+
+
+@pytest.mark.parametrize(
+    ("raw", "keys"),
+    [
+        (TEST_PAYMENT_KEY, (TEST_PAYMENT_KEY,)),
+        (f"{TEST_PAYMENT_KEY},{OTHER_PAYMENT_KEY}", (TEST_PAYMENT_KEY, OTHER_PAYMENT_KEY)),
+        (f" {OTHER_PAYMENT_KEY} , ,{TEST_PAYMENT_KEY},", (OTHER_PAYMENT_KEY, TEST_PAYMENT_KEY)),
+        ("", ()),
+        (" , ", ()),
+    ],
+    ids=["one", "two-in-order", "spaces-and-empties", "empty", "only-commas"],
+)
+def test_payment_keys_are_comma_separated(raw: str, keys: tuple[str, ...]) -> None:
+    assert Settings.from_env({"RPC_SERVER_PAYMENT_KEYS": raw}).payment_keys == keys
+
+
+SECRET_TEXT = "s3cr3tVALUEthatMustNotLeak"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        SECRET_TEXT,  # no whsec_ prefix
+        "whsec_" + SECRET_TEXT + "!!",  # not base64
+        "whsec_" + "c2VjcmV0",  # base64 of 6 bytes: too short
+        "WHSEC_" + TEST_PAYMENT_KEY[len("whsec_") :],
+    ],
+    ids=["no-prefix", "not-base64", "too-short", "upper-prefix"],
+)
+def test_a_bad_payment_key_is_a_config_error_that_does_not_show_it(bad: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"RPC_SERVER_PAYMENT_KEYS": f"{TEST_PAYMENT_KEY},{bad}"})
+    message = str(raised.value)
+    assert "RPC_SERVER_PAYMENT_KEYS" in message
+    assert "key 2" in message  # which one, by position
+    assert bad not in message
+    assert bad[len("whsec_") :] not in message
+    assert TEST_PAYMENT_KEY not in message
+    assert raised.value.__cause__ is None  # no chained exception carrying it either
+
+
+def test_a_bad_payment_key_given_as_an_override_is_refused_too() -> None:
+    with pytest.raises(ConfigError, match="RPC_SERVER_PAYMENT_KEYS, key 1"):
+        Settings.from_env({}, payment_keys=("whsec_short",))
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "86400.5", "86401", "inf", "nan"])
+def test_payment_tolerance_out_of_bounds(raw: str) -> None:
+    with pytest.raises(ConfigError, match="RPC_SERVER_PAYMENT_TOLERANCE"):
+        Settings.from_env({"RPC_SERVER_PAYMENT_TOLERANCE": raw})
+
+
+@pytest.mark.parametrize("raw", ["0.5", "1", "300", "86400"])
+def test_payment_tolerance_within_bounds(raw: str) -> None:
+    assert Settings.from_env({"RPC_SERVER_PAYMENT_TOLERANCE": raw}).payment_tolerance == float(raw)
+
+
+def test_payment_tolerance_must_be_a_number() -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({"RPC_SERVER_PAYMENT_TOLERANCE": "five minutes"})
+    assert "RPC_SERVER_PAYMENT_TOLERANCE" in str(raised.value)
+
+
+@pytest.mark.parametrize(("raw", "value"), [("true", True), ("1", True), ("off", False)])
+def test_allow_demo(raw: str, value: bool) -> None:
+    assert Settings.from_env({"RPC_SERVER_ALLOW_DEMO": raw}).allow_demo is value

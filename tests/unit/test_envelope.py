@@ -20,6 +20,7 @@ from rpc_server.envelope import (
 )
 from rpc_server.errors import INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
 from rpc_server.methods import REGISTRY
+from rpc_server.payment_signatures import PaymentSignatures
 from tests.unit.conftest import FRONTEND_URL, FakeWorld
 
 VALID: dict[str, Any] = {"jsonrpc": "2.0", "method": "course.list", "id": 1}
@@ -168,7 +169,9 @@ def test_error_objects() -> None:
 
 
 def ctx(fake: FakeWorld) -> RpcContext:
-    return RpcContext(uow=fake.uow, links=FrontendLinks(FRONTEND_URL))
+    return RpcContext(
+        uow=fake.uow, links=FrontendLinks(FRONTEND_URL), payments=PaymentSignatures(())
+    )
 
 
 async def test_answer_one_request(fake: FakeWorld) -> None:

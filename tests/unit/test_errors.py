@@ -13,11 +13,13 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from rpc_server.domain.errors import (
+    AlreadyRegistered,
     Conflict,
     DomainError,
     IdempotencyKeyReused,
     InvalidTransition,
     NotFound,
+    PaymentNotVerified,
     Unauthenticated,
 )
 from rpc_server.domain.states import PurchaseState
@@ -25,6 +27,7 @@ from rpc_server.errors import (
     CONFLICT,
     INTERNAL_ERROR,
     NOT_FOUND,
+    PAYMENT_NOT_VERIFIED,
     SERVICE_UNAVAILABLE,
     UNAUTHENTICATED,
     code_for,
@@ -52,7 +55,9 @@ class CourseGone(NotFound):
         (Conflict(), CONFLICT),
         (InvalidTransition(PurchaseState.CANCELED, PurchaseState.FULFILLED), CONFLICT),
         (IdempotencyKeyReused("k", "python-basics"), CONFLICT),
+        (AlreadyRegistered("python-basics"), CONFLICT),
         (Unauthenticated(), UNAUTHENTICATED),
+        (PaymentNotVerified("missing", "no proof"), PAYMENT_NOT_VERIFIED),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
 )
@@ -142,3 +147,26 @@ def test_error_ids_are_unique() -> None:
     first = error_of(RuntimeError("x")).data["error_id"]
     second = error_of(RuntimeError("x")).data["error_id"]
     assert first != second
+
+
+@pytest.mark.parametrize("reason", PaymentNotVerified.REASONS)
+def test_payment_not_verified_is_402_with_its_reason(reason: str) -> None:
+    error = error_of(PaymentNotVerified(reason, "the detail"))
+    assert error.code == 402
+    assert error.message == "Payment not verified: the detail"
+    assert error.data == {"reason": reason}
+
+
+def test_the_reasons_are_the_documented_six() -> None:
+    assert set(PaymentNotVerified.REASONS) == {
+        "missing", "invalid_signature", "expired", "mismatch", "reused", "malformed",
+    }  # fmt: skip
+
+
+def test_already_registered_is_409_with_the_course() -> None:
+    error = error_of(AlreadyRegistered("python-basics"))
+    assert (error.code, error.message, error.data) == (
+        409,
+        "You are already registered for this course",
+        {"course": "python-basics"},
+    )

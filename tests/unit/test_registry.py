@@ -11,12 +11,20 @@ from oslash.either import Left, Right
 
 from rpc_server.context import RpcContext
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.domain.records import Actor
+from rpc_server.domain.records import Actor, SignedPayment
 from rpc_server.domain.states import PurchaseState
-from rpc_server.errors import INTERNAL_ERROR, INVALID_PARAMS, NOT_FOUND, UNAUTHENTICATED
+from rpc_server.errors import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    NOT_FOUND,
+    PAYMENT_NOT_VERIFIED,
+    UNAUTHENTICATED,
+)
 from rpc_server.methods import REGISTRY
+from rpc_server.payment_signatures import PaymentSignatures
 from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas import CourseListParams, CourseOut
+from tests.payments import TEST_PAYMENT_KEY
 from tests.unit.conftest import FRONTEND_URL, FakeWorld
 
 
@@ -37,6 +45,7 @@ def test_the_registry_holds_the_documented_methods() -> None:
         "purchase.get",
         "purchase.list",
         "purchase.fulfill",
+        "purchase.events",
         "registration.list",
         "rpc.discover",
     }
@@ -147,7 +156,12 @@ TOKEN = "rpcs_alice"
 
 def context(fake: FakeWorld, token: str | None = TOKEN) -> RpcContext:
     fake.uow.add_token(fake.alice, TOKEN)
-    return RpcContext(uow=fake.uow, links=FrontendLinks(FRONTEND_URL), token=token)
+    return RpcContext(
+        uow=fake.uow,
+        links=FrontendLinks(FRONTEND_URL),
+        payments=PaymentSignatures((TEST_PAYMENT_KEY,)),
+        token=token,
+    )
 
 
 async def test_call_succeeds(fake: FakeWorld) -> None:
@@ -206,3 +220,68 @@ async def test_a_bad_cursor_is_invalid_params_not_an_internal_error(
     assert result._error.code != INTERNAL_ERROR
     assert result._error.code == INVALID_PARAMS
     assert result._error.data == {"cursor": ["Not a valid cursor: pass next_cursor unchanged."]}
+
+
+# purchase.fulfill with a payment proof, and purchase.events (issue 14).
+
+PROOF_SHAPE = {"id": "evt_1", "timestamp": 1714564800, "signature": "v1,AAAA", "payload": "{}"}
+
+
+def test_payment_proof_is_the_fourth_positional_param() -> None:
+    loaded = method("purchase.fulfill").load_params(["abc123", "fulfilled", "", PROOF_SHAPE], {})
+    assert loaded["payment_proof"] == SignedPayment("evt_1", 1714564800, "v1,AAAA", b"{}")
+
+
+async def pending_purchase_id(fake: FakeWorld, ctx: RpcContext) -> str:
+    created = await method("purchase.create")(ctx, "python-basics")
+    assert isinstance(created, Right)
+    return str(created._value.result["purchase_id"])
+
+
+@pytest.mark.parametrize(
+    ("proof", "field"),
+    [
+        ({k: v for k, v in PROOF_SHAPE.items() if k != "signature"}, "signature"),
+        ({**PROOF_SHAPE, "extra": 1}, "extra"),
+        ({**PROOF_SHAPE, "timestamp": "1714564800"}, "timestamp"),
+        ({**PROOF_SHAPE, "timestamp": 1714564800.0}, "timestamp"),
+        ({**PROOF_SHAPE, "timestamp": True}, "timestamp"),
+    ],
+    ids=["missing", "unknown", "string-timestamp", "float-timestamp", "bool-timestamp"],
+)
+async def test_a_misshapen_payment_proof_is_invalid_params(
+    fake: FakeWorld, proof: dict[str, Any], field: str
+) -> None:
+    ctx = context(fake)
+    purchase_id = await pending_purchase_id(fake, ctx)
+    result = await method("purchase.fulfill")(
+        ctx, purchase_id=purchase_id, purchase_state="fulfilled", payment_proof=proof
+    )
+    assert isinstance(result, Left)
+    assert result._error.code == INVALID_PARAMS == -32602
+    assert list(result._error.data) == ["payment_proof"]
+    assert list(result._error.data["payment_proof"]) == [field]
+    assert fake.uow.purchase(purchase_id).state is PurchaseState.PENDING
+
+
+async def test_a_buyer_without_a_proof_gets_402_missing(fake: FakeWorld) -> None:
+    ctx = context(fake)
+    purchase_id = await pending_purchase_id(fake, ctx)
+    result = await method("purchase.fulfill")(ctx, purchase_id, "fulfilled")
+    assert isinstance(result, Left)
+    assert result._error.code == PAYMENT_NOT_VERIFIED == 402
+    assert result._error.message.startswith("Payment not verified: ")
+    assert result._error.data == {"reason": "missing"}
+    assert fake.uow.purchase(purchase_id).state is PurchaseState.PENDING
+
+
+async def test_purchase_events_call(fake: FakeWorld) -> None:
+    ctx = context(fake)
+    purchase_id = await pending_purchase_id(fake, ctx)
+    result = await method("purchase.events")(ctx, purchase_id)
+    assert isinstance(result, Right)
+    [created] = result._value.result
+    assert created["purchase_id"] == purchase_id
+    assert (created["from_state"], created["to_state"]) == (None, "pending")
+    assert (created["actor_scope"], created["actor_email"]) == ("buyer", "alice@example.com")
+    assert (created["source"], created["evidence"]) == ("rpc", None)

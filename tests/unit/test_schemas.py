@@ -11,8 +11,18 @@ import pytest
 from marshmallow import Schema, ValidationError
 
 import schemas
-from rpc_server.domain.records import Course, Fulfillment, Purchase, PurchasePage, Registration
-from rpc_server.domain.states import PurchaseState
+from rpc_server.domain.records import (
+    Backing,
+    Course,
+    Fulfillment,
+    Purchase,
+    PurchaseEventRecord,
+    PurchasePage,
+    Registration,
+    SignedPayment,
+    Source,
+)
+from rpc_server.domain.states import PurchaseState, Scope
 from schemas import (
     CourseOut,
     CourseSaveParams,
@@ -20,6 +30,8 @@ from schemas import (
     Out,
     Params,
     PurchaseCreateParams,
+    PurchaseEventOut,
+    PurchaseEventsParams,
     PurchaseFulfillParams,
     PurchaseGetParams,
     PurchaseListParams,
@@ -82,7 +94,9 @@ def test_every_exported_schema_is_params_or_out() -> None:
         "CourseListParams",
         "CourseSaveParams",
         "DiscoverParams",
+        "PaymentProofParams",
         "PurchaseCreateParams",
+        "PurchaseEventsParams",
         "PurchaseFulfillParams",
         "PurchaseGetParams",
         "PurchaseListParams",
@@ -91,10 +105,15 @@ def test_every_exported_schema_is_params_or_out() -> None:
     assert {s.__name__ for s in OUTS} == {
         "CourseOut",
         "FulfillmentOut",
+        "PurchaseEventOut",
         "PurchaseOut",
         "PurchasePageOut",
         "RegistrationOut",
     }
+    # The one exception: the payload of a signed payment event is neither a method's
+    # input nor its output; it is read only after its signature has been verified.
+    others = [s for s in EXPORTED if s not in (*PARAMS, *OUTS, Params, Out)]
+    assert others == [schemas.PaymentEventPayload]
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=lambda s: s.__name__)
@@ -426,3 +445,170 @@ def test_no_text_param_accepts_a_nul_character(
     with pytest.raises(ValidationError) as raised:
         schema().load(data)
     assert "Must not contain NUL characters." in raised.value.messages[field]  # type: ignore[index]
+
+
+# purchase.fulfill's payment_proof and error_msg (issue 14).
+
+PROOF: dict[str, Any] = {
+    "id": "evt_2KWPBgLlAfxdpx2AI54pPJ85f4W",
+    "timestamp": 1714564800,
+    "signature": "v1,K5oZfzN95Z9UVu1EsfQmfVNQhnkZ2pj9o9NDN/H/pI4=",
+    "payload": '{"type": "payment.succeeded", "data": {}}',
+}
+
+
+def proof_errors(proof: Any) -> Any:
+    messages = errors_of(PurchaseFulfillParams(), {**FULFILL, "payment_proof": proof})
+    assert list(messages) == ["payment_proof"]
+    return messages["payment_proof"]
+
+
+def test_payment_proof_loads_as_the_signed_payment() -> None:
+    loaded = PurchaseFulfillParams().load({**FULFILL, "payment_proof": PROOF})
+    assert loaded["payment_proof"] == SignedPayment(
+        message_id=PROOF["id"],
+        timestamp=1714564800,
+        signature=PROOF["signature"],
+        payload=PROOF["payload"].encode(),
+    )
+
+
+def test_payment_proof_payload_keeps_its_exact_bytes() -> None:
+    payload = '{ "type":"payment.succeeded" ,\n "data": {"note": "café ✓"}}'
+    loaded = PurchaseFulfillParams().load(
+        {**FULFILL, "payment_proof": {**PROOF, "payload": payload}}
+    )
+    assert loaded["payment_proof"].payload == payload.encode("utf-8")
+
+
+def test_payment_proof_is_optional() -> None:
+    assert "payment_proof" not in PurchaseFulfillParams().load(FULFILL)
+
+
+@pytest.mark.parametrize("missing", sorted(PROOF))
+def test_payment_proof_needs_every_field(missing: str) -> None:
+    proof = {name: value for name, value in PROOF.items() if name != missing}
+    assert proof_errors(proof) == {missing: ["Missing data for required field."]}
+
+
+def test_payment_proof_rejects_unknown_fields() -> None:
+    assert proof_errors({**PROOF, "amount": "49.00"}) == {"amount": ["Unknown field."]}
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["1714564800", 1714564800.0, 1714564800.5, True, False, None, -1, 2**53 + 1],
+    ids=["string", "whole-float", "float", "true", "false", "null", "negative", "huge"],
+)
+def test_payment_proof_timestamp_is_an_integer(timestamp: Any) -> None:
+    assert list(proof_errors({**PROOF, "timestamp": timestamp})) == ["timestamp"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("id", ""),
+        ("id", "evt 1"),
+        ("id", "x" * 256),
+        ("id", 5),
+        ("signature", ""),
+        ("signature", "v1," + "A" * 2048),
+        ("signature", ["v1,AAAA"]),
+        ("payload", ""),
+        ("payload", {"type": "payment.succeeded"}),
+        ("payload", "x" * (64 * 1024 + 1)),
+        ("payload", "a\x00b"),
+    ],
+)
+def test_payment_proof_field_values(name: str, value: Any) -> None:
+    assert list(proof_errors({**PROOF, name: value})) == [name]
+
+
+@pytest.mark.parametrize("proof", ["v1,abc", ["evt", 1, "v1,abc", "{}"], 5, None])
+def test_payment_proof_must_be_an_object(proof: Any) -> None:
+    assert proof_errors(proof)
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["line\nbreak", "carriage\rreturn", "tab\there", "bell\x07", "del\x7f", "esc\x1b[31m",
+     "sep\u2028arator", "bidi\u202eoverride", "\x85next-line"],
+    ids=["newline", "cr", "tab", "bell", "del", "escape", "line-separator", "bidi-override",
+         "nel"],
+)  # fmt: skip
+def test_error_msg_must_be_printable_text(message: str) -> None:
+    messages = errors_of(
+        PurchaseFulfillParams(), {**FULFILL, "purchase_state": "failed", "error_msg": message}
+    )
+    assert messages == {"error_msg": ["Must be printable text (no control characters)."]}
+
+
+@pytest.mark.parametrize("message", ["Card declined", "Karte abgelehnt, zu wenig Guthaben ✓ café"])
+def test_error_msg_accepts_printable_text(message: str) -> None:
+    loaded = PurchaseFulfillParams().load(
+        {**FULFILL, "purchase_state": "failed", "error_msg": message}
+    )
+    assert loaded["error_msg"] == message
+
+
+def test_purchase_events_params() -> None:
+    assert PurchaseEventsParams().load({"purchase_id": "abc"}) == {"purchase_id": "abc"}
+    assert list(errors_of(PurchaseEventsParams(), {})) == ["purchase_id"]
+    assert list(errors_of(PurchaseEventsParams(), {"purchase_id": "A B"})) == ["purchase_id"]
+
+
+def event_record(**changes: Any) -> PurchaseEventRecord:
+    values: dict[str, Any] = {
+        "seq": 42,
+        "purchase_id": "0123456789abcdef0123456789abcdef",
+        "from_state": PurchaseState.PENDING,
+        "to_state": PurchaseState.FULFILLED,
+        "actor_user_id": 3,
+        "actor_email": "support@example.com",
+        "actor_scope": Scope.STAFF,
+        "source": Source.RPC,
+        "backing": Backing.STAFF_COMP,
+        "payment_ref": "pi_1",
+        "error_msg": None,
+        "created_at": FULFILLED_AT,
+    }
+    values.update(changes)
+    return PurchaseEventRecord(**values)
+
+
+def test_purchase_event_out_dumps_every_field() -> None:
+    assert PurchaseEventOut().dump(event_record()) == {
+        "seq": 42,
+        "purchase_id": "0123456789abcdef0123456789abcdef",
+        "from_state": "pending",
+        "to_state": "fulfilled",
+        "actor_scope": "staff",
+        "actor_email": "support@example.com",
+        "source": "rpc",
+        "evidence": "staff_comp",
+        "payment_ref": "pi_1",
+        "error_msg": None,
+        "created_at": FULFILLED_AT.isoformat(),
+    }
+
+
+def test_purchase_event_out_of_a_creation_and_of_the_webhook() -> None:
+    creation = PurchaseEventOut().dump(
+        event_record(from_state=None, to_state=PurchaseState.PENDING, backing=None,
+                     payment_ref=None, actor_scope=Scope.BUYER)
+    )  # fmt: skip
+    assert (creation["from_state"], creation["to_state"], creation["evidence"]) == (
+        None,
+        "pending",
+        None,
+    )
+    webhook = PurchaseEventOut().dump(
+        event_record(actor_user_id=None, actor_email=None, actor_scope=None,
+                     source=Source.WEBHOOK, backing=Backing.PAYMENT_EVENT,
+                     to_state=PurchaseState.FAILED, error_msg="declined")
+    )  # fmt: skip
+    assert webhook["actor_scope"] is None
+    assert webhook["actor_email"] is None
+    assert (webhook["source"], webhook["evidence"]) == ("webhook", "payment_event")
+    assert webhook["error_msg"] == "declined"
+    assert "actor_user_id" not in webhook  # an internal id is never shown

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -16,11 +17,22 @@ from rpc_server.domain.errors import (
     NotFound,
 )
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.domain.records import Actor, Fulfillment, Purchase
-from rpc_server.domain.states import PurchaseState, Step
+from rpc_server.domain.records import (
+    Actor,
+    Backing,
+    EventActor,
+    Fulfillment,
+    Purchase,
+    SignedPayment,
+    Source,
+)
+from rpc_server.domain.states import PurchaseState, Scope, Step
 from rpc_server.domain.tokens import TOKEN_PREFIX, hash_token
+from rpc_server.payment_signatures import PaymentSignatures
+from tests.payments import TEST_PAYMENT_KEY
 from tests.unit.conftest import FRONTEND_URL, FakeWorld
 from tests.unit.fakes import FixedClock, winner_creates, winner_moves
+from tests.unit.proofs import paid, ref_of
 from tests.unit.table import CANCELED, CELLS, CONFLICT_CELLS, FAILED, FULFILLED, PENDING
 
 
@@ -29,7 +41,7 @@ async def create(
     actor: Actor,
     course: str = "python-basics",
     clock: FixedClock | None = None,
-    **kwargs: str,
+    **kwargs: Any,
 ) -> Purchase:
     clock = clock or FixedClock()
     return await services.create_purchase(fake.uow, actor, course=course, clock=clock, **kwargs)
@@ -42,6 +54,7 @@ async def fulfill(
     state: PurchaseState,
     clock: FixedClock,
     error_msg: str | None = None,
+    proof: SignedPayment | None = None,
 ) -> Fulfillment:
     return await services.fulfill_purchase(
         fake.uow,
@@ -50,16 +63,28 @@ async def fulfill(
         purchase_id=purchase_id,
         purchase_state=state,
         error_msg=error_msg,
+        payment_proof=proof,
+        verifier=PaymentSignatures((TEST_PAYMENT_KEY,), clock=clock.timestamp),
         clock=clock,
     )
+
+
+async def pay(fake: FakeWorld, actor: Actor, purchase: Purchase, clock: FixedClock) -> Fulfillment:
+    """Fulfil as a buyer does: with a signed payment event that pays the purchase."""
+    proof = paid(purchase, clock)
+    return await fulfill(fake, actor, purchase.purchase_id, FULFILLED, clock, proof=proof)
 
 
 async def purchase_in(
     fake: FakeWorld, state: PurchaseState, clock: FixedClock, error_msg: str = "declined"
 ) -> Purchase:
-    """A purchase of alice's brought to ``state`` through the services themselves."""
+    """A purchase of alice's brought to ``state`` through the services themselves
+    (alice pays with a signed payment event to fulfil it)."""
     purchase = await create(fake, fake.alice, clock=clock)
-    if state is not PENDING:
+    if state is FULFILLED:
+        clock.advance()
+        await pay(fake, fake.alice, purchase, clock)
+    elif state is not PENDING:
         clock.advance()
         await fulfill(fake, fake.alice, purchase.purchase_id, state, clock, error_msg)
     clock.advance()
@@ -267,7 +292,7 @@ async def test_list_default_limit_is_20(fake: FakeWorld) -> None:
 async def test_list_filters_by_state(fake: FakeWorld, clock: FixedClock) -> None:
     alices = await make_purchases(fake, fake.alice, 4)
     for purchase in (alices[0], alices[2]):
-        await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
+        await pay(fake, fake.alice, purchase, clock)
 
     fulfilled = await services.list_purchases(fake.uow, fake.alice, state=FULFILLED)
     pending = await services.list_purchases(fake.uow, fake.alice, state=PENDING)
@@ -299,7 +324,7 @@ async def test_fulfill_pending_creates_one_registration_and_one_receipt(
     purchase = await purchase_in(fake, PENDING, clock)
     commits = fake.uow.commits
 
-    answer = await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
+    answer = await pay(fake, fake.alice, purchase, clock)
 
     stored = fake.uow.purchase(purchase.purchase_id)
     assert answer.purchase == stored
@@ -322,10 +347,11 @@ async def test_repeated_fulfill_answers_identically_and_changes_nothing(
     fake: FakeWorld, clock: FixedClock
 ) -> None:
     purchase = await purchase_in(fake, PENDING, clock)
-    first = await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
+    first = await pay(fake, fake.alice, purchase, clock)
     commits = fake.uow.commits
     clock.advance(3600)
 
+    # A repeat needs no proof (the purchase is already fulfilled).
     again = await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
 
     assert again == first
@@ -371,7 +397,7 @@ async def test_failed_then_fulfilled_clears_error_msg_and_registers(
 ) -> None:
     purchase = await purchase_in(fake, FAILED, clock, "Card declined")
 
-    answer = await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
+    answer = await pay(fake, fake.alice, purchase, clock)
 
     assert answer.purchase.state is FULFILLED
     assert answer.purchase.error_msg is None
@@ -401,7 +427,10 @@ async def test_error_msg_is_recorded_only_for_failed(
     fake: FakeWorld, clock: FixedClock, requested: PurchaseState
 ) -> None:
     purchase = await purchase_in(fake, PENDING, clock)
-    answer = await fulfill(fake, fake.alice, purchase.purchase_id, requested, clock, "ignored")
+    proof = paid(purchase, clock) if requested is FULFILLED else None
+    answer = await fulfill(
+        fake, fake.alice, purchase.purchase_id, requested, clock, "ignored", proof
+    )
     assert answer.purchase.error_msg is None
     assert fake.uow.purchase(purchase.purchase_id).error_msg is None
 
@@ -421,15 +450,17 @@ async def test_every_cell_of_the_table_through_the_service(
     before = await purchase_in(fake, current, clock)
     registrations = len(fake.uow.registrations)
     commits = fake.uow.commits
+    # Alice pays whenever she asks for fulfilled, as her browser does.
+    proof = paid(before, clock) if requested is FULFILLED else None
 
     if step is Step.CONFLICT:
         with pytest.raises(InvalidTransition):
-            await fulfill(fake, fake.alice, before.purchase_id, requested, clock, "oops")
+            await fulfill(fake, fake.alice, before.purchase_id, requested, clock, "oops", proof)
         assert fake.uow.purchase(before.purchase_id) == before
         assert fake.uow.commits == commits
         return
 
-    answer = await fulfill(fake, fake.alice, before.purchase_id, requested, clock, "oops")
+    answer = await fulfill(fake, fake.alice, before.purchase_id, requested, clock, "oops", proof)
     after = fake.uow.purchase(before.purchase_id)
     assert answer.purchase == after
     assert after.state is requested
@@ -506,6 +537,9 @@ async def test_staff_fulfills_for_the_owner(fake: FakeWorld, clock: FixedClock) 
     assert registration.user_id == fake.alice.user_id
     [receipt] = fake.uow.receipts
     assert receipt.recipient == "alice@example.com"
+    last = fake.uow.events_of(purchase.purchase_id)[-1]
+    assert (last.actor_user_id, last.actor_scope) == (fake.staff.user_id, Scope.STAFF)
+    assert last.backing is Backing.STAFF_COMP  # no payment: recorded as a comp
 
 
 @pytest.mark.parametrize(
@@ -520,7 +554,8 @@ async def test_redirect_url_per_outcome(
     fake: FakeWorld, clock: FixedClock, requested: PurchaseState, path: str
 ) -> None:
     purchase = await purchase_in(fake, PENDING, clock)
-    answer = await fulfill(fake, fake.alice, purchase.purchase_id, requested, clock)
+    proof = paid(purchase, clock) if requested is FULFILLED else None
+    answer = await fulfill(fake, fake.alice, purchase.purchase_id, requested, clock, proof=proof)
     assert answer.redirect_url == FRONTEND_URL + path.format(purchase_id=purchase.purchase_id)
 
 
@@ -532,13 +567,24 @@ async def test_lost_race_to_the_same_outcome_is_a_repeat(
 ) -> None:
     purchase = await purchase_in(fake, PENDING, clock)
     commits = fake.uow.commits
+    events = len(fake.uow.events)
     winners_time = clock()
+    proof = paid(purchase, clock)
+    # The webhook delivers the same payment event first.
     fake.uow.interleave(
-        "purchases.transition", winner_moves(purchase.purchase_id, FULFILLED, now=winners_time)
+        "purchases.transition",
+        winner_moves(
+            purchase.purchase_id,
+            FULFILLED,
+            now=winners_time,
+            payment_ref=ref_of(proof),
+            payment_event_id=proof.message_id,
+            backing=Backing.PAYMENT_EVENT,
+        ),
     )
     clock.advance()
 
-    answer = await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
+    answer = await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock, proof=proof)
 
     stored = fake.uow.purchase(purchase.purchase_id)
     assert answer.purchase == stored
@@ -549,6 +595,8 @@ async def test_lost_race_to_the_same_outcome_is_a_repeat(
     assert len(fake.uow.receipts) == 1
     assert fake.uow.commits == commits  # the loser commits nothing
     assert len(fake.uow.transition_calls) == 1
+    [winners] = fake.uow.events[events:]  # the winner's event only
+    assert (winners.source, winners.actor_user_id) == (Source.WEBHOOK, None)
 
 
 async def test_lost_race_to_a_conflicting_outcome_is_a_conflict(
@@ -556,11 +604,18 @@ async def test_lost_race_to_a_conflicting_outcome_is_a_conflict(
 ) -> None:
     purchase = await purchase_in(fake, PENDING, clock)
     fake.uow.interleave(
-        "purchases.transition", winner_moves(purchase.purchase_id, CANCELED, now=clock())
+        "purchases.transition",
+        winner_moves(
+            purchase.purchase_id,
+            CANCELED,
+            now=clock(),
+            actor=EventActor.of(fake.alice),
+            source=Source.RPC,
+        ),
     )
 
     with pytest.raises(InvalidTransition) as raised:
-        await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
+        await pay(fake, fake.alice, purchase, clock)
 
     assert raised.value.data == {"current_state": CANCELED, "requested_state": FULFILLED}
     assert fake.uow.purchase(purchase.purchase_id).state is CANCELED
@@ -579,6 +634,7 @@ async def test_lost_race_to_failed_answers_with_the_winners_error(
     )
 
     answer = await fulfill(fake, fake.alice, purchase.purchase_id, FAILED, clock, "ours")
+    assert [e.error_msg for e in fake.uow.events_of(purchase.purchase_id)] == [None, "theirs"]
 
     assert answer.purchase.state is FAILED
     assert answer.purchase.error_msg == "theirs"
@@ -597,13 +653,16 @@ async def test_concurrent_failure_then_our_fulfill_applies_from_failed(
     )
     clock.advance()
 
-    answer = await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
+    answer = await pay(fake, fake.alice, purchase, clock)
 
     stored = fake.uow.purchase(purchase.purchase_id)
     assert answer.purchase == stored
     assert stored.state is FULFILLED
     assert stored.error_msg is None
     assert stored.fulfilled_at == clock()
+    # Our change is recorded from the state it applied to, after the winner's.
+    steps = [(e.from_state, e.to_state) for e in fake.uow.events_of(purchase.purchase_id)]
+    assert steps == [(None, PENDING), (PENDING, FAILED), (FAILED, FULFILLED)]
     assert len(fake.uow.registrations) == 1
     assert len(fake.uow.receipts) == 1
 
@@ -621,9 +680,14 @@ async def test_lost_update_is_retried_from_the_state_read_back(
     fake.uow.lose_next_transitions(1)
     clock.advance()
 
-    answer = await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
+    answer = await pay(fake, fake.alice, purchase, clock)
 
     assert [call[2] for call in fake.uow.transition_calls[-2:]] == [FULFILLED, FULFILLED]
+    # Each attempt is conditional on the state it read: pending, then failed.
+    assert [call[1] for call in fake.uow.transition_calls[-2:]] == [
+        frozenset({PENDING}),
+        frozenset({FAILED}),
+    ]
     stored = fake.uow.purchase(purchase.purchase_id)
     assert answer.purchase == stored
     assert stored.state is FULFILLED
@@ -643,8 +707,11 @@ async def test_lost_update_then_a_repeat_creates_nothing(
         "purchases.transition", winner_moves(purchase.purchase_id, FULFILLED, now=clock())
     )
     fake.uow.lose_next_transitions(1)
+    events = len(fake.uow.events)
 
-    answer = await fulfill(fake, fake.alice, purchase.purchase_id, FULFILLED, clock)
+    answer = await pay(fake, fake.alice, purchase, clock)
+
+    assert len(fake.uow.events) == events + 1  # the winner's
 
     assert answer.purchase == fake.uow.purchase(purchase.purchase_id)
     assert answer.purchase.state is FULFILLED
@@ -667,6 +734,7 @@ async def test_issue_token_stores_only_the_hash_and_authenticates(
     actor = await services.authenticate(fake.uow, token, clock=clock)
     assert actor is not None
     assert actor.email == "carol@example.com"
+    assert actor.scope is Scope.BUYER
     assert actor.is_staff is False
 
 
@@ -692,6 +760,37 @@ async def test_issue_staff_token(fake: FakeWorld) -> None:
     actor = await services.authenticate(fake.uow, token)
     assert actor is not None
     assert actor.is_staff is True
+    assert actor.scope is Scope.STAFF
+    assert actor.sees_every_purchase is True
+    [user] = [u for u in fake.uow.users.values() if u.email == "desk@example.com"]
+    assert user.is_staff is True  # a new user's role follows its first token
+
+
+@pytest.mark.parametrize("scope", list(Scope))
+async def test_issue_token_of_each_scope(fake: FakeWorld, scope: Scope) -> None:
+    token = await services.issue_token(fake.uow, "svc@example.com", scope=scope)
+    actor = await services.authenticate(fake.uow, token)
+    assert actor is not None
+    assert actor.scope is scope
+    assert actor.is_staff is (scope is Scope.STAFF)
+    assert actor.sees_every_purchase is (scope is not Scope.BUYER)
+    assert fake.uow.tokens[hash_token(token)].scope is scope
+
+
+async def test_issuing_a_token_changes_no_other_token_and_no_existing_user(
+    fake: FakeWorld,
+) -> None:
+    staff_token = await services.issue_token(fake.uow, "desk@example.com", scope=Scope.STAFF)
+    users = fake.uow.users
+    buyer_token = await services.issue_token(fake.uow, "desk@example.com")
+    payments_token = await services.issue_token(fake.uow, "desk@example.com", scope=Scope.PAYMENTS)
+
+    assert fake.uow.users == users  # the staff user was not demoted, nor created again
+    scopes = [
+        actor.scope if (actor := await services.authenticate(fake.uow, token)) else None
+        for token in (staff_token, buyer_token, payments_token)
+    ]
+    assert scopes == [Scope.STAFF, Scope.BUYER, Scope.PAYMENTS]
 
 
 async def test_unknown_token_authenticates_nobody(fake: FakeWorld) -> None:
@@ -720,7 +819,7 @@ async def test_list_registrations_newest_first_and_own_only(
     bobs = await create(fake, fake.bob, "python-basics")
     for actor, purchase in ((fake.alice, python), (fake.alice, sql), (fake.bob, bobs)):
         clock.advance()
-        await fulfill(fake, actor, purchase.purchase_id, FULFILLED, clock)
+        await pay(fake, actor, purchase, clock)
 
     registrations = await services.list_registrations(fake.uow, fake.alice)
 
