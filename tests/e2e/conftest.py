@@ -22,6 +22,7 @@ from rpc_server.config import Settings
 from rpc_server.methods import REGISTRY
 from rpc_server.registry import MethodRegistry
 from tests.conftest import RpcCall, World
+from tests.payments import proof_for
 
 # The error codes of the contract (README, "Errors"), written here once and on purpose
 # not imported from the code they check.
@@ -32,6 +33,7 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 SERVICE_UNAVAILABLE = -32000
 TIMED_OUT = -32001
+PAYMENT_NOT_VERIFIED = 402
 
 
 def assert_error(answer: Any, code: int, id: Any = None) -> dict[str, Any]:
@@ -187,3 +189,55 @@ def create_purchase(rpc: RpcCall, world: World) -> CreatePurchase:
         return result
 
     return create
+
+
+Fulfil = Callable[..., Awaitable[dict[str, Any]]]
+
+
+@pytest.fixture
+def fulfil(rpc: RpcCall, world: World) -> Fulfil:
+    """``await fulfil(purchase, token=...)``: pay for a purchase and fulfil it, as a buyer does.
+
+    ``purchase`` is a purchase as serialized, or its purchase_id (then read with the
+    payments token, which sees every purchase). The call carries a fresh signed
+    ``payment_proof`` for it (``tests.payments.proof_for``; keyword arguments such as
+    ``payment_ref`` go to it); the token is alice's unless given. Returns the result,
+    ``{redirect_url, purchase}``.
+    """
+
+    async def pay_and_fulfil(
+        purchase: dict[str, Any] | str, *, token: str | None = None, **proof: Any
+    ) -> dict[str, Any]:
+        if isinstance(purchase, str):
+            body = await rpc("purchase.get", [purchase], token=world.payments.token)
+            assert "result" in body, body
+            purchase = body["result"]
+        assert isinstance(purchase, dict)
+        params = {
+            "purchase_id": purchase["purchase_id"],
+            "purchase_state": "fulfilled",
+            "payment_proof": proof_for(purchase, **proof),
+        }
+        body = await rpc("purchase.fulfill", params, token=token or world.alice.token)
+        assert "result" in body, body
+        result: dict[str, Any] = body["result"]
+        return result
+
+    return pay_and_fulfil
+
+
+Events = Callable[..., Awaitable[list[dict[str, Any]]]]
+
+
+@pytest.fixture
+def purchase_events(rpc: RpcCall, world: World) -> Events:
+    """``await purchase_events(purchase_id, token=...)``: its history (``purchase.events``),
+    read with the staff token unless another is given."""
+
+    async def history(purchase_id: str, *, token: str | None = None) -> list[dict[str, Any]]:
+        body = await rpc("purchase.events", [purchase_id], token=token or world.staff.token)
+        assert "result" in body, body
+        events: list[dict[str, Any]] = body["result"]
+        return events
+
+    return history

@@ -9,6 +9,7 @@ from jsonrpcclient import Error, Ok, notification, parse, request, request_json
 
 from tests.conftest import FRONTEND_URL, World
 from tests.e2e.conftest import bearer
+from tests.payments import proof_for
 
 
 async def call(client: TestClient[Any, Any], body: Any, token: str | None = None) -> Any:
@@ -45,11 +46,19 @@ async def test_request_json_with_named_and_positional_params(
     assert isinstance(got, Ok)
     assert got.result == created.result
 
+    # The payment step's signed event goes along as the proof, by position and by name.
+    proof = proof_for(created.result)
     fulfilled = parse(
-        await call(client, request_json("purchase.fulfill", (purchase_id, "fulfilled")), token)
+        await call(
+            client, request_json("purchase.fulfill", (purchase_id, "fulfilled", "", proof)), token
+        )
     )
     assert isinstance(fulfilled, Ok)
     assert fulfilled.result["redirect_url"] == f"{FRONTEND_URL}/courses/python-basics/start"
+    named = {"purchase_id": purchase_id, "purchase_state": "fulfilled", "payment_proof": proof}
+    again = parse(await call(client, request_json("purchase.fulfill", named), token))
+    assert isinstance(again, Ok)
+    assert again.result == fulfilled.result
 
 
 async def test_batch_of_requests_and_a_notification(
@@ -93,6 +102,13 @@ async def test_errors_parse_as_error(client: TestClient[Any, Any], world: World)
     created = parse(await call(client, request("purchase.create", ("python-basics",)), token))
     assert isinstance(created, Ok)
     purchase_id = created.result["purchase_id"]
+    unpaid = parse(
+        await call(client, request("purchase.fulfill", (purchase_id, "fulfilled")), token)
+    )
+    assert isinstance(unpaid, Error)
+    assert unpaid.code == 402
+    assert unpaid.message.startswith("Payment not verified")
+    assert unpaid.data == {"reason": "missing"}
     parse(await call(client, request("purchase.fulfill", (purchase_id, "canceled")), token))
     conflict = parse(
         await call(client, request("purchase.fulfill", (purchase_id, "fulfilled")), token)

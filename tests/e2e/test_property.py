@@ -252,7 +252,19 @@ METHOD_NAMES = st.sampled_from([*REGISTRY.methods, "foobar", "rpc.discover", ""]
     max_size=20
 )
 PARAMS = st.lists(JSON_VALUES, max_size=4) | st.dictionaries(
-    st.sampled_from(["course", "purchase_id", "idempotency_key", "state", "limit", "cursor"])
+    st.sampled_from(
+        [
+            "course",
+            "purchase_id",
+            "idempotency_key",
+            "state",
+            "limit",
+            "cursor",
+            "purchase_state",
+            "error_msg",
+            "payment_proof",
+        ]
+    )
     | st.text(max_size=10),
     JSON_VALUES,
     max_size=4,
@@ -279,7 +291,7 @@ REQUEST_BODIES = (
     | st.lists(REQUESTS | JSON_VALUES, min_size=1, max_size=12)
     | st.lists(WELL_FORMED_REQUESTS, min_size=1, max_size=8)
 )
-TOKENS = st.sampled_from(["none", "alice", "bob", "staff", "junk"])
+TOKENS = st.sampled_from(["none", "alice", "bob", "staff", "payments", "junk"])
 
 
 def token_of(world: World, who: str) -> str | None:

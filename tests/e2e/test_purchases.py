@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import FRONTEND_URL, RpcCall, World
-from tests.e2e.conftest import INVALID_PARAMS, Counts, CreatePurchase
+from tests.e2e.conftest import (
+    INVALID_PARAMS,
+    PAYMENT_NOT_VERIFIED,
+    Counts,
+    CreatePurchase,
+    Events,
+    Fulfil,
+)
+from tests.payments import proof_for
 
 PURCHASE_FIELDS = {
     "purchase_id",
@@ -58,7 +66,7 @@ def cursor_for(text: str) -> str:
 
 
 async def test_create_get_list_fulfill_and_repeat(
-    rpc: RpcCall, world: World, row_counts: Counts
+    rpc: RpcCall, world: World, row_counts: Counts, purchase_events: Events
 ) -> None:
     token = world.alice.token
     created = result_of(await rpc("purchase.create", {"course": "python-basics"}, token=token))
@@ -78,13 +86,20 @@ async def test_create_get_list_fulfill_and_repeat(
     assert result_of(await rpc("purchase.get", [purchase_id], token=token)) == created
     page = result_of(await rpc("purchase.list", token=token))
     assert page == {"items": [created], "next_cursor": None}
+    after_create = await row_counts()
 
+    # Without evidence of payment the buyer's fulfill is refused and writes nothing.
+    unpaid = {"purchase_id": purchase_id, "purchase_state": "fulfilled"}
+    error = error_of(await rpc("purchase.fulfill", unpaid, token=token), PAYMENT_NOT_VERIFIED)
+    assert error["message"].startswith("Payment not verified")
+    assert error["data"] == {"reason": "missing"}
+    assert result_of(await rpc("purchase.get", [purchase_id], token=token)) == created
+    assert await row_counts() == after_create
+
+    # The payment step hands the browser a signed payment event; it goes on as the proof.
+    proof = proof_for(created, payment_ref="pi_walkthrough")
     fulfilled = result_of(
-        await rpc(
-            "purchase.fulfill",
-            {"purchase_id": purchase_id, "purchase_state": "fulfilled"},
-            token=token,
-        )
+        await rpc("purchase.fulfill", {**unpaid, "payment_proof": proof}, token=token)
     )
     assert set(fulfilled) == {"redirect_url", "purchase"}
     assert fulfilled["redirect_url"] == f"{FRONTEND_URL}/courses/python-basics/start"
@@ -100,13 +115,31 @@ async def test_create_get_list_fulfill_and_repeat(
     after_first = await row_counts()
     assert after_first == {"purchases": 1, "course_registrations": 1, "receipt_outbox": 1}
 
+    # Repeating answers the same, with the proof again or (a repeat needs none) without.
     for params in (
+        {"purchase_id": purchase_id, "purchase_state": "fulfilled", "payment_proof": proof},
         {"purchase_id": purchase_id, "purchase_state": "fulfilled"},
         [purchase_id, "fulfilled"],
     ):
         again = result_of(await rpc("purchase.fulfill", params, token=token))
         assert again == fulfilled
     assert await row_counts() == after_first
+
+    # The history: created, then fulfilled by alice with the payment event as evidence.
+    history = result_of(await rpc("purchase.events", [purchase_id], token=token))
+    assert history == await purchase_events(purchase_id)
+    assert [(e["from_state"], e["to_state"]) for e in history] == [
+        (None, "pending"),
+        ("pending", "fulfilled"),
+    ]
+    assert [(e["actor_email"], e["actor_scope"], e["source"]) for e in history] == [
+        (world.alice.email, "buyer", "rpc")
+    ] * 2
+    assert [(e["evidence"], e["payment_ref"]) for e in history] == [
+        (None, None),
+        ("payment_event", "pi_walkthrough"),
+    ]
+    assert history[0]["seq"] < history[1]["seq"]
 
 
 async def test_amount_and_currency_come_from_the_course(
@@ -199,12 +232,17 @@ async def test_default_page_is_twenty(
     assert page["next_cursor"] is not None
 
 
-async def test_state_filter(rpc: RpcCall, create_purchase: CreatePurchase, world: World) -> None:
+async def test_state_filter(
+    rpc: RpcCall, create_purchase: CreatePurchase, world: World, fulfil: Fulfil
+) -> None:
     token = world.alice.token
     ids = [(await create_purchase())["purchase_id"] for _ in range(5)]
     outcomes = {ids[0]: "fulfilled", ids[1]: "failed", ids[2]: "canceled", ids[3]: "fulfilled"}
     for purchase_id, state in outcomes.items():
-        result_of(await rpc("purchase.fulfill", [purchase_id, state], token=token))
+        if state == "fulfilled":
+            await fulfil(purchase_id)
+        else:
+            result_of(await rpc("purchase.fulfill", [purchase_id, state], token=token))
 
     def listed(page: dict[str, Any]) -> list[str]:
         return [p["purchase_id"] for p in page["items"]]
@@ -301,12 +339,25 @@ async def test_failed_records_error_msg_and_repeat_keeps_the_first(
 async def test_failed_then_fulfilled(
     rpc: RpcCall, create_purchase: CreatePurchase, world: World, row_counts: Counts
 ) -> None:
+    # The buyer's card was declined, then the payment was retried and went through.
     token = world.alice.token
-    purchase_id = (await create_purchase())["purchase_id"]
+    purchase = await create_purchase()
+    purchase_id = purchase["purchase_id"]
     result_of(await rpc("purchase.fulfill", [purchase_id, "failed", "Card declined"], token=token))
-    fulfilled = result_of(await rpc("purchase.fulfill", [purchase_id, "fulfilled"], token=token))
+    counts = await row_counts()
+    body = await rpc("purchase.fulfill", [purchase_id, "fulfilled"], token=token)
+    assert error_of(body, PAYMENT_NOT_VERIFIED)["data"] == {"reason": "missing"}
+    assert await row_counts() == counts
+    fulfilled = result_of(
+        await rpc(
+            "purchase.fulfill",
+            [purchase_id, "fulfilled", "ignored", proof_for(purchase)],
+            token=token,
+        )
+    )
     assert fulfilled["purchase"]["state"] == "fulfilled"
     assert fulfilled["purchase"]["fulfilled_at"] is not None
+    assert fulfilled["purchase"]["error_msg"] is None
     assert fulfilled["redirect_url"] == f"{FRONTEND_URL}/courses/python-basics/start"
     assert await row_counts() == {"purchases": 1, "course_registrations": 1, "receipt_outbox": 1}
     registrations = result_of(await rpc("registration.list", token=token))
@@ -350,22 +401,26 @@ async def test_error_msg_is_recorded_only_for_failed(
     rpc: RpcCall, create_purchase: CreatePurchase, world: World
 ) -> None:
     token = world.alice.token
-    for state in ("fulfilled", "canceled"):
-        purchase_id = (await create_purchase())["purchase_id"]
-        answer = result_of(
-            await rpc("purchase.fulfill", [purchase_id, state, "ignored"], token=token)
-        )
+    # fulfilled last: once registered for the course, alice cannot buy it again
+    for state in ("canceled", "fulfilled"):
+        purchase = await create_purchase()
+        params = [purchase["purchase_id"], state, "ignored"]
+        if state == "fulfilled":
+            params.append(proof_for(purchase))
+        answer = result_of(await rpc("purchase.fulfill", params, token=token))
         assert answer["purchase"]["error_msg"] is None, state
 
 
 async def test_redirect_url_always_matches_the_state(
     rpc: RpcCall, create_purchase: CreatePurchase, world: World
 ) -> None:
-    for state in ("fulfilled", "failed", "canceled"):
-        purchase_id = (await create_purchase())["purchase_id"]
-        answer = result_of(
-            await rpc("purchase.fulfill", [purchase_id, state], token=world.alice.token)
-        )
+    for state in ("failed", "canceled", "fulfilled"):
+        purchase = await create_purchase()
+        params: dict[str, Any] = {"purchase_id": purchase["purchase_id"], "purchase_state": state}
+        if state == "fulfilled":
+            params["payment_proof"] = proof_for(purchase)
+        answer = result_of(await rpc("purchase.fulfill", params, token=world.alice.token))
+        assert answer["purchase"]["state"] == state
         assert answer["redirect_url"] == redirect_for(answer["purchase"])
 
 
@@ -387,8 +442,12 @@ async def test_invalid_transition_is_409_and_changes_nothing(
     requested: str,
 ) -> None:
     token = world.alice.token
-    purchase_id = (await create_purchase())["purchase_id"]
-    before = result_of(await rpc("purchase.fulfill", [purchase_id, current], token=token))
+    purchase = await create_purchase()
+    purchase_id = purchase["purchase_id"]
+    params: list[Any] = [purchase_id, current]
+    if current == "fulfilled":
+        params += ["", proof_for(purchase)]
+    before = result_of(await rpc("purchase.fulfill", params, token=token))
     counts = await row_counts()
 
     body = await rpc(
@@ -423,15 +482,24 @@ async def test_same_idempotency_key_and_course_returns_the_same_purchase(
 
 
 async def test_idempotency_key_replays_the_purchase_as_it_is_now(
-    rpc: RpcCall, world: World
+    rpc: RpcCall, world: World, fulfil: Fulfil, row_counts: Counts
 ) -> None:
     token = world.alice.token
     params = {"course": "python-basics", "idempotency_key": "checkout-2"}
     first = result_of(await rpc("purchase.create", params, token=token))
-    result_of(await rpc("purchase.fulfill", [first["purchase_id"], "fulfilled"], token=token))
+    await fulfil(first)
     again = result_of(await rpc("purchase.create", params, token=token))
     assert again["purchase_id"] == first["purchase_id"]
     assert again["state"] == "fulfilled"
+    # Without the key (or with another) it would be a second purchase of a course alice
+    # is registered for: refused, and nothing is written.
+    counts = await row_counts()
+    for other in ({"course": "python-basics"}, {"course": "python-basics", "idempotency_key": "x"}):
+        error = error_of(await rpc("purchase.create", other, token=token), 409)
+        assert error["message"] == "You are already registered for this course"
+        assert error["data"] == {"course": "python-basics"}
+    assert await row_counts() == counts
+    assert result_of(await rpc("purchase.create", params, token=token)) == again
 
 
 async def test_same_idempotency_key_for_another_course_is_409(
@@ -489,9 +557,17 @@ async def test_one_registration_per_fulfilled_purchase_even_after_repeats(
 ) -> None:
     token = world.alice.token
     assert result_of(await rpc("registration.list", token=token)) == []
-    purchase_id = (await create_purchase())["purchase_id"]
-    for _ in range(3):
-        result_of(await rpc("purchase.fulfill", [purchase_id, "fulfilled"], token=token))
+    purchase = await create_purchase()
+    purchase_id = purchase["purchase_id"]
+    proof = proof_for(purchase)
+    # Paid, then repeated with the same proof, without one, and by the payment backend.
+    for params, caller in (
+        ([purchase_id, "fulfilled", "", proof], token),
+        ([purchase_id, "fulfilled", "", proof], token),
+        ([purchase_id, "fulfilled"], token),
+        ([purchase_id, "fulfilled"], world.payments.token),
+    ):
+        result_of(await rpc("purchase.fulfill", params, token=caller))
     registrations = result_of(await rpc("registration.list", token=token))
     assert len(registrations) == 1
     [registration] = registrations
@@ -501,13 +577,13 @@ async def test_one_registration_per_fulfilled_purchase_even_after_repeats(
 
 
 async def test_registrations_newest_first(
-    rpc: RpcCall, create_purchase: CreatePurchase, world: World
+    rpc: RpcCall, create_purchase: CreatePurchase, world: World, fulfil: Fulfil
 ) -> None:
     token = world.alice.token
     first = (await create_purchase("python-basics"))["purchase_id"]
     second = (await create_purchase("sql-fundamentals"))["purchase_id"]
     for purchase_id in (first, second):
-        result_of(await rpc("purchase.fulfill", [purchase_id, "fulfilled"], token=token))
+        await fulfil(purchase_id)
     registrations = result_of(await rpc("registration.list", token=token))
     assert [r["purchase_id"] for r in registrations] == [second, first]
     assert [r["course"] for r in registrations] == ["sql-fundamentals", "python-basics"]
@@ -516,6 +592,15 @@ async def test_registrations_newest_first(
 # --- invalid params ---------------------------------------------------------------------
 
 PID = "<purchase_id>"  # replaced with a real purchase id in the test
+PROOF = "<proof>"  # replaced with a valid payment_proof for that purchase
+
+
+def proof_with(**changes: Any) -> dict[str, Any]:
+    """A payment_proof of the right shape but for nothing (``None`` drops a field)."""
+    proof = {"id": "evt_1", "timestamp": 1_700_000_000, "signature": "v1,AAAA", "payload": "{}"}
+    proof.update(changes)
+    return {k: v for k, v in proof.items() if v is not None}
+
 
 INVALID = [
     ("purchase.create", {"course": "python-basics", "extra": 1}, "extra"),
@@ -586,17 +671,82 @@ INVALID = [
         {"purchase_id": PID, "purchase_state": "fulfilled", "fulfilled_at": None},
         "fulfilled_at",
     ),
-    ("purchase.fulfill", [PID, "fulfilled", "msg", "extra"], "params"),
+    ("purchase.fulfill", [PID, "fulfilled", "msg", PROOF, "extra"], "params"),
+    ("purchase.fulfill", [PID, "fulfilled", "msg", "extra"], "payment_proof"),
+    (
+        "purchase.fulfill",
+        {"purchase_id": PID, "purchase_state": "failed", "error_msg": "two\nlines"},
+        "error_msg",
+    ),
+    (
+        "purchase.fulfill",
+        {"purchase_id": PID, "purchase_state": "failed", "error_msg": "nul\x00"},
+        "error_msg",
+    ),
+    (
+        "purchase.fulfill",
+        {"purchase_id": PID, "purchase_state": "fulfilled", "payment_proof": None},
+        "payment_proof",
+    ),
+    (
+        "purchase.fulfill",
+        {"purchase_id": PID, "purchase_state": "fulfilled", "payment_proof": "v1,AAAA"},
+        "payment_proof",
+    ),
+    (
+        "purchase.fulfill",
+        {"purchase_id": PID, "purchase_state": "fulfilled", "payment_proof": proof_with(id=None)},
+        "payment_proof",
+    ),
+    (
+        "purchase.fulfill",
+        {
+            "purchase_id": PID,
+            "purchase_state": "fulfilled",
+            "payment_proof": proof_with(amount="49.00"),
+        },
+        "payment_proof",
+    ),
+    (
+        "purchase.fulfill",
+        {
+            "purchase_id": PID,
+            "purchase_state": "fulfilled",
+            "payment_proof": proof_with(timestamp="1700000000"),
+        },
+        "payment_proof",
+    ),
+    (
+        "purchase.fulfill",
+        {
+            "purchase_id": PID,
+            "purchase_state": "fulfilled",
+            "payment_proof": proof_with(payload={"type": "payment.succeeded"}),
+        },
+        "payment_proof",
+    ),
     ("registration.list", {"course": "python-basics"}, "course"),
     ("registration.list", ["python-basics"], "params"),
     ("course.list", {"limit": 1}, "limit"),
 ]
 
 
-def _with_purchase_id(params: Any, purchase_id: str) -> Any:
+def _with_purchase(params: Any, purchase: dict[str, Any]) -> Any:
+    def fill(value: Any) -> Any:
+        if value == PID:
+            return purchase["purchase_id"]
+        return proof_for(purchase) if value == PROOF else value
+
     if isinstance(params, dict):
-        return {k: purchase_id if v == PID else v for k, v in params.items()}
-    return [purchase_id if v == PID else v for v in params]
+        return {k: fill(v) for k, v in params.items()}
+    return [fill(v) for v in params]
+
+
+def _are_messages(value: Any) -> bool:
+    """A list of messages, or for a nested object (payment_proof) the same per field."""
+    if isinstance(value, dict):
+        return bool(value) and all(_are_messages(v) for v in value.values())
+    return isinstance(value, list) and all(isinstance(m, str) and m for m in value)
 
 
 @pytest.mark.parametrize(
@@ -617,12 +767,12 @@ async def test_invalid_params_name_the_field_and_write_nothing(
     purchase = await create_purchase()
     counts = await row_counts()
 
-    body = await rpc(method, _with_purchase_id(params, purchase["purchase_id"]), token=token)
+    body = await rpc(method, _with_purchase(params, purchase), token=token)
     error = error_of(body, INVALID_PARAMS)
     data = error["data"]
     assert isinstance(data, dict)
     assert field in data, data
-    assert all(isinstance(messages, list) for messages in data.values()), data
+    assert all(_are_messages(messages) for messages in data.values()), data
 
     assert await row_counts() == counts
     assert result_of(await rpc("purchase.get", [purchase["purchase_id"]], token=token)) == purchase
