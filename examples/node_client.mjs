@@ -5,10 +5,17 @@
 // `client.request(method, params, id, false)`. The bearer token goes in the HTTP headers.
 // Every call resolves to the whole response object: `{result}` or `{error}`.
 //
-// Start the server with demo data first (see the README), then:
+// It buys a course as a shop's frontend would: creates a purchase, sees that fulfilling it
+// without a payment is refused (402), pays through the example payment provider
+// (examples/payment_provider.py), fulfils with the signed payment event the provider
+// gave it, and reads the purchase's history (purchase.events).
+//
+// Start the server with demo data and the example payment provider first (see the
+// README), then:
 //   npm ci --prefix examples        # installs jayson into examples/node_modules
 //   node examples/node_client.mjs
-// Settings: RPC_URL (default http://127.0.0.1:8080/rpc), TOKEN (default demo-alice).
+// Settings: RPC_URL (default http://127.0.0.1:8080/rpc), TOKEN (default demo-alice; a buyer
+// not yet registered for every course), PROVIDER_URL (default http://127.0.0.1:8090).
 // Exits non-zero if any answer is not the one it expects.
 
 import { randomUUID } from 'node:crypto';
@@ -18,6 +25,7 @@ import jayson from 'jayson/promise/index.js';
 
 const RPC_URL = new URL(process.env.RPC_URL || 'http://127.0.0.1:8080/rpc');
 const TOKEN = process.env.TOKEN || 'demo-alice';
+const PROVIDER_URL = process.env.PROVIDER_URL || 'http://127.0.0.1:8090';
 
 class RpcError extends Error {
   constructor(method, error) {
@@ -50,12 +58,42 @@ function expect(condition, message) {
   if (!condition) throw new Error(`unexpected answer: ${message}`);
 }
 
+// refused: a call that must answer the error `code`; resolves to that error.
+async function refused(method, params, code) {
+  const response = await client.request(method, params);
+  expect(response.error, `${method} ${JSON.stringify(params)} should have failed with ${code}`);
+  const { error } = response;
+  console.log(`error: code=${error.code} message=${error.message} data=${JSON.stringify(error.data)}`);
+  expect(error.code === code, `expected ${code}, got ${error.code}`);
+  return error;
+}
+
+// pay: pay at the payment provider, which answers with the signed payment event (the
+// proof). It also posts the same event to the shop's webhook: whichever arrives first
+// fulfils, the other changes nothing. (Node's fetch: the bearer token is not sent there.)
+async function pay(purchaseId) {
+  const response = await fetch(new URL('/pay', PROVIDER_URL), {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ purchase_id: purchaseId }),
+  });
+  const answer = await response.json();
+  expect(response.ok, `the payment provider answered ${response.status}: ${JSON.stringify(answer)}`);
+  return answer;
+}
+
 async function main() {
   const courses = await call('course.list');
   console.log('course.list:', courses.map((course) => course.slug).join(', '));
 
+  // One registration per course: buy one this buyer is not registered for yet.
+  const registered = new Set((await call('registration.list')).map((r) => r.course));
+  const course = courses.find((c) => !registered.has(c.slug))?.slug;
+  expect(course, 'this buyer is registered for every course already: run again with a new '
+    + "buyer's token, TOKEN=$(rpc-server create-token you@example.com | tail -n 1)");
+
   const purchase = await call('purchase.create', {
-    course: courses[0].slug,
+    course,
     idempotency_key: `node-client-${randomUUID()}`,
   });
   const purchaseId = purchase.purchase_id;
@@ -70,12 +108,38 @@ async function main() {
   console.log('purchase.list (pending):', page.items.map((item) => item.purchase_id).join(', '));
   expect(page.items.some((item) => item.purchase_id === purchaseId), 'new purchase not listed');
 
+  // Claiming "fulfilled" without paying: 402 Payment not verified, nothing written.
   const fulfill = { purchase_id: purchaseId, purchase_state: 'fulfilled' };
-  const first = await call('purchase.fulfill', fulfill);
-  const second = await call('purchase.fulfill', fulfill);
+  const unpaid = await refused('purchase.fulfill', fulfill, 402);
+  expect(unpaid.data?.reason === 'missing', `402 reason ${JSON.stringify(unpaid.data)}`);
+
+  // Pay: the provider charges the amount the shop stores and signs one payment event.
+  const paid = await pay(purchaseId);
+  const event = JSON.parse(paid.payment_proof.payload);
+  console.log('paid:', event.type, event.data.amount, event.data.currency, event.data.payment_ref);
+  console.log('webhook:', JSON.stringify(paid.webhook.answer ?? paid.webhook));
+  expect(event.type === 'payment.succeeded', `the provider answered ${event.type}`);
+  expect(event.data.amount === purchase.amount, `charged ${event.data.amount}`);
+
+  // Fulfil with the proof, twice: the same answer, and nothing happens twice.
+  const paidFulfill = { ...fulfill, payment_proof: paid.payment_proof };
+  const first = await call('purchase.fulfill', paidFulfill);
+  const second = await call('purchase.fulfill', paidFulfill);
   console.log('purchase.fulfill:', first.purchase.state, first.redirect_url);
+  expect(first.purchase.state === 'fulfilled', 'the purchase is not fulfilled');
   expect(isDeepStrictEqual(first, second), 'a repeated fulfill answered differently');
   console.log('purchase.fulfill again: identical answer, nothing new happened');
+
+  // The purchase's history: every state change, who made it, on what evidence.
+  const events = await call('purchase.events', { purchase_id: purchaseId });
+  for (const change of events) {
+    console.log(`purchase.events: #${change.seq} ${change.from_state} -> ${change.to_state}`
+      + ` by ${change.source} (${change.evidence}) payment_ref=${change.payment_ref}`);
+  }
+  const changes = events.map((change) => `${change.from_state}->${change.to_state}`);
+  expect(isDeepStrictEqual(changes, ['null->pending', 'pending->fulfilled']),
+    `the history should be created, then fulfilled once: ${changes}`);
+  expect(events.at(-1).payment_ref === event.data.payment_ref, 'fulfilled by another payment');
 
   const registrations = await call('registration.list');
   console.log('registration.list:', registrations.map((r) => r.course).join(', '));
@@ -98,12 +162,11 @@ async function main() {
   expect(answers.get('get').result?.state === 'fulfilled', 'batch purchase.get');
   expect(answers.get('missing').error?.code === 404, 'batch purchase.get of a missing id');
 
-  // An error case: a fulfilled purchase cannot be canceled (409 Conflict).
-  const conflict = await client.request('purchase.fulfill', [purchaseId, 'canceled']);
-  expect(conflict.error, 'canceling a fulfilled purchase succeeded');
-  const { code, message, data } = conflict.error;
-  console.log(`error: code=${code} message=${message} data=${JSON.stringify(data)}`);
-  expect(code === 409, `expected 409, got ${code}`);
+  // Two conflicts (409): a fulfilled purchase cannot be canceled, and a buyer who is
+  // registered for a course cannot buy it again.
+  await refused('purchase.fulfill', [purchaseId, 'canceled'], 409);
+  const again = await refused('purchase.create', { course }, 409);
+  expect(again.data?.course === course, `buying a course again: ${JSON.stringify(again.data)}`);
 
   console.log('all calls answered as expected');
 }

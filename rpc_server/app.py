@@ -285,7 +285,7 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     )
     if settings.token_cache_seconds > 0:
         app[ACTORS] = ActorCache(settings.token_cache_seconds)
-    document = build_document(registry)
+    document = build_document(registry, server_url=settings.rpc_url())
     app[OPENRPC] = ServiceDescription(
         document, docs_page.render(document), json_codec.Fragment(json_codec.dumps(document))
     )

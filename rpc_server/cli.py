@@ -259,7 +259,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     if keys != settings.payment_keys:
         log.warning("demo data is live: payment events are verified with the public demo key")
-    settings = replace(settings, payment_keys=keys)
+    # The address served, as the OpenRPC document's server URL says it (Settings.rpc_url).
+    settings = replace(settings, payment_keys=keys, host=host, port=port)
     url = f"http://{host}:{port}/rpc"
     print(f"JSON-RPC 2.0 endpoint: POST {url}", flush=True)
     print(

@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./rpc_server.sqlite3"
 
@@ -25,6 +26,10 @@ class Settings:
     database_url: str = DEFAULT_DATABASE_URL
     host: str = "127.0.0.1"
     port: int = 8080
+    # The base URL clients reach this server at (scheme, host, port and any path prefix a
+    # proxy adds), for example https://api.shop.example; the OpenRPC document's server is
+    # it + "/rpc". None: http://<host>:<port>, the address served.
+    public_url: str | None = None
     frontend_url: str = "http://localhost:3000"
     log_level: str = "INFO"
     # One line per HTTP request (logger "aiohttp.access", at INFO); off when a proxy in
@@ -136,6 +141,39 @@ class Settings:
                 raise ConfigError(f"RPC_SERVER_PAYMENT_KEYS, key {number}: {exc}") from None
         if not 0 < self.port < 65536:
             raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")
+        if self.public_url is not None:
+            _check_public_url(self.public_url)
+
+    def rpc_url(self) -> str:
+        """The endpoint's absolute URL, as clients call it (the OpenRPC document's server)."""
+        if self.public_url:
+            return f"{self.public_url.rstrip('/')}/rpc"
+        # A wildcard address is served on every interface, this machine's loopback too.
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        if ":" in host:  # an IPv6 address is bracketed in a URL
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/rpc"
+
+
+def _check_public_url(url: str) -> None:
+    problem = "RPC_SERVER_PUBLIC_URL must be an absolute http:// or https:// URL"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced [ or ]
+        raise ConfigError(problem) from None
+    if parts.username is not None or parts.password is not None:  # never echo a password
+        raise ConfigError(f"{problem} with no user or password in it")
+    try:
+        parts.port  # noqa: B018  # raises ValueError for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"{problem}, got {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{problem}, got {url!r}")
+    if parts.query or parts.fragment or any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError(
+            f"{problem} with no query, fragment or spaces, such as https://api.shop.example, "
+            f"got {url!r}"
+        )
 
 
 def _parse(variable: str, kind: str, raw: str) -> Any:

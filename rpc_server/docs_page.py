@@ -40,6 +40,18 @@ def _constraints(schema: Mapping[str, Any]) -> str:
     return "; ".join(f"{key}: {schema[key]}" for key in keys if key in schema)
 
 
+def _error_data(schema: Any) -> str:
+    """What an error's ``data`` carries, from the JSON Schema the document gives for it."""
+    if not isinstance(schema, Mapping) or not isinstance(schema.get("properties"), Mapping):
+        return ""
+    items = "".join(
+        f"<li><code>data.{escape(name)}</code>: {escape(_type_of(field))}"
+        f"{'. ' + escape(field['description']) if field.get('description') else ''}</li>"
+        for name, field in schema["properties"].items()
+    )
+    return f"<ul>{items}</ul>"
+
+
 def _method(method: Mapping[str, Any]) -> str:
     name = escape(method["name"])
     rows = "".join(
@@ -55,7 +67,8 @@ def _method(method: Mapping[str, Any]) -> str:
         else "<p>No params.</p>"
     )
     errors = "".join(
-        f"<tr><td><code>{e['code']}</code></td><td>{escape(e['message'])}</td></tr>"
+        f"<tr><td><code>{e['code']}</code></td><td>{escape(e['message'])}"
+        f"{_error_data(e.get('data'))}</td></tr>"
         for e in method.get("errors", [])
     )
     parts = [
@@ -90,6 +103,12 @@ def _method(method: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
+def _servers(servers: list[Mapping[str, Any]]) -> str:
+    return "".join(
+        f"<p>Endpoint: <code>POST {escape(server['url'])}</code></p>" for server in servers
+    )
+
+
 def render(document: Mapping[str, Any]) -> str:
     """The HTML page for an OpenRPC document."""
     info = document["info"]
@@ -104,6 +123,7 @@ def render(document: Mapping[str, Any]) -> str:
         f"<title>{escape(info['title'])}</title><style>{_STYLE}</style></head><body>"
         f"<h1>{escape(info['title'])} <small>{escape(info['version'])}</small></h1>"
         f"<p>{escape(info.get('description', ''))}</p>"
+        f"{_servers(document.get('servers', []))}"
         "<p>Machine-readable: <a href='/openrpc.json'>/openrpc.json</a> or the "
         "<code>rpc.discover</code> method (OpenRPC "
         f"{escape(document['openrpc'])}).</p>"

@@ -20,11 +20,33 @@ from apispec.ext.marshmallow.field_converter import FieldConverterMixin
 from marshmallow import Schema, fields
 
 from rpc_server import __version__
-from rpc_server.errors import ERROR_MESSAGES, STANDARD_METHOD_ERRORS
+from rpc_server.domain.errors import PaymentNotVerified
+from rpc_server.errors import ERROR_MESSAGES, PAYMENT_NOT_VERIFIED, STANDARD_METHOD_ERRORS
 from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas.fields import Cursor
 
 OPENRPC_VERSION = "1.3.2"
+
+# What an error's ``data`` holds, where every answer with that code carries the same shape
+# (OpenRPC leaves the meaning of an error object's ``data`` to the server: here, a JSON
+# Schema of it).
+ERROR_DATA: dict[int, dict[str, Any]] = {
+    PAYMENT_NOT_VERIFIED: {
+        "type": "object",
+        "required": ["reason"],
+        "properties": {
+            "reason": {
+                "enum": list(PaymentNotVerified.REASONS),
+                "description": "missing: no payment_proof where one is needed; "
+                "invalid_signature: no configured key signed it (or none is configured); "
+                "expired: its timestamp is too far from now; mismatch: it pays for another "
+                "purchase, amount or currency, or its type does not fit purchase_state; "
+                "reused: its payment_ref already paid for another purchase; "
+                "malformed: not a well-formed signed payment event",
+            }
+        },
+    },
+}
 
 
 def _decimal_as_string(
@@ -68,8 +90,9 @@ def _ecma_pattern(
 
 
 class OpenRpcBuilder:
-    def __init__(self, registry: MethodRegistry, *, title: str, description: str):
+    def __init__(self, registry: MethodRegistry, *, title: str, description: str, server_url: str):
         self.registry = registry
+        self.server_url = server_url
         self.plugin = MarshmallowPlugin(schema_name_resolver=self._schema_name)
         self.spec = APISpec(
             title=title, version=__version__, openapi_version="3.1.0", plugins=[self.plugin]
@@ -119,13 +142,20 @@ class OpenRpcBuilder:
             "paramStructure": "either",
             "params": params,
             "result": {"name": method.result_name, "schema": result_schema},
-            "errors": [{"code": code, "message": ERROR_MESSAGES[code]} for code in codes],
+            "errors": [self._error(code) for code in codes],
         }
         if method.description:
             document["description"] = method.description
         if method.example is not None:
             document["examples"] = [self._example(method)]
         return document
+
+    @staticmethod
+    def _error(code: int) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": code, "message": ERROR_MESSAGES[code]}
+        if code in ERROR_DATA:
+            error["data"] = ERROR_DATA[code]
+        return error
 
     def _example(self, method: RpcMethod) -> dict[str, Any]:
         assert method.example is not None
@@ -141,16 +171,19 @@ class OpenRpcBuilder:
         return {
             "openrpc": OPENRPC_VERSION,
             "info": {"title": self.title, "version": __version__, "description": self.description},
-            "servers": [{"name": "this server", "url": "/rpc"}],
+            # An absolute URL: the meta-schema says ``format: uri``, which a path is not.
+            "servers": [{"name": "this server", "url": self.server_url}],
             "methods": methods,
             "components": {"schemas": self.spec.to_dict()["components"]["schemas"]},
         }
 
 
-def build_document(registry: MethodRegistry) -> dict[str, Any]:
-    """The OpenRPC document describing every method in ``registry``."""
+def build_document(registry: MethodRegistry, *, server_url: str) -> dict[str, Any]:
+    """The OpenRPC document describing every method in ``registry``, served at
+    ``server_url`` (absolute: ``Settings.rpc_url()``)."""
     return OpenRpcBuilder(
         registry,
+        server_url=server_url,
         title="Purchase fulfillment JSON-RPC API",
         description=(
             "JSON-RPC 2.0 over HTTP POST /rpc. Authenticate with 'Authorization: Bearer "

@@ -70,6 +70,9 @@ async def fulfill_purchase(
 async def list_purchase_events(
     ctx: RpcContext, actor: Actor, *, purchase_id: str
 ) -> list[PurchaseEventRecord]:
-    """Return the history of a purchase, oldest first: every state change, who made it
-    and on what evidence."""
+    """Return the history of a purchase, oldest first.
+
+    Every state change, who made it and on what evidence. The buyer sees their own
+    purchases' history; staff and payments see any purchase's.
+    """
     return await services.list_purchase_events(ctx.uow, actor, purchase_id=purchase_id)
