@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -55,9 +56,28 @@ class Settings:
     call_timeout: float = 30.0
     # How long a successful token lookup is trusted (revocation takes effect within it).
     token_cache_seconds: float = 5.0
+    # How long new tokens live, in days (RPC_SERVER_TOKEN_TTL=never: they do not expire);
+    # create-token --expires-in overrides it.
+    token_ttl: float | None = 90.0
     # Per-token rate limit: calls per second refilling a bucket of rate_burst; 0 = off.
     rate_limit: float = 50.0
     rate_burst: int = 500
+    # Calls without a valid token (none, unknown, expired), limited per client address.
+    anonymous_rate_limit: float = 10.0
+    anonymous_rate_burst: int = 100
+    # Proxies (addresses or networks) whose X-Forwarded-For names the client; none.
+    trusted_proxies: tuple[str, ...] = ()
+    # Slow and idle clients: headers and body must arrive within read_timeout; an idle
+    # keep-alive connection is closed after keepalive_timeout; a batch as a whole may run
+    # batch_timeout; past max_connections open connections a process refuses new ones.
+    read_timeout: float = 10.0
+    keepalive_timeout: float = 15.0
+    batch_timeout: float = 60.0
+    max_connections: int = 1000
+    # Open (pending) purchases one user may hold at once.
+    max_pending_purchases: int = 50
+    # Log lines as text (one line, fields escaped) or as JSON objects.
+    log_format: str = "text"
     # Browser origins allowed to call /rpc (CORS); none by default.
     cors_origins: tuple[str, ...] = ()
     # Receipt emails: SMTP when smtp_url is set, else .eml files in mail_dir.
@@ -118,6 +138,30 @@ class Settings:
             raise ConfigError("RPC_SERVER_TOKEN_CACHE_SECONDS must be between 0 and 300")
         if self.rate_limit < 0 or (self.rate_limit > 0 and self.rate_burst < 1):
             raise ConfigError("RPC_SERVER_RATE_LIMIT must be >= 0 and RATE_BURST >= 1")
+        if self.anonymous_rate_limit < 0 or (
+            self.anonymous_rate_limit > 0 and self.anonymous_rate_burst < 1
+        ):
+            raise ConfigError(
+                "RPC_SERVER_ANONYMOUS_RATE_LIMIT must be >= 0 and ANONYMOUS_RATE_BURST >= 1"
+            )
+        if self.token_ttl is not None and not 0 < self.token_ttl <= 36500:
+            raise ConfigError("RPC_SERVER_TOKEN_TTL must be days between 0 and 36500, or never")
+        for name in ("read_timeout", "keepalive_timeout", "batch_timeout"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ConfigError(f"RPC_SERVER_{name.upper()} must be between 0 and 3600 seconds")
+        if self.max_connections < 1:
+            raise ConfigError("RPC_SERVER_MAX_CONNECTIONS must be at least 1")
+        if self.max_pending_purchases < 1:
+            raise ConfigError("RPC_SERVER_MAX_PENDING_PURCHASES must be at least 1")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("RPC_SERVER_LOG_FORMAT must be text or json")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"RPC_SERVER_TRUSTED_PROXIES: {proxy!r} is not an address or network"
+                ) from None
         if self.mail_max_attempts < 1:
             raise ConfigError("RPC_SERVER_MAIL_MAX_ATTEMPTS must be at least 1")
         for name in ("mail_retry_base", "mail_retry_cap", "mail_poll_interval", "mail_lease"):
@@ -194,6 +238,13 @@ def _parse(variable: str, kind: str, raw: str) -> Any:
         raise ConfigError(f"{variable} must be true or false, got {raw!r}")
     if kind == "str | None":
         return raw or None
+    if kind == "float | None":
+        if raw.strip().lower() == "never":
+            return None
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{variable} must be a number or never, got {raw!r}") from None
     if kind == "tuple[str, ...]":
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     return raw
