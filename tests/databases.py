@@ -3,7 +3,8 @@
 PostgreSQL is used when ``RPC_SERVER_TEST_DATABASE_URL`` names one (for example
 ``postgresql+asyncpg://postgres@127.0.0.1:5432/test``): the session migrates one
 template database, and every test gets ``CREATE DATABASE … TEMPLATE`` of it, dropped
-afterwards. The URL's own database is only used to issue those commands.
+afterwards (``create_empty`` makes one without any schema instead). The URL's own
+database is only used to issue those commands.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ async def create_template(admin_url: str) -> str:
     await _admin(admin_url, f'CREATE DATABASE "{name}"')
     await migrate(with_database(admin_url, name))
     return name
+
+
+async def create_empty(admin_url: str) -> str:
+    """Create an empty database (no schema at all, not even Alembic's); return its URL.
+
+    For tests that migrate it themselves, to an older revision for instance.
+    """
+    name = f"rpc_test_{uuid.uuid4().hex[:12]}"
+    await _admin(admin_url, f'CREATE DATABASE "{name}"')
+    return with_database(admin_url, name)
 
 
 async def create_from_template(admin_url: str, template: str) -> str:

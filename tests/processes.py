@@ -15,7 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from tests.payments import TEST_PAYMENT_KEY
+
 RPC_SERVER = str(Path(sys.executable).parent / "rpc-server")
+PAYMENT_KEYS_VARIABLE = "RPC_SERVER_PAYMENT_KEYS"
 
 
 def free_port() -> int:
@@ -52,6 +55,9 @@ def running_server(
 ) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     """Start ``rpc-server serve`` on a free port; SIGTERM it on exit and check it exits 0.
 
+    The server verifies payment proofs signed with ``tests.payments.TEST_PAYMENT_KEY``
+    (``RPC_SERVER_PAYMENT_KEYS``) unless ``env`` says otherwise.
+
     The server's output goes to a file, not a pipe: a busy server logs more than a pipe
     holds, and would block in its logging call if nobody read the pipe meanwhile. With
     ``output``, the whole output is appended to it once the server has exited.
@@ -61,7 +67,7 @@ def running_server(
         process = subprocess.Popen(
             [RPC_SERVER, "serve", "--port", str(port), *args],
             cwd=cwd,
-            env={**os.environ, **env},
+            env={**os.environ, PAYMENT_KEYS_VARIABLE: TEST_PAYMENT_KEY, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             text=True,

@@ -47,6 +47,7 @@ from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import answer
 from rpc_server.json_codec import Fragment
 from rpc_server.methods import REGISTRY
+from rpc_server.payment_signatures import PaymentSignatures
 from rpc_server.token_cache import ActorCache
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.benchmarks.seed import create_database, drop_database
@@ -91,8 +92,10 @@ async def measure(engine_name: str, url: str, calls: int) -> list[tuple[str, flo
 
         actors = ActorCache(ttl_seconds=300)  # as in the server: the token is looked up once
 
+        payments = PaymentSignatures(())  # no key: nothing here verifies a payment
+
         def context() -> RpcContext:
-            return RpcContext(uow=uow_factory, links=links, token=token,
+            return RpcContext(uow=uow_factory, links=links, payments=payments, token=token,
                               service_description=document, actors=actors)  # fmt: skip
 
         request = {"jsonrpc": "2.0", "method": "purchase.get", "params": [purchase.purchase_id],

@@ -94,11 +94,15 @@ def write_mixed_plan(
     pattern: str,
     tag: str,
     courses: Sequence[str],
+    payments: str,
     users: Sequence[tuple[str, Sequence[str], Sequence[str]]],
 ) -> Path:
-    """``users``: (Authorization value, ids of own purchases, ids of fresh pending ones)."""
+    """``courses``: to buy, each once; ``payments``: the Authorization value of the
+    payment backend (it fulfils); ``users``: (Authorization value, ids of own purchases,
+    ids of fresh pending ones)."""
     lines = [f"mixed\npattern\t{pattern}\ntag\t{tag}"]
     lines += [f"course\t{slug}" for slug in courses]
+    lines.append(f"payments\t{payments}")
     for authorization, _own, _fresh in users:
         lines.append(f"user\t{authorization}")
     for number, (_authorization, own, fresh) in enumerate(users, 1):

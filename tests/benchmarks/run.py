@@ -424,13 +424,11 @@ class Bench:
             authorization, body = requests[index if workload.consumes else 0]
             answers[role] = roundtrips.post(running[role].url, authorization, body)
         if workload.name == "fulfill" and context.dataset is not None:
-            # purchase.create too, for the mixed workload.
+            # purchase.create too, for the mixed workload (of a course the buyer has not).
             buyer = context.dataset.mixed_users[0]
+            [course] = await seed.fresh_courses(context.dataset, 1)
             for role in ("project", "same-work"):
-                params = {
-                    "course": context.dataset.courses[0].slug,
-                    "idempotency_key": f"check-{role}",
-                }
+                params = {"course": course, "idempotency_key": f"check-{role}"}
                 body = rpc("purchase.create", params, 1)
                 answers[f"{role} create"] = roundtrips.post(
                     running[role].url, buyer.authorization, body

@@ -7,7 +7,12 @@ statements the project emits (copied from SQLAlchemy's output for each dialect, 
 same order, placeholders aside), on the same driver (aiosqlite or asyncpg) with the same
 connection settings (SQLite: WAL, 30 s busy timeout, foreign keys, synchronous=NORMAL,
 ``BEGIN IMMEDIATE`` for writes), answers serialized with orjson, byte for byte the
-project's answers. Batch items run concurrently, as in the project.
+project's answers. Batch items run concurrently, as in the project. Like the project it
+writes the audit trail: a create first checks that the buyer is not registered for the
+course, and every create and state change takes the next seq from ``event_sequence``
+(``UPDATE … RETURNING``) and inserts its ``purchase_events`` row, in its transaction.
+It takes no ``payment_proof`` (it verifies no proofs): a buyer's fulfil is refused with
+402 ``missing``; staff (a comp) and payments-scope tokens fulfil as in the project.
 
 What it leaves out is the machinery: no SQLAlchemy, Marshmallow, jsonrpcserver,
 middleware or access log. Reads run in autocommit (no BEGIN/ROLLBACK around them);
@@ -55,7 +60,7 @@ JsonObject = dict[str, Any]
 # --- the SQL the project emits (rpc_server/repositories.py), "?" placeholders ----------
 
 TOKEN_SQL = (
-    "SELECT users.id, users.email, users.is_staff FROM users "
+    "SELECT users.id, users.email, api_tokens.scope FROM users "
     "JOIN api_tokens ON api_tokens.user_id = users.id "
     "WHERE api_tokens.token_hash = ? AND api_tokens.revoked_at IS NULL "
     "AND (api_tokens.expires_at IS NULL OR api_tokens.expires_at > ?)"
@@ -85,6 +90,25 @@ INSERT_REGISTRATION_SQL = (
 INSERT_RECEIPT_SQL = (
     "INSERT INTO receipt_outbox (purchase_id, recipient, status, attempts, next_attempt_at, "
     "created_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+REGISTERED_SQL = (
+    "SELECT course_registrations.id FROM course_registrations "
+    "WHERE course_registrations.user_id = ? AND course_registrations.course_id = ?"
+)
+# The audit trail: every change (creation included) takes the next seq and appends its event.
+NEXT_SEQ_SQL = (
+    "UPDATE event_sequence SET last_seq=(event_sequence.last_seq + ?) WHERE event_sequence.id = ?"
+)
+INSERT_EVENT_SQL = (
+    "INSERT INTO purchase_events (seq, purchase_id, from_state, to_state, actor_user_id, "
+    "actor_scope, source, evidence, payment_event_id, payment_ref, error_msg, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Scopes that see and act on every purchase (rpc_server/domain/states.py).
+SEES_EVERY_PURCHASE = ("staff", "payments")
+MISSING_PROOF = (
+    "Payment not verified: fulfilling a purchase needs a payment_proof (the signed payment "
+    "event the payment step returned)"
 )
 
 # The fulfillment state table (rpc_server/domain/states.py), by hand.
@@ -292,7 +316,11 @@ class Transaction:
 class Actor:
     user_id: int
     email: str
-    is_staff: bool
+    scope: str  # the token's: buyer, staff or payments
+
+    @property
+    def sees_every_purchase(self) -> bool:
+        return self.scope in SEES_EVERY_PURCHASE
 
 
 class Service:
@@ -309,6 +337,14 @@ class Service:
             INSERT_REGISTRATION_SQL, returning="course_registrations.id"
         )
         self.insert_receipt_sql = d.sql(INSERT_RECEIPT_SQL, returning="receipt_outbox.id")
+        registered, self.registered_extra = d.limit(REGISTERED_SQL)
+        self.registered_sql = d.sql(registered)
+        self.next_seq_sql = (
+            NEXT_SEQ_SQL + " RETURNING last_seq"
+            if isinstance(d, SqliteDialect)
+            else d.sql(NEXT_SEQ_SQL, returning="event_sequence.last_seq")
+        )
+        self.insert_event_sql = d.sql(INSERT_EVENT_SQL)
         self.transition_sql: dict[tuple[str, int], str] = {}
         self.list_sql: dict[tuple[bool, bool, bool], tuple[str, tuple[int, ...]]] = {}
         self.by_ids_sql: dict[tuple[int, bool], str] = {}
@@ -320,8 +356,8 @@ class Service:
             rows = await connection.fetch(self.token_sql, token_hash, now)
         if not rows:
             return None
-        user_id, email, is_staff = rows[0]
-        return Actor(user_id, email, bool(is_staff))
+        user_id, email, scope = rows[0]
+        return Actor(user_id, email, scope)
 
     def purchase_json(self, row: Row) -> JsonObject:
         fulfilled_at = row[13]
@@ -340,7 +376,7 @@ class Service:
         }
 
     async def _purchase(self, connection: Connection, purchase_id: str, actor: Actor) -> Row | None:
-        if actor.is_staff:
+        if actor.sees_every_purchase:
             rows = await connection.fetch(self.get_any_sql, purchase_id)
         else:
             rows = await connection.fetch(self.get_sql, purchase_id, actor.user_id)
@@ -352,12 +388,12 @@ class Service:
         found: dict[str, Row] = {}
         for start in range(0, len(purchase_ids), 100):
             chunk = list(purchase_ids[start : start + 100])
-            key = (len(chunk), actor.is_staff)
+            key = (len(chunk), actor.sees_every_purchase)
             if key not in self.by_ids_sql:
                 where = " WHERE purchases.purchase_id IN (" + ", ".join("?" * len(chunk)) + ")"
-                owner = "" if actor.is_staff else " AND purchases.owner_id = ?"
+                owner = "" if actor.sees_every_purchase else " AND purchases.owner_id = ?"
                 self.by_ids_sql[key] = self.dialect.sql(PURCHASE_SELECT + where + owner)
-            args = chunk if actor.is_staff else [*chunk, actor.user_id]
+            args = chunk if actor.sees_every_purchase else [*chunk, actor.user_id]
             async with self.pool.acquire() as connection:
                 for row in await connection.fetch(self.by_ids_sql[key], *args):
                     found[row[1]] = row
@@ -383,7 +419,7 @@ class Service:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
             raise invalid_params("limit", "Must be greater than or equal to 1 and less than 100.")
         before = None if cursor is None else _decode_cursor(cursor)
-        key = (not actor.is_staff, state is not None, before is not None)
+        key = (not actor.sees_every_purchase, state is not None, before is not None)
         if key not in self.list_sql:
             # As the project: one owner's first page names the owner as a range (so that
             # PostgreSQL reads the (owner_id, id) index), later pages as an equality.
@@ -428,6 +464,11 @@ class Service:
                 earlier = await connection.fetch(self.by_key_sql, actor.user_id, key)
                 if earlier:
                     return self._replayed(earlier[0], slug, key)
+            registered = await connection.fetch(
+                self.registered_sql, actor.user_id, course_pk, 1, *self.registered_extra
+            )
+            if registered:
+                raise RpcError(409, "You are already registered for this course", {"course": slug})
             purchase_id = secrets.token_hex(16)
             now = d.timestamp(datetime.now(UTC))
             await connection.execute("SAVEPOINT sa_savepoint_1")
@@ -442,8 +483,29 @@ class Service:
                 return self._replayed(earlier[0], slug, key or "")
             await connection.execute("RELEASE SAVEPOINT sa_savepoint_1")
             rows = await connection.fetch(self.get_sql, purchase_id, actor.user_id)
+            await self._append_event(
+                connection, rows[0][0], None, "pending", actor, None, None, now
+            )
             await tx.commit()
         return self.purchase_json(rows[0])
+
+    async def _append_event(
+        self,
+        connection: Connection,
+        purchase_pk: int,
+        from_state: str | None,
+        to_state: str,
+        actor: Actor,
+        evidence: str | None,
+        error_msg: str | None,
+        stamp: Any,
+    ) -> None:
+        """The audit event of a change, in its transaction (rpc_server/repositories.py)."""
+        [[seq]] = await connection.fetch(self.next_seq_sql, 1, 1)
+        await connection.execute(
+            self.insert_event_sql, seq, purchase_pk, from_state, to_state, actor.user_id,
+            actor.scope, "rpc", evidence, None, None, error_msg, stamp,
+        )  # fmt: skip
 
     def _replayed(self, row: Row, slug: str, key: str) -> JsonObject:
         if row[5] != slug:
@@ -472,13 +534,23 @@ class Service:
                 step = TRANSITIONS[(row[9], requested)]
                 if step != APPLY:
                     break
+                # Who may ask for it (states.OUTCOME_EVIDENCE), without proofs: this
+                # baseline takes no payment_proof, so a buyer cannot fulfil.
+                evidence = None
+                if requested == "fulfilled":
+                    if actor.scope == "buyer":
+                        raise RpcError(402, MISSING_PROOF, {"reason": "missing"})
+                    evidence = "staff_comp" if actor.scope == "staff" else "payments_scope"
                 now = datetime.now(UTC)
                 stamp = d.timestamp(now)
                 sql = self._transition_sql(requested)
-                values: list[Any] = [requested, error_msg if requested == "failed" else None, stamp]
+                message = error_msg if requested == "failed" else None
+                values: list[Any] = [requested, message, stamp]
                 if requested == "fulfilled":
-                    values.append(stamp)
-                changed = await connection.fetch(sql, *values, row[0], *SOURCES[requested])
+                    values += [stamp, None]  # fulfilled_at, payment_ref (no proof)
+                # Conditional on the state just read (a concurrent change makes it miss).
+                before = row[9]
+                changed = await connection.fetch(sql, *values, row[0], before)
                 refreshed = await self._purchase(connection, purchase_id, actor)
                 assert refreshed is not None
                 row = refreshed
@@ -490,6 +562,9 @@ class Service:
                         await connection.fetch(
                             self.insert_receipt_sql, row[0], row[3], "pending", 0, stamp, stamp
                         )
+                    await self._append_event(
+                        connection, row[0], before, requested, actor, evidence, message, stamp
+                    )
                     await tx.commit()
                     break
             if step == CONFLICT:
@@ -499,10 +574,10 @@ class Service:
         return {"redirect_url": self._redirect_url(row), "purchase": self.purchase_json(row)}
 
     def _transition_sql(self, target: str) -> str:
-        sources = len(SOURCES[target])
+        sources = 1  # the state read: "state IN (?)", as the project binds it
         key = (target, sources)
         if key not in self.transition_sql:
-            fulfilled = ", fulfilled_at=?" if target == "fulfilled" else ""
+            fulfilled = ", fulfilled_at=?, payment_ref=?" if target == "fulfilled" else ""
             marks = ", ".join("?" * sources)
             sql = (
                 f"UPDATE purchases SET state=?, error_msg=?, updated_at=?{fulfilled} "

@@ -4,7 +4,11 @@ Users and their tokens come from the project's own ``services.issue_token`` and 
 from ``services.save_course``; purchases are generated inside the database (a recursive
 CTE on SQLite, ``INSERT … SELECT generate_series`` on PostgreSQL), so a million rows take
 seconds. Fresh pending purchases for the fulfill workloads are inserted between
-measurements with ids chosen here, so the load generator can fulfill each one once.
+measurements with ids chosen here, so the load generator can fulfill each one once; so
+are fresh courses for the workloads that create purchases (a user registered for a
+course cannot buy it again). The purchases inserted here have no audit events (the
+servers under test never read them). Fulfilling is the payment backend's call: a
+payments-scope token (``payments_user``), which needs no proof of payment.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sqlalchemy.engine import make_url
 from rpc_server.database import create_engine
 from rpc_server.domain import services
 from rpc_server.domain.records import Course
+from rpc_server.domain.states import Scope
 from rpc_server.migrate import migrate
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests import databases
@@ -65,7 +70,8 @@ class Dataset:
     get_ids: list[str]
     list_users: dict[str, BenchUser]  # "small", "big"
     deep_cursors: dict[str, list[int]]  # row ids to continue before, mid-history
-    fulfill_user: BenchUser
+    fulfill_user: BenchUser  # owns the fresh purchases of the fulfill workload
+    payments_user: BenchUser  # the payment backend: fulfils them (payments scope)
     mixed_users: list[BenchUser]
     mixed_ids: dict[int, list[str]]  # user_id -> some of their purchase ids
     bulk: Bulk
@@ -80,6 +86,8 @@ class Bulk(Protocol):
     ) -> None: ...
 
     async def insert_pending(self, owner_id: int, ids: Sequence[str], course: Course) -> None: ...
+
+    async def insert_courses(self, slugs: Sequence[str]) -> None: ...
 
     async def id_range(self, owner_id: int) -> tuple[int, int]: ...
 
@@ -123,6 +131,11 @@ SELECT md5(random()::text || clock_timestamp()::text || i::text), $1::bigint,
        $8::timestamptz, $8::timestamptz, CASE WHEN i % 10 < 7 THEN $8::timestamptz END
 FROM generate_series(1, $9::integer) AS i
 """
+
+# Fresh courses: what nobody is registered for yet.
+_FRESH_COURSE_PRICE = Decimal("19.00")
+_FRESH_COURSE_CURRENCY = "USD"
+_COURSE_COLUMNS = ("slug", "title", "price", "currency")
 
 _PENDING_COLUMNS = (
     "purchase_id",
@@ -172,6 +185,15 @@ class SqliteBulk:
             self.connection.execute("BEGIN IMMEDIATE")
             self.connection.executemany(
                 f"INSERT INTO purchases ({', '.join(_PENDING_COLUMNS)}) VALUES ({marks})", rows
+            )
+
+    async def insert_courses(self, slugs: Sequence[str]) -> None:
+        price = float(_FRESH_COURSE_PRICE)
+        rows = [(slug, slug, price, _FRESH_COURSE_CURRENCY) for slug in slugs]
+        with self.connection:
+            self.connection.execute("BEGIN IMMEDIATE")
+            self.connection.executemany(
+                f"INSERT INTO courses ({', '.join(_COURSE_COLUMNS)}) VALUES (?, ?, ?, ?)", rows
             )
 
     async def id_range(self, owner_id: int) -> tuple[int, int]:
@@ -228,6 +250,13 @@ class PostgresBulk:
                 for pid in ids
             ],
             columns=list(_PENDING_COLUMNS),
+        )
+
+    async def insert_courses(self, slugs: Sequence[str]) -> None:
+        await self.connection.copy_records_to_table(
+            "courses",
+            records=[(slug, slug, _FRESH_COURSE_PRICE, _FRESH_COURSE_CURRENCY) for slug in slugs],
+            columns=list(_COURSE_COLUMNS),
         )
 
     async def id_range(self, owner_id: int) -> tuple[int, int]:
@@ -294,8 +323,8 @@ async def seed(engine: str, url: str, sizes: Sizes, rng: random.Random) -> Datas
     try:
         uow = SqlAlchemyUnitOfWorkFactory(sa_engine)
 
-        async def user(email: str) -> BenchUser:
-            token = await services.issue_token(uow, email)
+        async def user(email: str, scope: Scope = Scope.BUYER) -> BenchUser:
+            token = await services.issue_token(uow, email, scope=scope)
             actor = await services.authenticate(uow, token)
             assert actor is not None
             return BenchUser(email, token, actor.user_id)
@@ -320,6 +349,7 @@ async def seed(engine: str, url: str, sizes: Sizes, rng: random.Random) -> Datas
         small = await user("list-10k@bench.example")
         big = await user("list-big@bench.example")
         fulfill_user = await user("fulfill@bench.example")
+        payments_user = await user("payments@bench.example", Scope.PAYMENTS)
         crowd = await user("crowd@bench.example")
         mixed_users = [await user(f"mixed{i}@bench.example") for i in range(sizes.mixed_users)]
     finally:
@@ -359,6 +389,7 @@ async def seed(engine: str, url: str, sizes: Sizes, rng: random.Random) -> Datas
         list_users={"small": small, "big": big},
         deep_cursors=deep_cursors,
         fulfill_user=fulfill_user,
+        payments_user=payments_user,
         mixed_users=mixed_users,
         mixed_ids={
             u.user_id: await bulk.purchase_ids(u.user_id, sizes.mixed_user_purchases)
@@ -376,3 +407,11 @@ async def fresh_pending(dataset: Dataset, user: BenchUser, count: int) -> list[s
     ids = [secrets.token_hex(16) for _ in range(count)]
     await dataset.bulk.insert_pending(user.user_id, ids, dataset.courses[0])
     return ids
+
+
+async def fresh_courses(dataset: Dataset, count: int) -> list[str]:
+    """Insert ``count`` new courses no one is registered for; return their slugs."""
+    tag = secrets.token_hex(4)
+    slugs = [f"fresh-{tag}-{n}" for n in range(count)]
+    await dataset.bulk.insert_courses(slugs)
+    return slugs

@@ -3,7 +3,10 @@
 A workload has one or more variants (``list-first`` has ``10k`` and ``1M``: the same
 page for a user with 10,000 purchases and one with a million); every round measures
 each variant on the project and then on its baseline (A B A B …). Plans are built per
-measurement, because fulfilling needs purchases no one has fulfilled yet.
+measurement, because fulfilling needs purchases no one has fulfilled yet (and buying,
+courses no one bought yet: a user registered for a course cannot buy it again).
+Fulfilling is the payment backend's call (a payments-scope token: no proof of payment
+to verify).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import orjson
 
 from tests.benchmarks import loadgen
-from tests.benchmarks.seed import Dataset, fresh_pending
+from tests.benchmarks.seed import Dataset, fresh_courses, fresh_pending
 
 BATCH = 50
 MIXED_PATTERN = "LGCLGLFLGCLGLFLGCLFG"  # 8 list, 6 get, 3 create, 3 fulfill in 20 calls
@@ -73,7 +76,8 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "fulfill",
-            "purchase.fulfill (fulfilled) of a fresh pending purchase, each once",
+            "purchase.fulfill (fulfilled) of a fresh pending purchase, each once, by the "
+            "payment backend (payments scope)",
             "same-work",
             consumes=True,
         ),
@@ -91,8 +95,8 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "mixed",
-            "frontend-like: 40% list, 30% get, 15% create, 15% fulfill of what was just "
-            "created, 7 users, single calls",
+            "frontend-like: 40% list, 30% get, 15% create, 15% fulfill (by the payment "
+            "backend) of what was just created, 7 users, single calls",
             "same-work",
             consumes=True,
         ),
@@ -176,11 +180,10 @@ async def build_plan(
             ]
         return loadgen.REPLAY_SCRIPT, loadgen.write_replay_plan(path, requests)
     if name == "fulfill":
-        user = dataset.fulfill_user
-        ids = await fresh_pending(dataset, user, fresh_count)
+        ids = await fresh_pending(dataset, dataset.fulfill_user, fresh_count)
         requests = [
             (
-                user.authorization,
+                dataset.payments_user.authorization,
                 rpc("purchase.fulfill", {"purchase_id": pid, "purchase_state": "fulfilled"}, i),
             )
             for i, pid in enumerate(ids)
@@ -192,11 +195,14 @@ async def build_plan(
         for user in dataset.mixed_users:
             fresh = await fresh_pending(dataset, user, per_user)
             users.append((user.authorization, dataset.mixed_ids[user.user_id], fresh))
+        # A new course per create: 3 creates per 20 calls, three times the share of 1 in
+        # 20 that fresh_count was computed for.
         return loadgen.MIXED_SCRIPT, loadgen.write_mixed_plan(
             path,
             pattern=MIXED_PATTERN,
             tag=f"{label}-{rng.randrange(10**9)}",
-            courses=[course.slug for course in dataset.courses],
+            courses=await fresh_courses(dataset, 3 * fresh_count + 100),
+            payments=dataset.payments_user.authorization,
             users=users,
         )
     raise ValueError(f"unknown workload {name}")

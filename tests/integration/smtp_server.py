@@ -8,7 +8,8 @@ can be stopped and started again on the same port, to play a mail server that go
 down and comes back.
 
 ``outbox_rows`` reads the ``receipt_outbox`` table as it is (claim token included);
-``fulfilled_purchase`` makes a receipt the way a fulfillment does; ``eventually`` polls;
+``fulfilled_purchase`` makes a receipt the way a paid fulfillment does (``more_courses``
+gives a buyer more to buy); ``eventually`` polls;
 ``assert_is_receipt`` checks a received or written receipt.
 """
 
@@ -23,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from email.message import EmailMessage
 from typing import Any, TypeVar
 
@@ -34,13 +36,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from models import ReceiptOutbox
 from rpc_server.config import Settings
 from rpc_server.domain import services
-from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.records import Actor
-from rpc_server.domain.states import PurchaseState
 from rpc_server.receipts import message_id_for
 from rpc_server.repositories import as_utc
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
-from tests.conftest import FRONTEND_URL
+from tests.integration.paying import pay_and_fulfil
 
 T = TypeVar("T")
 
@@ -257,16 +257,23 @@ async def only_row(engine: AsyncEngine) -> OutboxRow:
 async def fulfilled_purchase(
     uow_factory: SqlAlchemyUnitOfWorkFactory, actor: Actor, course: str = "python-basics"
 ) -> str:
-    """Create and fulfill a purchase (which writes its receipt row); return its id."""
+    """Create a purchase as the buyer ``actor`` and fulfil it with a signed proof of
+    payment (which writes its receipt row); return its id."""
     purchase = await services.create_purchase(uow_factory, actor, course=course)
-    await services.fulfill_purchase(
-        uow_factory,
-        actor,
-        FrontendLinks(FRONTEND_URL),
-        purchase_id=purchase.purchase_id,
-        purchase_state=PurchaseState.FULFILLED,
-    )
+    await pay_and_fulfil(uow_factory, actor, purchase)
     return purchase.purchase_id
+
+
+async def more_courses(uow_factory: SqlAlchemyUnitOfWorkFactory, count: int) -> list[str]:
+    """Save ``count`` more courses and return their slugs: a buyer registered for a
+    course cannot buy it again, so a test needing many receipts of one buyer buys many
+    courses."""
+    slugs = [f"course-{n}" for n in range(count)]
+    for n, slug in enumerate(slugs):
+        await services.save_course(
+            uow_factory, slug=slug, title=f"Course {n}", price=Decimal("10.00"), currency="USD"
+        )
+    return slugs
 
 
 async def eventually(

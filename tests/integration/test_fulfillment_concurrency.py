@@ -1,4 +1,5 @@
-"""Exactly one registration and one receipt per purchase, however many calls race."""
+"""Exactly one registration, one receipt and one audit event per purchase, however many
+calls race."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.domain import services
-from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.states import PurchaseState
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
-from tests.conftest import FRONTEND_URL, World
+from tests.conftest import World
+from tests.integration.paying import LINKS, VERIFIER, pay_and_fulfil, payment_for
 
 
 async def count(engine: AsyncEngine, table: str) -> int:
@@ -19,48 +20,69 @@ async def count(engine: AsyncEngine, table: str) -> int:
         return int((await connection.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
 
 
+async def events(engine: AsyncEngine) -> list[tuple[str | None, str, str | None]]:
+    """(from_state, to_state, evidence) of every audit event, in seq order."""
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            text("SELECT from_state, to_state, evidence FROM purchase_events ORDER BY seq")
+        )
+        return [tuple(row) for row in rows]
+
+
 async def test_fifty_concurrent_fulfills_have_one_winner(
     uow_factory: SqlAlchemyUnitOfWorkFactory, engine: AsyncEngine, world: World
 ) -> None:
+    """The buyer retries one payment's fulfil 25 times while the payment backend fulfils
+    the same purchase 25 times (no proof needed): one change, the rest repeat it."""
     purchase = await services.create_purchase(
         uow_factory, world.alice.actor, course="python-basics"
     )
-    links = FrontendLinks(FRONTEND_URL)
-    answers = await asyncio.gather(
-        *(
-            services.fulfill_purchase(
-                uow_factory,
-                world.alice.actor,
-                links,
-                purchase_id=purchase.purchase_id,
-                purchase_state=PurchaseState.FULFILLED,
-            )
-            for _ in range(50)
-        )
+    payment = payment_for(purchase)
+    by_buyer = (
+        pay_and_fulfil(uow_factory, world.alice.actor, purchase, payment=payment) for _ in range(25)
     )
+    by_backend = (
+        services.fulfill_purchase(
+            uow_factory,
+            world.payments.actor,
+            LINKS,
+            purchase_id=purchase.purchase_id,
+            purchase_state=PurchaseState.FULFILLED,
+            verifier=VERIFIER,
+        )
+        for _ in range(25)
+    )
+    answers = await asyncio.gather(*by_buyer, *by_backend)
     assert len(set(answers)) == 1
     assert answers[0].purchase.state is PurchaseState.FULFILLED
     assert await count(engine, "course_registrations") == 1
     assert await count(engine, "receipt_outbox") == 1
+    # Its creation, then the one change that won, backed by whichever call made it.
+    [created, fulfilled] = await events(engine)
+    assert created == (None, "pending", None)
+    assert fulfilled[:2] == ("pending", "fulfilled")
+    assert fulfilled[2] in ("payment_event", "payments_scope")
 
 
 async def test_racing_outcomes_leave_one_consistent_state(
     uow_factory: SqlAlchemyUnitOfWorkFactory, engine: AsyncEngine, world: World
 ) -> None:
-    """fulfilled and canceled requested at once: one wins, the other is a conflict."""
+    """fulfilled (paid) and canceled requested at once: one wins, the other is a conflict."""
     purchase = await services.create_purchase(
         uow_factory, world.alice.actor, course="python-basics"
     )
-    links = FrontendLinks(FRONTEND_URL)
+    payment = payment_for(purchase)
     requested = [PurchaseState.FULFILLED, PurchaseState.CANCELED] * 10
     results = await asyncio.gather(
         *(
             services.fulfill_purchase(
                 uow_factory,
                 world.alice.actor,
-                links,
+                LINKS,
                 purchase_id=purchase.purchase_id,
                 purchase_state=state,
+                payment_proof=payment if state is PurchaseState.FULFILLED else None,
+                verifier=VERIFIER,
             )
             for state in requested
         ),
@@ -77,3 +99,4 @@ async def test_racing_outcomes_leave_one_consistent_state(
     expected = 1 if final.state is PurchaseState.FULFILLED else 0
     assert await count(engine, "course_registrations") == expected
     assert await count(engine, "receipt_outbox") == expected
+    assert [e[:2] for e in await events(engine)] == [(None, "pending"), ("pending", final.state)]

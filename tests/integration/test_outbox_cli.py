@@ -24,10 +24,10 @@ import pytest
 from rpc_server.config import Settings
 from rpc_server.database import create_engine
 from rpc_server.domain import services
-from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.states import PurchaseState
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
-from tests.conftest import FRONTEND_URL, sqlite_url
+from tests.conftest import sqlite_url
+from tests.integration.paying import pay_and_fulfil
 from tests.integration.smtp_server import HOST, SmtpServer, free_port
 
 RPC_SERVER = str(Path(sys.executable).parent / "rpc-server")
@@ -197,12 +197,6 @@ async def fulfill_alices_pending_purchase(database: Path) -> None:
         assert alice is not None
         page = await services.list_purchases(uow_factory, alice, state=PurchaseState.PENDING)
         [purchase] = page.items
-        await services.fulfill_purchase(
-            uow_factory,
-            alice,
-            FrontendLinks(FRONTEND_URL),
-            purchase_id=purchase.purchase_id,
-            purchase_state=PurchaseState.FULFILLED,
-        )
+        await pay_and_fulfil(uow_factory, alice, purchase)
     finally:
         await engine.dispose()

@@ -28,6 +28,7 @@ from tests.integration.smtp_server import (
     only_row,
     outbox_rows,
 )
+from tests.payments import proof_for
 
 
 def read_eml(path: Path) -> EmailMessage:
@@ -82,7 +83,14 @@ async def test_fulfillment_over_http_writes_the_receipt_file(
     token = world.alice.token
     created = await rpc("purchase.create", {"course": "python-basics"}, token=token)
     purchase_id = created["result"]["purchase_id"]
-    await rpc("purchase.fulfill", [purchase_id, "fulfilled"], token=token)
+    # The buyer pays, then fulfils with the payment's signed event (and repeats it later).
+    paid = {
+        "purchase_id": purchase_id,
+        "purchase_state": "fulfilled",
+        "payment_proof": proof_for(created["result"]),
+    }
+    answer = await rpc("purchase.fulfill", paid, token=token)
+    assert answer["result"]["purchase"]["state"] == "fulfilled", answer
     mail_dir = Path(settings.mail_dir)
 
     async def written() -> list[Path] | None:
@@ -91,7 +99,8 @@ async def test_fulfillment_over_http_writes_the_receipt_file(
     [path] = await eventually(written, within=2.0, what="the .eml file")
     assert read_eml(path)["Message-ID"] == message_id_for(purchase_id, settings.mail_from)
     await eventually(lambda: _row_with_status(engine, "sent"), what="the row to be sent")
-    await rpc("purchase.fulfill", [purchase_id, "fulfilled"], token=token)
+    repeated = await rpc("purchase.fulfill", paid, token=token)
+    assert repeated["result"] == answer["result"]
     await asyncio.sleep(0.2)
     assert files_in(mail_dir) == [path]
 

@@ -22,7 +22,7 @@ from rpc_server.database import create_engine
 from rpc_server.deliverer import build_deliverer
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import World
-from tests.integration.smtp_server import SmtpServer, fulfilled_purchase
+from tests.integration.smtp_server import SmtpServer, fulfilled_purchase, more_courses
 from tests.processes import RPC_SERVER
 
 RECEIPTS = 40
@@ -37,9 +37,12 @@ def smtp() -> Iterator[SmtpServer]:
 
 
 async def make_receipts(uow_factory: SqlAlchemyUnitOfWorkFactory, world: World) -> set[str]:
+    """Alice and bob each buy and pay for half as many courses as there are receipts."""
+    courses = await more_courses(uow_factory, RECEIPTS // 2)
     return {
-        await fulfilled_purchase(uow_factory, (world.alice, world.bob)[i % 2].actor)
-        for i in range(RECEIPTS)
+        await fulfilled_purchase(uow_factory, buyer.actor, course)
+        for course in courses
+        for buyer in (world.alice, world.bob)
     }
 
 

@@ -11,7 +11,7 @@ import asyncio
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
@@ -37,9 +37,11 @@ from tests.integration.smtp_server import (
     eventually,
     free_port,
     fulfilled_purchase,
+    more_courses,
     only_row,
     outbox_rows,
 )
+from tests.payments import proof_for
 
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
@@ -70,6 +72,9 @@ class Shop:
     """The app over HTTP, with its receipt deliverer running inside."""
 
     client: TestClient[Any, Any]
+    # The one payment made for each purchase bought here (its signed event, as the
+    # payment step hands it to the buyer); a retried fulfil carries the same one.
+    payments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     async def call(self, method: str, params: Any, *, token: str) -> Any:
         response = await self.client.post(
@@ -84,12 +89,18 @@ class Shop:
 
     async def buy(self, token: str, course: str = "python-basics") -> str:
         purchase = await self.call("purchase.create", {"course": course}, token=token)
+        self.payments[purchase["purchase_id"]] = proof_for(purchase)
         return str(purchase["purchase_id"])
 
     async def fulfill(self, token: str, purchase_id: str) -> Any:
+        """Fulfil as the buyer does, with the proof of the purchase's payment."""
         return await self.call(
             "purchase.fulfill",
-            {"purchase_id": purchase_id, "purchase_state": "fulfilled"},
+            {
+                "purchase_id": purchase_id,
+                "purchase_state": "fulfilled",
+                "payment_proof": self.payments[purchase_id],
+            },
             token=token,
         )
 
@@ -222,11 +233,15 @@ async def test_smtp_down_during_fulfillment_neither_fails_nor_slows_it_and_mail_
 
 
 async def test_hanging_smtp_server_does_not_slow_fulfillment(
-    open_shop: OpenShop, world: World, engine: AsyncEngine
+    open_shop: OpenShop,
+    world: World,
+    engine: AsyncEngine,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
 ) -> None:
     """A server that accepts connections and never greets holds the deliverer in a send
     (for up to the SMTP timeout); fulfillments meanwhile answer at once, because no
     transaction is open across the send."""
+    more = await more_courses(uow_factory, 1)
     listener = socket.socket()
     listener.bind((HOST, 0))
     listener.listen(16)  # never accept(): connections wait in the backlog, unanswered
@@ -238,8 +253,9 @@ async def test_hanging_smtp_server_does_not_slow_fulfillment(
             lambda: _row_matching(engine, lambda row: row.claim_token is not None),
             what="the deliverer to be stuck sending the first receipt",
         )
-        for _ in range(3):
-            purchase_id = await shop.buy(world.bob.token)
+        # Three purchases of bob's: a buyer registered for a course cannot buy it again.
+        for course in ("python-basics", "sql-fundamentals", *more):
+            purchase_id = await shop.buy(world.bob.token, course)
             started = time.perf_counter()
             answer = await shop.fulfill(world.bob.token, purchase_id)
             assert time.perf_counter() - started < 1.0
@@ -517,8 +533,8 @@ async def test_stop_during_a_send_finishes_it_returns_promptly_and_releases_the_
     uow_factory: SqlAlchemyUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
-    for _ in range(3):
-        await fulfilled_purchase(uow_factory, world.alice.actor)
+    for course in ("python-basics", "sql-fundamentals", *await more_courses(uow_factory, 1)):
+        await fulfilled_purchase(uow_factory, world.alice.actor, course)
     mailer = GatedMailer(SmtpMailer.from_url(smtp.url))
     deliverer = ReceiptDeliverer(
         uow_factory, mailer, mail_from=settings.mail_from, poll_seconds=30.0

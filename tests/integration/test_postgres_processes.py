@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server.domain import services
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import World
+from tests.integration.paying import serialized
+from tests.payments import proof_for
 from tests.processes import RPC_SERVER, free_port, running_server
 
 
@@ -56,10 +58,16 @@ async def test_fifty_fulfills_over_two_processes_give_one_registration_and_recei
         uow_factory, world.alice.actor, course="python-basics"
     )
     env = {"RPC_SERVER_DATABASE_URL": database_url, "RPC_SERVER_MAIL_DIR": str(tmp_path / "mail")}
+    # One payment, its fulfil sent 50 times by the buyer (the servers verify the proof
+    # with the test key: tests.processes.running_server).
     request = {
         "jsonrpc": "2.0",
         "method": "purchase.fulfill",
-        "params": {"purchase_id": purchase.purchase_id, "purchase_state": "fulfilled"},
+        "params": {
+            "purchase_id": purchase.purchase_id,
+            "purchase_state": "fulfilled",
+            "payment_proof": proof_for(serialized(purchase)),
+        },
         "id": 1,
     }
     with running_server(env) as (first, _), running_server(env) as (second, _):
@@ -82,6 +90,8 @@ async def test_fifty_fulfills_over_two_processes_give_one_registration_and_recei
     assert await count(engine, "SELECT count(*) FROM course_registrations") == 1
     assert await count(engine, "SELECT count(*) FROM receipt_outbox") == 1
     assert await count(engine, "SELECT count(*) FROM receipt_outbox WHERE status = 'sent'") == 1
+    fulfilments = "SELECT count(*) FROM purchase_events WHERE to_state = 'fulfilled'"
+    assert await count(engine, fulfilments) == 1
     assert len(list((tmp_path / "mail").glob("*.eml"))) == 1
 
 

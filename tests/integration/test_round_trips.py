@@ -2,7 +2,7 @@
 
 On SQLite every trip to aiosqlite's thread is counted (``OneHopConnection.run`` and its
 commit/rollback): a read is one trip, with no BEGIN and no rollback; a fulfillment is
-its five statements (the first one with BEGIN IMMEDIATE, in the same trip) and COMMIT.
+its seven statements (the first one with BEGIN IMMEDIATE, in the same trip) and COMMIT.
 On both engines a read runs outside any transaction and a write inside one, as the
 statements the driver is given show.
 """
@@ -26,6 +26,7 @@ from rpc_server.domain.states import PurchaseState
 from rpc_server.sqlite_driver import OneHopConnection
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import FRONTEND_URL, World
+from tests.integration.paying import VERIFIER
 
 
 @pytest.fixture
@@ -91,13 +92,17 @@ async def test_a_read_is_one_trip_on_sqlite(
 async def test_a_fulfillment_is_its_statements_in_one_transaction_on_sqlite(
     uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, purchase: Purchase, trips: Counter[str]
 ) -> None:
+    # The payment backend's call (a payments-scope token: no proof to check).
     await services.fulfill_purchase(
-        uow_factory, world.alice.actor, FrontendLinks(FRONTEND_URL),
+        uow_factory, world.payments.actor, FrontendLinks(FRONTEND_URL),
         purchase_id=purchase.purchase_id, purchase_state=PurchaseState.FULFILLED,
+        verifier=VERIFIER,
     )  # fmt: skip
     # BEGIN IMMEDIATE with the read; conditional UPDATE; read back; registration;
-    # receipt; COMMIT.
-    assert trips == Counter({"BEGIN+SELECT": 1, "UPDATE": 1, "SELECT": 1, "INSERT": 2, "commit": 1})
+    # receipt; the audit event's seq (UPDATE event_sequence … RETURNING) and its row;
+    # COMMIT. (The last two trips came with the audit trail: one UPDATE and one INSERT
+    # more than before.)
+    assert trips == Counter({"BEGIN+SELECT": 1, "UPDATE": 2, "SELECT": 1, "INSERT": 3, "commit": 1})
 
 
 @pytest.mark.backends("sqlite")

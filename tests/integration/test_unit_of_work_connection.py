@@ -116,7 +116,7 @@ async def test_a_call_cancelled_mid_unit_of_work_gives_its_connection_back(
     assert checked_out(engine) == 0
     # Whatever was interrupted, the pool serves the next unit of work, outside a
     # transaction.
-    assert await count_users(uow_factory) == 3
+    assert await count_users(uow_factory) == 4  # the world's: alice, bob, staff, payments
     async with uow_factory(write=True) as uow:
         assert len(await uow.courses.list_all()) == 2
 

@@ -9,8 +9,11 @@
   and checks each answer against JSON-RPC 2.0 (``response_problems``).
 - ``mail_server``: the tests' aiosmtpd ``SmtpServer`` with a handler that can hold DATA
   for a while and stamps every accepted message with its Message-ID and times.
-- ``database_snapshot``: purchases, registrations and outbox rows read with SQL over the
-  whole database, with the violations of the exactly-once invariants found in them.
+- ``database_snapshot``: purchases, registrations, outbox rows and audit events read with
+  SQL over the whole database, with the violations of the exactly-once invariants found
+  in them.
+- ``paid_fulfil``: the params of a buyer's ``purchase.fulfill`` with a signed proof of
+  payment (the server processes verify it with ``tests.payments.TEST_PAYMENT_KEY``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server.config import Settings
 from rpc_server.receipts import message_id_for
 from tests.integration.smtp_server import RecordingHandler, SmtpServer
+from tests.payments import TEST_PAYMENT_KEY, proof_for
 from tests.processes import RPC_SERVER, free_port
 
 MAIL_FROM = Settings().mail_from
@@ -51,10 +55,38 @@ def receipt_message_id(purchase_id: str) -> str:
     return message_id_for(purchase_id, MAIL_FROM)
 
 
+def paid_fulfil(purchase: dict[str, Any], **proof: Any) -> dict[str, Any]:
+    """Params of ``purchase.fulfill`` (fulfilled) for ``purchase`` (as serialized, or at
+    least its purchase_id, amount and currency), with a fresh signed proof of payment:
+    what a buyer sends once the payment step succeeded."""
+    return {
+        "purchase_id": purchase["purchase_id"],
+        "purchase_state": "fulfilled",
+        "payment_proof": proof_for(purchase, **proof),
+    }
+
+
+async def add_courses(engine: AsyncEngine, prefix: str, count: int) -> list[str]:
+    """``count`` courses (10.00 USD) named ``{prefix}-{n}``, inserted with one statement;
+    returns their slugs. A buyer registered for a course cannot buy it again, so a load
+    that keeps buying and fulfilling needs a course per purchase."""
+    slugs = [f"{prefix}-{n}" for n in range(count)]
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO courses (slug, title, price, currency) "
+                "VALUES (:slug, :slug, 10.00, 'USD')"
+            ),
+            [{"slug": slug} for slug in slugs],
+        )
+    return slugs
+
+
 def server_env(
     database_url: str, tmp_path: Path, *, smtp_url: str | None = None, **settings: object
 ) -> dict[str, str]:
-    """Environment of a server process: fast mail retries, no rate limit, then ``settings``.
+    """Environment of a server process: fast mail retries, no rate limit, payment proofs
+    signed with ``TEST_PAYMENT_KEY`` verified, then ``settings``.
 
     ``settings`` are named like ``Settings`` fields (``mail_lease=2`` sets
     ``RPC_SERVER_MAIL_LEASE=2``); ``None`` leaves a setting at its default.
@@ -68,7 +100,9 @@ def server_env(
         "mail_max_attempts": 1000,
         # The load comes from a few tokens, far faster than one frontend user.
         "rate_limit": 0,
+        "anonymous_rate_limit": 0,
         "frontend_url": "https://shop.example",
+        "payment_keys": TEST_PAYMENT_KEY,
     }
     if smtp_url is not None:
         values["smtp_url"] = smtp_url
@@ -499,6 +533,8 @@ class DatabaseSnapshot:
     # purchase_id -> its outbox row
     outbox: dict[str, OutboxState]
     violations: list[str]
+    # purchase_id -> the to_state of each of its audit events, oldest first
+    events: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def fulfilled(self) -> set[str]:
@@ -524,7 +560,11 @@ async def database_snapshot(engine: AsyncEngine) -> DatabaseSnapshot:
 
     Every fulfilled purchase has exactly one registration and one outbox row (for its
     buyer and course, to its buyer's address); no registration or outbox row belongs to
-    a purchase that is not fulfilled (or does not exist).
+    a purchase that is not fulfilled (or does not exist). Every purchase's audit trail
+    begins with its creation (pending) and each event starts from the state the one
+    before it left, the last one in the purchase's state; the events' seq run 1, 2, 3 …
+    without a gap up to ``event_sequence.last_seq`` (a change rolled back or cut by a
+    crash took its seq back with it).
     """
     async with engine.connect() as connection:
 
@@ -546,6 +586,11 @@ async def database_snapshot(engine: AsyncEngine) -> DatabaseSnapshot:
             "LEFT JOIN purchases p ON p.id = o.purchase_id "
             "LEFT JOIN users u ON u.id = p.owner_id"
         )
+        events = await rows(
+            "SELECT e.seq, p.purchase_id, e.from_state, e.to_state FROM purchase_events e "
+            "LEFT JOIN purchases p ON p.id = e.purchase_id ORDER BY e.seq"
+        )
+        [last_seq] = await rows("SELECT last_seq FROM event_sequence")
     violations: list[str] = []
     states = {row.purchase_id: row.state for row in purchases}
     registration_counts: Counter[str] = Counter()
@@ -578,7 +623,30 @@ async def database_snapshot(engine: AsyncEngine) -> DatabaseSnapshot:
         for what, counts in (("registrations", registration_counts), ("receipts", outbox_counts)):
             if counts[row.purchase_id] != 1:
                 violations.append(f"{row.purchase_id}: {counts[row.purchase_id]} {what}")
-    return DatabaseSnapshot(states, registration_counts, outbox_counts, outbox_states, violations)
+    trails: dict[str, list[str]] = {}
+    for row in events:
+        if row.purchase_id is None:
+            violations.append(f"event {row.seq} without a purchase")
+            continue
+        trail = trails.setdefault(row.purchase_id, [])
+        before = trail[-1] if trail else None
+        if row.from_state != before or (before is None and row.to_state != "pending"):
+            violations.append(
+                f"{row.purchase_id}: event {row.seq} {row.from_state}->{row.to_state} "
+                f"after {before}"
+            )
+        trail.append(row.to_state)
+    for purchase_id, state in states.items():
+        if trails.get(purchase_id, [None])[-1] != state:
+            violations.append(f"{purchase_id}: {state}, its events {trails.get(purchase_id)}")
+    seqs = [row.seq for row in events]
+    if seqs != list(range(1, len(seqs) + 1)) or last_seq.last_seq != len(seqs):
+        violations.append(
+            f"event seqs not 1..{len(seqs)} without gaps (last_seq {last_seq.last_seq})"
+        )
+    return DatabaseSnapshot(
+        states, registration_counts, outbox_counts, outbox_states, violations, trails
+    )
 
 
 async def eventually_all_sent(engine: AsyncEngine, *, within: float = 30.0) -> DatabaseSnapshot:

@@ -2,15 +2,18 @@
 
 A real ``rpc-server serve`` process on the test's database (SQLite, and PostgreSQL when
 configured) takes a load of concurrent ``purchase.fulfill`` calls (two callers per
-purchase, some racing a cancel, some by the support desk) and of create-then-fulfill
-flows, while its deliverer sends receipts to a real SMTP server that is slow to accept
-them, so a batch of receipts is claimed when the process is killed with SIGKILL. The
-load goes on against the dead port (refused), a new process starts on the same
-database and port, the load goes on, then every call that got no answer is retried the
-way a frontend would (same params, same idempotency key).
+purchase, some racing a cancel, some by the support desk; a buyer's fulfil carries a
+signed proof of payment) and of create-then-fulfill flows (each of a course the buyer
+does not have yet: one cannot buy a course twice), while its deliverer sends receipts to
+a real SMTP server that is slow to accept them, so a batch of receipts is claimed when
+the process is killed with SIGKILL. The load goes on against the dead port (refused), a
+new process starts on the same database and port, the load goes on, then every call
+that got no answer is retried the way a frontend would (same params, same idempotency
+key).
 
 Then, over the whole database: every fulfilled purchase has exactly one registration
-and one receipt row, nothing belongs to a purchase that is not fulfilled, every answer
+and one receipt row, nothing belongs to a purchase that is not fulfilled, every
+purchase's audit trail agrees with its state and the event seqs have no gap, every answer
 that said "fulfilled" (or "canceled", or "created") is in the database, and every
 receipt reached the SMTP server, at least once, and more than once only if its row was
 claimed by the killed process (a crash between SMTP acceptance and marking it sent may
@@ -32,14 +35,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server.domain import services
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import World
+from tests.integration.paying import serialized
 from tests.reliability.load import (
     Exchange,
     RpcLoad,
     ServerProcess,
+    add_courses,
     database_snapshot,
     duplicates,
     eventually_all_sent,
     mail_server,
+    paid_fulfil,
     receipt_message_id,
     server_env,
     started,
@@ -57,6 +63,8 @@ SLOW_SMTP_SECONDS = 0.3
 MAIL_LEASE = 2.0
 # Error codes a call of this load may answer with: a cancel and a fulfill racing.
 EXPECTED_CODES = {409}
+# Courses for the create-then-fulfill flows, one per flow (more than a run makes).
+FLOW_COURSES = 3000
 
 
 def fulfill_params(exchange: Exchange) -> dict[str, Any] | None:
@@ -76,17 +84,21 @@ async def test_kill_9_under_concurrent_fulfills_loses_and_duplicates_nothing(
 ) -> None:
     buyers = (world.alice, world.bob)
     seeded: list[tuple[str, int]] = []
+    # purchase_id -> what a payment for it repeats (purchase_id, amount, currency)
+    priced: dict[str, dict[str, Any]] = {}
     for n in range(SEEDED_PURCHASES):
         buyer = buyers[n % 2]
         course = (world.python, world.sql)[n % 3 == 0].slug
         purchase = await services.create_purchase(uow_factory, buyer.actor, course=course)
         seeded.append((purchase.purchase_id, n % 2))
+        priced[purchase.purchase_id] = serialized(purchase)
+    flow_courses = deque(await add_courses(engine, "flow", FLOW_COURSES))
     # Each purchase twice in a row: two workers fulfill it at about the same time.
     targets = deque(item for item in seeded for item in (item, item))
     counter = itertools.count()
     stop = asyncio.Event()
     # Creates that got no answer, retried after the restart with the same key.
-    unanswered_creates: list[tuple[str, int]] = []
+    unanswered_creates: list[tuple[str, int, str]] = []
 
     with mail_server(delay=SLOW_SMTP_SECONDS) as (smtp, mail):
         env = server_env(database_url, tmp_path, smtp_url=smtp.url, mail_lease=MAIL_LEASE)
@@ -98,24 +110,34 @@ async def test_kill_9_under_concurrent_fulfills_loses_and_duplicates_nothing(
         ):
 
             async def fulfill(purchase_id: str, buyer: int, state: str, n: int) -> Exchange:
-                token = world.staff.token if n % 5 == 0 else buyers[buyer].token
-                params = {"purchase_id": purchase_id, "purchase_state": state}
+                params: dict[str, Any] = {"purchase_id": purchase_id, "purchase_state": state}
+                if n % 5 == 0:
+                    token = world.staff.token  # the support desk: no proof (a comp)
+                else:
+                    token = buyers[buyer].token
+                    if state == "fulfilled":  # the buyer paid: the proof goes along
+                        params = paid_fulfil(priced[purchase_id])
                 return await load.call("purchase.fulfill", params, token=token)
 
-            async def create_and_fulfill(worker: int, n: int) -> Exchange:
+            async def create_and_fulfill(worker: int, n: int, course: str) -> Exchange:
                 key, buyer = f"crash-{worker}-{n}", n % 2
-                params = {"course": "python-basics", "idempotency_key": key}
+                params = {"course": course, "idempotency_key": key}
                 created = await load.call("purchase.create", params, token=buyers[buyer].token)
                 if created.result() is None:
-                    unanswered_creates.append((key, buyer))
+                    unanswered_creates.append((key, buyer, course))
                     return created
-                return await fulfill(created.result()["purchase_id"], buyer, "fulfilled", n)
+                purchase = created.result()
+                priced[purchase["purchase_id"]] = purchase
+                return await fulfill(purchase["purchase_id"], buyer, "fulfilled", n)
 
             async def worker(number: int) -> None:
                 while not stop.is_set():
                     n = next(counter)
-                    if n % 3 == 0 or not targets:
-                        last = await create_and_fulfill(number, n)
+                    if (n % 3 == 0 or not targets) and flow_courses:
+                        last = await create_and_fulfill(number, n, flow_courses.popleft())
+                    elif not targets:
+                        await asyncio.sleep(0.05)  # nothing left to do
+                        continue
                     else:
                         purchase_id, buyer = targets.popleft()
                         # The second caller of every seventh purchase cancels it instead.
@@ -131,19 +153,19 @@ async def test_kill_9_under_concurrent_fulfills_loses_and_duplicates_nothing(
                 async with retry_slots:
                     params = fulfill_params(exchange)
                     if params is not None:
-                        # Staff may fulfill anyone's purchase.
+                        # Staff may fulfill anyone's purchase (and a buyer's proof, sent
+                        # again with it, still verifies).
                         request = load.request("purchase.fulfill", params)
                         return [await load.post(request, token=world.staff.token)]
                     return []
 
-            async def retry_create(key: str, buyer: int) -> list[Exchange]:
+            async def retry_create(key: str, buyer: int, course: str) -> list[Exchange]:
                 async with retry_slots:
-                    params = {"course": "python-basics", "idempotency_key": key}
+                    params = {"course": course, "idempotency_key": key}
                     created = await load.call("purchase.create", params, token=buyers[buyer].token)
                     if created.result() is None:
                         return [created]
-                    params = {"purchase_id": created.result()["purchase_id"],
-                              "purchase_state": "fulfilled"}  # fmt: skip
+                    params = paid_fulfil(created.result())
                     token = buyers[buyer].token
                     return [created, await load.call("purchase.fulfill", params, token=token)]
 
@@ -173,7 +195,7 @@ async def test_kill_9_under_concurrent_fulfills_loses_and_duplicates_nothing(
                     if fulfill_params(e) is not None and not e.answered
                 }
                 retries = [retry(e) for e in unanswered.values()]
-                retries += [retry_create(key, buyer) for key, buyer in set(unanswered_creates)]
+                retries += [retry_create(*create) for create in set(unanswered_creates)]
                 retried = [e for done in await asyncio.gather(*retries) for e in done]
 
                 snapshot = await eventually_all_sent(engine)

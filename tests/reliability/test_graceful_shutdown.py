@@ -31,10 +31,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.domain import services
-from rpc_server.domain.links import FrontendLinks
-from rpc_server.domain.states import PurchaseState
+from rpc_server.domain.records import Purchase
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
-from tests.conftest import FRONTEND_URL, World
+from tests.conftest import World
+from tests.integration.paying import pay_and_fulfil, serialized
 from tests.reliability.load import (
     Exchange,
     RpcLoad,
@@ -42,6 +42,7 @@ from tests.reliability.load import (
     database_snapshot,
     eventually_all_sent,
     mail_server,
+    paid_fulfil,
     receipt_message_id,
     server_env,
     started,
@@ -67,27 +68,26 @@ HELD_SHUTDOWN_TIMEOUT = 5.0
 
 async def seed(
     uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, *, purchases: int, fulfilled: int
-) -> list[str]:
-    """``purchases`` pending purchases of alice's, the first ``fulfilled`` of them fulfilled."""
-    ids = []
-    for n in range(purchases):
-        purchase = await services.create_purchase(
-            uow_factory, world.alice.actor, course="sql-fundamentals"
-        )
-        if n < fulfilled:
-            await services.fulfill_purchase(
-                uow_factory, world.alice.actor, FrontendLinks(FRONTEND_URL),
-                purchase_id=purchase.purchase_id, purchase_state=PurchaseState.FULFILLED,
-            )  # fmt: skip
-        ids.append(purchase.purchase_id)
-    return ids
+) -> list[Purchase]:
+    """``purchases`` pending purchases of alice's, the first ``fulfilled`` of them paid
+    for and fulfilled (all created first: once registered, alice cannot buy the course
+    again)."""
+    made = [
+        await services.create_purchase(uow_factory, world.alice.actor, course="sql-fundamentals")
+        for _ in range(purchases)
+    ]
+    for purchase in made[:fulfilled]:
+        await pay_and_fulfil(uow_factory, world.alice.actor, purchase)
+    return made
 
 
 async def connection_refused(port: int) -> bool:
     """True if a new TCP connection to ``port`` is refused."""
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # Reset: the connection reached the accept queue just as the listening socket
+        # was closed, which refuses it too.
         return True
     writer.close()
     await writer.wait_closed()
@@ -121,8 +121,9 @@ async def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(
     world: World,
     tmp_path: Path,
 ) -> None:
-    ids = await seed(uow_factory, world, purchases=SEEDED_PURCHASES, fulfilled=PENDING_RECEIPTS)
-    to_fulfill = ids[PENDING_RECEIPTS:]
+    seeded = await seed(uow_factory, world, purchases=SEEDED_PURCHASES, fulfilled=PENDING_RECEIPTS)
+    ids = [purchase.purchase_id for purchase in seeded]
+    to_fulfill = [serialized(purchase) for purchase in seeded[PENDING_RECEIPTS:]]
     random.shuffle(to_fulfill)
     token = world.alice.token
     stop = asyncio.Event()
@@ -146,7 +147,7 @@ async def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(
                 if kind == 2:
                     return await load.call("purchase.list", {"limit": 100}, token=token)
                 if kind == 3 and to_fulfill:
-                    params = {"purchase_id": to_fulfill.pop(), "purchase_state": "fulfilled"}
+                    params = paid_fulfil(to_fulfill.pop())  # with the payment's proof
                     return await load.call("purchase.fulfill", params, token=token)
                 return await load.call("purchase.create", {"course": "python-basics"}, token=token)
 
@@ -300,7 +301,8 @@ async def test_sigterm_while_the_mail_server_hangs_still_exits_within_the_timeou
 ) -> None:
     """A receipt stuck in DATA does not hold the process past the shutdown timeout,
     and is not lost: the next server delivers it (at worst a second time)."""
-    [purchase_id] = await seed(uow_factory, world, purchases=1, fulfilled=1)
+    [purchase] = await seed(uow_factory, world, purchases=1, fulfilled=1)
+    purchase_id = purchase.purchase_id
     with mail_server(delay=HUNG_SMTP_SECONDS) as (smtp, mail):
         env = server_env(
             database_url,

@@ -1,7 +1,8 @@
 """A PostgreSQL outage under load, with the deliverer running: -32000, 503, and recovery.
 
 A real ``rpc-server serve`` process reaches PostgreSQL through a ``TcpProxy``. Shoppers
-create, fulfill and read purchases (retrying a call answered -32000 the way a frontend
+create, pay for and fulfill (with the payment's signed proof) and read purchases, each
+of another course (retrying a call answered -32000 the way a frontend
 would), ``/readyz`` is polled, and the deliverer works through a backlog of receipts on
 an SMTP server that is slow to accept them. Then the proxy is cut for a few seconds:
 every open database connection dies and new ones are refused.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +35,12 @@ from tests.conftest import World
 from tests.reliability.load import (
     RpcLoad,
     ServerProcess,
+    add_courses,
     database_snapshot,
     duplicates,
     eventually_all_sent,
     mail_server,
+    paid_fulfil,
     receipt_message_id,
     server_env,
     started,
@@ -56,6 +60,8 @@ SLOW_SMTP_SECONDS = 0.1
 RETRY_AFTER = 0.1
 # Settling a receipt may fail this close to the outage (its commit in flight).
 SETTLE_GRACE = 1.0
+# One course per purchase the shoppers make (more than a run makes).
+COURSES = 3000
 
 
 async def poll_readiness(
@@ -85,6 +91,7 @@ async def test_postgres_outage_under_load_recovers_by_itself_and_delivers_every_
     stop = asyncio.Event()
     readiness: list[tuple[float, int | None]] = []
     tokens = (world.alice.token, world.bob.token)
+    courses = deque(await add_courses(engine, "outage", COURSES))
 
     with mail_server(delay=SLOW_SMTP_SECONDS) as (smtp, mail):
         env = server_env(
@@ -113,14 +120,15 @@ async def test_postgres_outage_under_load_recovers_by_itself_and_delivers_every_
                 async def shopper(number: int) -> None:
                     token = tokens[number % 2]
                     for step in itertools.count():
-                        if stop.is_set():
+                        if stop.is_set() or not courses:
                             return
-                        params = {"course": "python-basics", "idempotency_key": f"{number}-{step}"}
+                        key = f"{number}-{step}"
+                        params = {"course": courses.popleft(), "idempotency_key": key}
                         created = await until_answered("purchase.create", params, token)
                         if created is None:
                             continue
                         purchase_id = created["purchase_id"]
-                        fulfill = {"purchase_id": purchase_id, "purchase_state": "fulfilled"}
+                        fulfill = paid_fulfil(created)  # the same proof on every retry
                         await until_answered("purchase.fulfill", fulfill, token)
                         await until_answered("purchase.get", [purchase_id], token)
 

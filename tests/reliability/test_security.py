@@ -22,7 +22,7 @@ from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import World
 from tests.processes import RPC_SERVER
 
-PURCHASE_METHODS = ("purchase.get", "purchase.fulfill")
+PURCHASE_METHODS = ("purchase.get", "purchase.fulfill", "purchase.events")
 
 
 def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -51,6 +51,7 @@ def params_for(method: str, purchase_id: str) -> dict[str, Any]:
         "purchase.get": {"purchase_id": purchase_id},
         "purchase.list": {"limit": 100},
         "purchase.fulfill": {"purchase_id": purchase_id, "purchase_state": "canceled"},
+        "purchase.events": {"purchase_id": purchase_id},
         "registration.list": {},
     }[method]
 
@@ -119,25 +120,44 @@ async def test_object_level_authorization_for_every_method(
     assert [p["purchase_id"] for p in listed["result"]["items"]] == [bobs.purchase_id]
     assert await snapshot() == before
 
-    # Staff see and act on everyone's purchases.
-    seen = await post(client, world.staff.token, "purchase.list", {"limit": 100})
-    assert {p["purchase_id"] for p in seen["result"]["items"]} == {
-        alices.purchase_id, bobs.purchase_id
-    }  # fmt: skip
+    # A buyer cannot fulfil even their own purchase on their word: 402, nothing changes.
+    request = {"purchase_id": bobs.purchase_id, "purchase_state": "fulfilled"}
+    unpaid = await post(client, world.bob.token, "purchase.fulfill", request)
+    probes += 1
+    assert unpaid["error"]["code"] == 402, unpaid
+    assert unpaid["error"]["data"] == {"reason": "missing"}
+    assert await snapshot() == before
+
+    # Staff and the payment backend see and act on everyone's purchases.
+    for token in (world.staff.token, world.payments.token):
+        seen = await post(client, token, "purchase.list", {"limit": 100})
+        assert {p["purchase_id"] for p in seen["result"]["items"]} == {
+            alices.purchase_id, bobs.purchase_id
+        }  # fmt: skip
     request = {"purchase_id": alices.purchase_id, "purchase_state": "fulfilled"}
-    fulfilled = await post(client, world.staff.token, "purchase.fulfill", request)
+    fulfilled = await post(client, world.staff.token, "purchase.fulfill", request)  # a comp
+    assert fulfilled["result"]["purchase"]["state"] == "fulfilled"
+    request = {"purchase_id": bobs.purchase_id, "purchase_state": "fulfilled"}
+    fulfilled = await post(client, world.payments.token, "purchase.fulfill", request)
     assert fulfilled["result"]["purchase"]["state"] == "fulfilled"
     mine = await post(client, world.alice.token, "registration.list", {})
     staffs = await post(client, world.staff.token, "registration.list", {})
     assert [r["purchase_id"] for r in mine["result"]] == [alices.purchase_id]
     assert staffs["result"] == []
+    # Alice sees that the support desk made the change, not who at the desk.
+    events = await post(client, world.alice.token, "purchase.events", [alices.purchase_id])
+    [_, comp] = events["result"]
+    assert (comp["actor_scope"], comp["evidence"], comp["actor_email"]) == (
+        "staff", "staff_comp", None
+    )  # fmt: skip
     print(f"security probes: {probes} calls, {len(dead_tokens) + 1} kinds of bad token")
 
 
 async def test_tokens_are_stored_only_as_hashes(
     engine: AsyncEngine, world: World, dead_tokens: dict[str, str]
 ) -> None:
-    issued = [world.alice.token, world.bob.token, world.staff.token, dead_tokens["expired"]]
+    issued = [world.alice.token, world.bob.token, world.staff.token, world.payments.token,
+              dead_tokens["expired"]]  # fmt: skip
     async with engine.connect() as connection:
         rows = (await connection.execute(text("SELECT * FROM api_tokens"))).all()
     stored = " ".join(str(value) for row in rows for value in row)

@@ -2,11 +2,12 @@
 
 Several users, each with their own keep-alive HTTP session the way a browser has, browse
 courses, list and page through their purchases, look one up, check out (create with an
-idempotency key, sometimes retried, then fulfill, fail or cancel, sometimes repeated),
-list their registrations, send batches (with a notification in them) and now and then a
-bad call; the support desk lists and reads everyone's. The server runs as a real process
-with its production defaults (rate limit included) and its deliverer sending receipts to
-a real SMTP server.
+idempotency key, sometimes retried, then fulfill with the payment's signed proof, fail
+or cancel, sometimes repeated; a course they are registered for is not offered to them,
+and a user who has them all signs up again as a new one), list their registrations, send
+batches (with a notification in them) and now and then a bad call; the support desk
+lists and reads everyone's. The server runs as a real process with its production
+defaults (rate limit included) and its deliverer sending receipts to a real SMTP server.
 
 Checked: no HTTP 5xx and no transport error, every body a valid JSON-RPC 2.0 answer to
 what was sent, no error but the expected ones (404, 409, invalid params, unknown method,
@@ -27,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import statistics
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +53,11 @@ from tests.conftest import World
 from tests.reliability.load import (
     RpcLoad,
     ServerProcess,
+    add_courses,
     duplicates,
     eventually_all_sent,
     mail_server,
+    paid_fulfil,
     receipt_message_id,
     server_env,
     started,
@@ -68,16 +73,29 @@ BUYERS = 6
 # outcome that conflicts, its own bad calls, and the rate limit.
 RATE_LIMITED = 429
 EXPECTED_CODES = {NOT_FOUND, CONFLICT, INVALID_PARAMS, METHOD_NOT_FOUND, RATE_LIMITED}
-COURSES = ("python-basics", "sql-fundamentals")
+# The catalog: the world's two courses and a few more (course.list stays small).
+EXTRA_COURSES = 8
 
 
 class Shopper:
     """One user's frontend: a keep-alive session and what it has bought so far."""
 
-    def __init__(self, load: RpcLoad, token: str, name: str, rng: random.Random):
+    def __init__(
+        self,
+        load: RpcLoad,
+        token: str,
+        name: str,
+        rng: random.Random,
+        *,
+        courses: tuple[str, ...] = (),
+        sign_up: Callable[[], Awaitable[str]] | None = None,
+    ):
         self.load, self.token, self.name, self.rng = load, token, name, rng
+        self.courses, self.sign_up = courses, sign_up
         self.purchases: list[str] = []
         self.keys: list[str] = []
+        # The courses this user is registered for (a frontend does not offer them).
+        self.owned: set[str] = set()
         self.steps = 0
 
     async def call(self, method: str, params: Any = None, *, token: bool = True) -> Any:
@@ -104,28 +122,38 @@ class Shopper:
             await self.call("purchase.get", {"purchase_id": f"{self.rng.getrandbits(128):032x}"})
 
     async def check_out(self) -> None:
+        offered = [course for course in self.courses if course not in self.owned]
+        if not offered:
+            assert self.sign_up is not None
+            self.token = await self.sign_up()  # a new user, with nothing bought yet
+            self.purchases, self.keys, self.owned = [], [], set()
+            offered = list(self.courses)
         if self.keys and self.rng.random() < 0.1:
             key = self.rng.choice(self.keys)  # a retried checkout: the same purchase
         else:
             key = f"{self.name}-{self.steps}"
             self.keys.append(key)
         created = await self.call(
-            "purchase.create", {"course": self.rng.choice(COURSES), "idempotency_key": key}
+            "purchase.create", {"course": self.rng.choice(offered), "idempotency_key": key}
         )
         if created is None:
             return
         purchase_id = created["purchase_id"]
         self.purchases.append(purchase_id)
         outcome = self.rng.choices(("fulfilled", "failed", "canceled"), (7, 2, 1))[0]
-        params = {"purchase_id": purchase_id, "purchase_state": outcome}
+        params: dict[str, Any] = {"purchase_id": purchase_id, "purchase_state": outcome}
+        if outcome == "fulfilled":
+            params = paid_fulfil(created)  # paid: the payment's proof goes along
         if outcome == "failed":
             params["error_msg"] = "card declined"
-        for _ in range(self.rng.choice((1, 1, 1, 2))):  # a double click now and then
+        answers = [
             await self.call("purchase.fulfill", params)
+            for _ in range(self.rng.choice((1, 1, 1, 2)))  # a double click now and then
+        ]
         if outcome == "failed" and self.rng.random() < 0.7:  # paid on the second try
-            await self.call(
-                "purchase.fulfill", {"purchase_id": purchase_id, "purchase_state": "fulfilled"}
-            )
+            answers.append(await self.call("purchase.fulfill", paid_fulfil(created)))
+        if any(answer and answer["purchase"]["state"] == "fulfilled" for answer in answers):
+            self.owned.add(created["course"])
 
     async def registrations(self) -> None:
         await self.call("registration.list")
@@ -186,6 +214,13 @@ async def test_mixed_frontend_load_soaks_without_errors_or_memory_growth(
     tokens = [world.alice.token, world.bob.token]
     for n in range(BUYERS - len(tokens)):
         tokens.append(await services.issue_token(uow_factory, f"buyer{n}@example.com"))
+    courses = (world.python.slug, world.sql.slug)
+    courses += tuple(await add_courses(engine, "soak", EXTRA_COURSES))
+    sign_ups = itertools.count()
+
+    async def sign_up() -> str:
+        return await services.issue_token(uow_factory, f"new{next(sign_ups)}@example.com")
+
     rss: list[tuple[float, int]] = []
 
     with mail_server() as (smtp, mail):
@@ -198,7 +233,9 @@ async def test_mixed_frontend_load_soaks_without_errors_or_memory_growth(
                     await stack.enter_async_context(RpcLoad(server.url)) for _ in range(BUYERS + 1)
                 ]
                 shoppers = [
-                    Shopper(load, token, f"s{n}", random.Random(n))
+                    Shopper(
+                        load, token, f"s{n}", random.Random(n), courses=courses, sign_up=sign_up
+                    )
                     for n, (load, token) in enumerate(zip(loads, tokens, strict=False))
                 ]
                 shoppers.append(StaffDesk(loads[-1], world.staff.token, "staff", random.Random(99)))

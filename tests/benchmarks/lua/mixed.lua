@@ -5,11 +5,15 @@
 -- line is "mixed", then tab-separated lines:
 --   pattern <letters>     the repeating sequence of calls: L list, G get, C create, F fulfill
 --   tag <text>            makes this run's idempotency keys unique
---   course <slug>         courses to buy (one line each)
+--   course <slug>         courses to buy (one line each), each bought once: a user
+--                         registered for a course cannot buy it again
+--   payments <Authorization>  the payment backend (a payments-scope token)
 --   user <Authorization>  a user (numbered 1, 2, ... in order)
 --   own <user> <id>       a purchase of that user, for purchase.get
 --   fresh <user> <id>     a pending purchase of that user, to fulfill once
--- Each call goes to a random user. purchase.fulfill takes the newest purchase that user
+-- Each call goes to a random user. purchase.create buys the thread's next unused course
+-- (past the last one it starts over and counts "exhausted": those creates may answer
+-- 409). purchase.fulfill is the payment backend's call, for the newest purchase that user
 -- created in this run (read from the purchase.create answers), else a fresh one; with
 -- neither left it sends purchase.get instead and counts a "fallback".
 
@@ -23,6 +27,8 @@ end
 local pattern = "LGLCLGFLGL"
 local tag = "run"
 local courses = {}
+local next_course = 0
+local payments_headers = nil
 local headers = {}
 local own = {}
 local fresh = {}
@@ -44,6 +50,7 @@ end
 function init(args)
   local nthreads = tonumber(os.getenv("BENCH_THREADS") or "1")
   local fresh_index = 0
+  local course_index = 0
   math.randomseed(1000 + tid)
   for line in io.lines(os.getenv("BENCH_PLAN")) do
     local f = split(line)
@@ -53,7 +60,15 @@ function init(args)
     elseif kind == "tag" then
       tag = f[2]
     elseif kind == "course" then
-      table.insert(courses, f[2])
+      if course_index % nthreads == tid then
+        table.insert(courses, f[2])
+      end
+      course_index = course_index + 1
+    elseif kind == "payments" then
+      payments_headers = {
+        ["Content-Type"] = "application/json",
+        ["Authorization"] = f[2],
+      }
     elseif kind == "user" then
       table.insert(headers, {
         ["Content-Type"] = "application/json",
@@ -85,15 +100,20 @@ function request()
   local position = ((n - 1) % #pattern) + 1
   local kind = pattern:sub(position, position)
   local u = math.random(#headers)
+  local caller = headers[u]
   local body
   if kind == "L" then
     body = string.format(
       '{"jsonrpc":"2.0","method":"purchase.list","params":{"limit":20},"id":"l%d"}', n)
   elseif kind == "C" then
+    next_course = next_course + 1
+    if next_course > #courses then
+      exhausted = exhausted + 1
+    end
     body = string.format(
       '{"jsonrpc":"2.0","method":"purchase.create","params":{"course":"%s",'
         .. '"idempotency_key":"%s-%d-%d"},"id":"c%d-%d"}',
-      courses[math.random(#courses)], tag, tid, n, u, n)
+      courses[((next_course - 1) % #courses) + 1], tag, tid, n, u, n)
   elseif kind == "F" then
     local purchase_id = table.remove(created[u])
     if purchase_id == nil then
@@ -103,6 +123,7 @@ function request()
       fallbacks = fallbacks + 1
       body = get_body(u)
     else
+      caller = payments_headers
       body = string.format(
         '{"jsonrpc":"2.0","method":"purchase.fulfill","params":{"purchase_id":"%s",'
           .. '"purchase_state":"fulfilled"},"id":"f%d"}',
@@ -111,7 +132,7 @@ function request()
   else
     body = get_body(u)
   end
-  return wrk.format("POST", nil, headers[u], body)
+  return wrk.format("POST", nil, caller, body)
 end
 
 function response(status, headers_, body)
