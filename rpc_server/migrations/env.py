@@ -14,6 +14,7 @@ from sqlalchemy.pool import NullPool
 
 from models import Base
 from rpc_server.database import create_engine
+from rpc_server.migrate import check_sqlite_foreign_keys, without_sqlite_foreign_keys
 
 config = context.config
 
@@ -32,8 +33,13 @@ def run_on(connection: Connection) -> None:
 
 async def run_standalone(url: str) -> None:
     engine = create_engine(url, poolclass=NullPool)
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite:  # as rpc-server migrate does (rpc_server.migrate)
+        without_sqlite_foreign_keys(engine)
     async with engine.connect() as connection:
         await connection.run_sync(run_on)
+        if sqlite:
+            await connection.run_sync(check_sqlite_foreign_keys)
     await engine.dispose()
 
 
