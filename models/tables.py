@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -32,6 +33,10 @@ OUTBOX_STATUSES = ("pending", "sent", "dead")
 TOKEN_SCOPES = ("buyer", "staff", "payments")
 EVENT_SOURCES = ("rpc", "webhook", "cli", "migration")
 EVENT_EVIDENCE = ("payment_event", "payments_scope", "staff_comp")
+
+
+# The condition of the partial index of open purchases; a query names it word for word.
+PENDING_ONLY = "state = 'pending'"
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -83,6 +88,14 @@ class Purchase(Base):
         UniqueConstraint("owner_id", "idempotency_key"),
         # A user's purchases newest first: serves purchase.list's keyset paging.
         Index("ix_purchases_owner_id_id", "owner_id", "id"),
+        # A user's open purchases alone: counted against the cap at each purchase.create
+        # (however many purchases the user has had).
+        Index(
+            "ix_purchases_owner_id_pending",
+            "owner_id",
+            sqlite_where=text(PENDING_ONLY),
+            postgresql_where=text(PENDING_ONLY),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigIntPk, primary_key=True)
@@ -104,11 +117,15 @@ class Purchase(Base):
 
 class CourseRegistration(Base):
     __tablename__ = "course_registrations"
+    __table_args__ = (
+        # A user's registrations newest first: serves registration.list's keyset paging.
+        Index("ix_course_registrations_user_id_id", "user_id", "id"),
+    )
 
     id: Mapped[int] = mapped_column(BigIntPk, primary_key=True)
     # UNIQUE: at most one registration per purchase, whatever the application does.
     purchase_id: Mapped[int] = mapped_column(ForeignKey("purchases.id"), unique=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     course_id: Mapped[int] = mapped_column(ForeignKey("courses.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 

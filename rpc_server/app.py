@@ -13,26 +13,38 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp_cors
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rpc_server import docs_page, json_codec, webhooks
+from rpc_server import (
+    content_encoding,
+    cors,
+    docs_page,
+    http_errors,
+    json_codec,
+    security_headers,
+    webhooks,
+)
+from rpc_server.batch_deadline import BatchDeadline
+from rpc_server.client_address import ClientAddresses
+from rpc_server.client_faults import receiving_body
 from rpc_server.config import Settings
-from rpc_server.context import RpcContext
-from rpc_server.database import create_engine, engine_options, is_sqlite
+from rpc_server.context import RpcContext, failed_logins_log
+from rpc_server.credentials import read_credentials
+from rpc_server.database import create_engine, engine_options
 from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain import services
 from rpc_server.domain.errors import PaymentNotVerified
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import ParseError, answer, invalid_request, parse, parse_error
 from rpc_server.errors import database_unavailable
+from rpc_server.log_throttle import ThrottledLog
 from rpc_server.methods import REGISTRY
 from rpc_server.openrpc import build_document
 from rpc_server.payment_signatures import PaymentSignatures
-from rpc_server.rate_limit import DatabaseRateLimiter, MemoryRateLimiter, RateLimiter
+from rpc_server.rate_limit import RateLimits, build_rate_limits
+from rpc_server.readiness import Readiness
 from rpc_server.registry import MethodRegistry
-from rpc_server.request_id import HEADER as REQUEST_ID_HEADER
 from rpc_server.request_id import request_id_middleware
 from rpc_server.token_cache import ActorCache
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
@@ -73,9 +85,12 @@ OPENRPC = web.AppKey("openrpc", ServiceDescription)
 DELIVERER = web.AppKey("deliverer", ReceiptDeliverer)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
 ACTORS = web.AppKey("actors", ActorCache)
-LIMITER = web.AppKey("rate_limiter", RateLimiter)
+LIMITER = web.AppKey("rate_limiter", RateLimits)
+CLIENTS = web.AppKey("client_addresses", ClientAddresses)
+FAILED_LOGINS = web.AppKey("failed_logins", ThrottledLog)
 LINKS = web.AppKey("links", FrontendLinks)
 PAYMENTS = web.AppKey("payments", PaymentSignatures)
+READINESS = web.AppKey("readiness", Readiness)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
 # reset connection) up to this many bytes; beyond it the connection is closed.
@@ -95,8 +110,28 @@ def json_response(payload: Any, *, status: int = 200) -> web.Response:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | None:
-    """Return the body, or None (after discarding it) when it is larger than ``limit``."""
+    """Return the body, or None (after discarding it) when it is larger than ``limit``.
+
+    A body sent with a Content-Encoding is decoded (``rpc_server.content_encoding``);
+    the limit holds as sent and as decoded. Raises RequestRefused (415, 400) for a
+    coding other than gzip or deflate, or a body that does not decode.
+
+    The body must arrive within ``RPC_SERVER_READ_TIMEOUT``; a client's fault on the way
+    (too slow, gone, broken framing) raises an HTTP answer (``rpc_server.client_faults``).
+    """
+    async with receiving_body(request, request.app[SETTINGS].read_timeout):
+        return await _read_body(request, limit)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    coding = content_encoding.coding_of(request)
     length = request.content_length
+    if coding is not None and not (length is not None and length > limit):
+        try:
+            return await content_encoding.read_decoded(request.content.iter_any(), coding, limit)
+        except content_encoding.BodyTooLarge:
+            await _discard(request)
+            return None
     if length is not None:
         if length > limit:
             await _discard(request)
@@ -124,15 +159,6 @@ async def _discard(request: web.Request) -> None:
             return
 
 
-def bearer_token(request: web.Request) -> str | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    # Tokens are ASCII; anything else (even undecodable bytes) is simply not a token.
-    if scheme.lower() != "bearer" or not token or not token.isascii():
-        return None
-    return token
-
-
 async def handle_rpc(request: web.Request) -> web.StreamResponse:
     """POST /rpc: one JSON-RPC 2.0 request, notification or batch."""
     settings = request.app[SETTINGS]
@@ -147,15 +173,23 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     except ParseError as exc:
         return json_response(parse_error(str(exc)))
     uow_factory = request.app[UOW_FACTORY]
+    credentials = read_credentials(request.headers)
     ctx = RpcContext(
         # A batch's calls read purchases by id together (rpc_server.coalescing).
         uow=uow_factory.for_batch() if isinstance(payload, list) else uow_factory,
         links=request.app[LINKS],
         payments=request.app[PAYMENTS],
-        token=bearer_token(request),
+        token=credentials.token,
+        ambiguous_credentials=credentials.ambiguous,
+        client=request.app[CLIENTS].label_of(request),
         call_timeout=settings.call_timeout,
+        max_pending_purchases=settings.max_pending_purchases,
+        batch_deadline=(
+            BatchDeadline.from_now(settings.batch_timeout) if isinstance(payload, list) else None
+        ),
         service_description=request.app[OPENRPC].fragment,
         actors=request.app.get(ACTORS),
+        failed_logins=request.app[FAILED_LOGINS],
     )
     result = await answer(
         payload,
@@ -212,17 +246,26 @@ async def handle_openrpc(request: web.Request) -> web.Response:
 
 async def handle_docs(request: web.Request) -> web.Response:
     """GET /docs: the OpenRPC document as a readable HTML reference."""
-    return web.Response(text=request.app[OPENRPC].html, content_type="text/html", charset="utf-8")
+    return web.Response(
+        text=request.app[OPENRPC].html,
+        content_type="text/html",
+        charset="utf-8",
+        headers={"Content-Security-Policy": docs_page.CONTENT_SECURITY_POLICY},
+    )
 
 
 async def handle_readyz(request: web.Request) -> web.Response:
-    """GET /readyz: 200 when the database answers, 503 when it does not (readiness)."""
+    """GET /readyz: 200 when the database answers and its schema is at the latest
+    migration, 503 otherwise (readiness: ``rpc_server.readiness``)."""
+    readiness = request.app[READINESS]
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
-            async with request.app[ENGINE].connect() as connection:
-                await connection.exec_driver_sql("SELECT 1")
+            problem = await readiness.problem(request.app[ENGINE])
     except Exception:
+        readiness.forget()
         return json_response({"status": "unavailable"}, status=503)
+    if problem is not None:
+        return json_response({"status": "unavailable", "reason": problem}, status=503)
     return json_response({"status": "ready"})
 
 
@@ -231,12 +274,9 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = create_engine(settings.database_url, **engine_options(settings))
     app[ENGINE] = engine
     app[UOW_FACTORY] = SqlAlchemyUnitOfWorkFactory(engine)
-    if settings.rate_limit > 0:
-        app[LIMITER] = (
-            MemoryRateLimiter(settings.rate_limit, settings.rate_burst)
-            if is_sqlite(settings.database_url)
-            else DatabaseRateLimiter(engine, settings.rate_limit, settings.rate_burst)
-        )
+    # Per user, and per client address without a valid token (rpc_server.rate_limit).
+    if (limits := build_rate_limits(settings, engine)) is not None:
+        app[LIMITER] = limits
     yield
     await engine.dispose()
 
@@ -261,30 +301,27 @@ async def deliverer_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
-def allow_cors(app: web.Application, origins: tuple[str, ...]) -> None:
-    """Let browser frontends on ``origins`` call the API (preflight included)."""
-    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]  # untyped library
-        allow_credentials=False,
-        allow_headers=("Authorization", "Content-Type", REQUEST_ID_HEADER),
-        expose_headers=(REQUEST_ID_HEADER,),
-        max_age=600,
-    )
-    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
-    for route in list(app.router.routes()):
-        cors.add(route)
-
-
 def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.Application:
-    app = web.Application(middlewares=[request_id_middleware])
+    app = web.Application(
+        # Refusals (404, 405, 415, ...) as JSON-RPC errors, inside the request id.
+        middlewares=[request_id_middleware, http_errors.error_middleware],
+        # Bodies with a Content-Encoding are decoded by rpc_server.content_encoding,
+        # bounded, not by aiohttp (whose parser answers br/zstd itself, in text).
+        handler_args={"auto_decompress": False},
+    )
+    app.on_response_prepare.append(security_headers.add_security_headers)
     app[SETTINGS] = settings
     app[REGISTRY_KEY] = registry
     app[SHUTDOWN] = Shutdown()
     app[LINKS] = FrontendLinks(settings.frontend_url)
+    app[READINESS] = Readiness()
     app[PAYMENTS] = PaymentSignatures(
         settings.payment_keys, tolerance_seconds=settings.payment_tolerance
     )
-    if settings.token_cache_seconds > 0:
-        app[ACTORS] = ActorCache(settings.token_cache_seconds)
+    # Always: it also remembers unknown tokens (rpc_server.token_cache).
+    app[ACTORS] = ActorCache(settings.token_cache_seconds)
+    app[CLIENTS] = ClientAddresses(settings.trusted_proxies)
+    app[FAILED_LOGINS] = failed_logins_log()
     document = build_document(registry, server_url=settings.rpc_url())
     app[OPENRPC] = ServiceDescription(
         document, docs_page.render(document), json_codec.Fragment(json_codec.dumps(document))
@@ -299,5 +336,5 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app.router.add_get("/openrpc.json", handle_openrpc)
     app.router.add_get("/docs", handle_docs)
     if settings.cors_origins:
-        allow_cors(app, settings.cors_origins)
+        cors.allow_cors(app, settings.cors_origins)
     return app

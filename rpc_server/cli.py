@@ -2,40 +2,64 @@
 sign-payment, and the receipt outbox's send-mail, mail-status and mail-retry.
 
 Configuration comes from ``RPC_SERVER_*`` environment variables (see ``config.Settings``);
-flags override them where offered.
+flags override them where offered. Flags are checked as they are parsed (``cli_input``);
+a command that fails says why in one line on stderr and exits non-zero, never with a
+traceback (``cli_errors``). Only ``migrate`` (and ``seed-demo`` and ``serve`` on SQLite,
+which migrate first) create or change a schema; every other command needs a database at
+the latest migration (``schema_version``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from marshmallow import ValidationError
 
-from rpc_server import __version__
+from rpc_server import __version__, log_output
+from rpc_server.cli_errors import (
+    USAGE,
+    CommandError,
+    check_database_url,
+    explain,
+    require_database_directory,
+    require_database_file,
+)
+from rpc_server.cli_input import (
+    TokenLifetime,
+    email_address,
+    listen_port,
+    outbox_id,
+    positive_int,
+    token_lifetime,
+    worker_count,
+)
 from rpc_server.config import ConfigError, Settings
 from rpc_server.database import create_engine, engine_options, is_sqlite
 from rpc_server.deliverer import build_deliverer
-from rpc_server.demo import DEMO_PAYMENT_KEY, live_demo_tokens, seed_demo
+from rpc_server.demo import DEMO_PAYMENT_KEY, DemoUser, live_demo_tokens, seed_demo
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.records import PaymentOutcome
 from rpc_server.domain.states import Scope
+from rpc_server.listening import listen_problem
 from rpc_server.log_output import LoopBatchedStreamHandler
 from rpc_server.migrate import migrate
 from rpc_server.payment_signatures import sign
 from rpc_server.request_id import RequestIdFilter
+from rpc_server.schema_version import check_schema, head_revision, quiet_alembic_context_lines
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from rpc_server.workers import run_server, supervise
 from schemas import CourseSaveParams
@@ -47,11 +71,18 @@ log = logging.getLogger("rpc_server")
 def with_database(
     settings: Settings, work: Callable[[SqlAlchemyUnitOfWorkFactory], Awaitable[T]]
 ) -> T:
-    """Run ``work`` with a unit-of-work factory on the configured database."""
+    """Run ``work`` with a unit-of-work factory on the configured database.
+
+    The database must exist and be at the latest migration (``CommandError`` or
+    ``SchemaNotCurrent`` otherwise, before ``work`` runs): a SQLite file is never created
+    here, only by ``migrate`` (and by ``seed-demo`` and ``serve``, which migrate SQLite).
+    """
+    require_database_file(settings.database_url)
 
     async def run() -> T:
         engine = create_engine(settings.database_url, **engine_options(settings))
         try:
+            await check_schema(engine)
             return await work(SqlAlchemyUnitOfWorkFactory(engine))
         finally:
             await engine.dispose()
@@ -59,27 +90,39 @@ def with_database(
     return asyncio.run(run())
 
 
-def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+def migrate_sqlite_here(settings: Settings) -> None:
+    """Create or upgrade the SQLite file (what ``seed-demo`` and ``serve`` do first)."""
+    require_database_directory(settings.database_url)
     asyncio.run(migrate(settings.database_url))
-    print("database schema is up to date")
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    require_database_directory(settings.database_url)
+    asyncio.run(migrate(settings.database_url))
+    print(f"database schema is up to date (revision {head_revision()})")
     return 0
 
 
 def cmd_create_token(settings: Settings, args: argparse.Namespace) -> int:
-    if args.expires_in is not None and args.expires_in <= 0:
-        print("error: --expires-in must be a positive number of days", file=sys.stderr)
-        return 2
     if args.staff and args.scope not in (None, Scope.STAFF.value):
         print(f"error: --staff means --scope staff, not --scope {args.scope}", file=sys.stderr)
         return 2
     scope = Scope.STAFF if args.staff else Scope(args.scope or Scope.BUYER.value)
-    expires_in = None if args.expires_in is None else timedelta(days=args.expires_in)
+    # No --expires-in: RPC_SERVER_TOKEN_TTL (90 days unless set; "never" only if said).
+    lifetime: TokenLifetime = args.expires_in or TokenLifetime(settings.token_ttl)
+    expires_in = lifetime.as_timedelta()
+    now = services.utcnow()  # the issue time, so that the expiry printed is the one stored
     token = with_database(
         settings,
-        lambda uow: services.issue_token(uow, args.email, scope=scope, expires_in=expires_in),
+        lambda uow: services.issue_token(
+            uow, args.email, scope=scope, expires_in=expires_in, clock=lambda: now
+        ),
     )
-    until = f", valid for {args.expires_in:g} days" if expires_in else ""
-    print(f"new {scope} token for {args.email}{until} (shown once, store it now):")
+    if expires_in is None:
+        until = "never expires"
+    else:
+        until = f"expires {now + expires_in:%Y-%m-%d %H:%M} UTC, in {lifetime.days:g} days"
+    print(f"new {scope} token for {args.email} ({until}); shown once, store it now:")
     print(token)
     return 0
 
@@ -115,13 +158,17 @@ def cmd_create_course(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
     if is_sqlite(settings.database_url):
-        asyncio.run(migrate(settings.database_url))
+        migrate_sqlite_here(settings)
     users = with_database(
         settings, lambda uow: seed_demo(uow, FrontendLinks(settings.frontend_url))
     )
     print("demo data ready. Demo tokens (well-known: never use them in production):")
     for user in users:
         print(f"  {user.email} ({user.scope}): {user.token}")
+    print(
+        "demo tokens never expire (so the demo keeps working); "
+        "revoke them with rpc-server revoke-token demo-alice …"
+    )
     if not settings.payment_keys:
         print(
             "payments: while demo tokens are live and RPC_SERVER_PAYMENT_KEYS is unset, "
@@ -130,23 +177,23 @@ def cmd_seed_demo(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def payment_keys_in_use(settings: Settings) -> tuple[tuple[str, ...], bool]:
+def payment_keys_in_use(
+    settings: Settings, live_demo: Sequence[DemoUser]
+) -> tuple[tuple[str, ...], bool]:
     """The payment keys ``serve`` and ``sign-payment`` use, and whether demo data is live.
 
     Without ``RPC_SERVER_PAYMENT_KEYS``, the demo key is used while demo tokens are live
-    (after ``seed-demo``), so the demo pays with no set-up; otherwise no key (fail closed).
+    (``live_demo``, after ``seed-demo``), so the demo pays with no set-up; otherwise no
+    key (fail closed).
     """
-    try:
-        demo_live = bool(with_database(settings, live_demo_tokens))
-    except Exception:  # an unmigrated or unreachable database has no demo tokens
-        demo_live = False
+    demo_live = bool(live_demo)
     if settings.payment_keys:
         return settings.payment_keys, demo_live or DEMO_PAYMENT_KEY in settings.payment_keys
     return ((DEMO_PAYMENT_KEY,) if demo_live else ()), demo_live
 
 
 def cmd_sign_payment(settings: Settings, args: argparse.Namespace) -> int:
-    keys, _ = payment_keys_in_use(settings)
+    keys, _ = payment_keys_in_use(settings, with_database(settings, live_demo_tokens))
     if not keys:
         print("error: no payment key: set RPC_SERVER_PAYMENT_KEYS", file=sys.stderr)
         return 2
@@ -207,10 +254,13 @@ def cmd_mail_status(settings: Settings, args: argparse.Namespace) -> int:
     counts, entries = with_database(settings, work)
     print("  ".join(f"{status}: {counts.get(status, 0)}" for status in ("pending", "sent", "dead")))
     for entry in entries:
-        when = entry.sent_at or entry.next_attempt_at
+        # Sent: when it went; dead: when it died (recorded then); pending: when it is due.
+        when = entry.sent_at if entry.sent_at is not None else entry.next_attempt_at
+        label = {"sent": "sent", "dead": "died"}.get(entry.status, "due")
         line = (
             f"{entry.outbox_id:>6}  {entry.status:<7}  attempts={entry.attempts}  "
-            f"{when:%Y-%m-%d %H:%M:%S}  purchase={entry.purchase_id}  to={entry.recipient}"
+            f"{label} {when:%Y-%m-%d %H:%M:%S} UTC  purchase={entry.purchase_id}  "
+            f"to={entry.recipient}"
         )
         if entry.status != "sent" and entry.last_error:
             line += f"  last_error={entry.last_error}"
@@ -219,15 +269,21 @@ def cmd_mail_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_mail_retry(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(uow_factory: SqlAlchemyUnitOfWorkFactory) -> bool:
+    async def work(uow_factory: SqlAlchemyUnitOfWorkFactory) -> str | None:
+        """None once requeued; else the status that kept it ("" for no such message)."""
         async with uow_factory(write=True) as uow:
-            requeued = await uow.receipts.requeue(args.id, now=services.utcnow())
-            await uow.commit()
-        return requeued
+            if await uow.receipts.requeue(args.id, now=services.utcnow()):
+                await uow.commit()
+                return None
+            return await uow.receipts.status_of(args.id) or ""
 
-    if not with_database(settings, work):
-        print(f"error: message {args.id} is not dead (see rpc-server mail-status)", file=sys.stderr)
-        return 1
+    refused = with_database(settings, work)
+    if refused == "":
+        raise CommandError(f"no message {args.id} (see rpc-server mail-status)")
+    if refused is not None:
+        raise CommandError(
+            f"message {args.id} is not dead, it is {refused}: only dead messages are requeued"
+        )
     print(f"message {args.id} requeued")
     return 0
 
@@ -244,10 +300,17 @@ def is_loopback(host: str) -> bool:
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
+    # Before anything else (on SQLite, before the file is made): a port in use is one line.
+    problem = listen_problem(host, port)
+    if problem is not None:
+        raise CommandError(f"cannot listen on {host}:{port}: {problem}")
     if is_sqlite(settings.database_url):
         # The embedded database needs no separate step: bring it up to date here.
-        asyncio.run(migrate(settings.database_url))
-    keys, demo_live = payment_keys_in_use(settings)
+        migrate_sqlite_here(settings)
+    # On PostgreSQL a schema behind the code is refused here (SchemaNotCurrent: "run
+    # rpc-server migrate"), as is a database that cannot be reached.
+    live_demo = with_database(settings, live_demo_tokens)
+    keys, demo_live = payment_keys_in_use(settings, live_demo)
     if demo_live and not is_loopback(host) and not (args.allow_demo or settings.allow_demo):
         print(
             f"error: refusing to listen on {host}: the demo tokens or the demo payment key "
@@ -263,32 +326,46 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     settings = replace(settings, payment_keys=keys, host=host, port=port)
     url = f"http://{host}:{port}/rpc"
     print(f"JSON-RPC 2.0 endpoint: POST {url}", flush=True)
-    print(
-        "try: curl -s -H 'Authorization: Bearer demo-alice' "
-        f"""-d '{{"jsonrpc": "2.0", "method": "purchase.list", "id": 1}}' {url}""",
-        flush=True,
-    )
+    demo_token = next((user.token for user in live_demo if user.scope is Scope.BUYER), None)
+    if demo_token is not None:  # only where the demo's data is there to answer it
+        print(
+            f"try: curl -s -H 'Authorization: Bearer {demo_token}' "
+            f"""-d '{{"jsonrpc": "2.0", "method": "purchase.list", "id": 1}}' {url}""",
+            flush=True,
+        )
     workers = args.workers or settings.workers
-    if workers == 1:
-        run_server(settings, host, port)
-        return 0
-    return supervise(settings, host, port, workers)
+    try:
+        if workers == 1:
+            run_server(settings, host, port)
+            return 0
+        return supervise(settings, host, port, workers)
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        # Taken between listen_problem and the server's own bind.
+        raise CommandError(f"cannot listen on {host}:{port}: {os.strerror(exc.errno)}") from exc
 
 
-def configure_logging(level: str) -> None:
-    """Log to stderr, each line stamped with the id of the request it belongs to
-    (written a loop iteration's lines at a time: ``rpc_server.log_output``)."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
-        handlers=[LoopBatchedStreamHandler(sys.stderr)],
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RequestIdFilter())
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Log to stderr, each line stamped with the id of the request it belongs to, as
+    escaped text or JSON (written a loop iteration's lines at a time; the formats:
+    ``rpc_server.log_output``)."""
+    handler = LoopBatchedStreamHandler(sys.stderr)
+    handler.setFormatter(log_output.formatter(log_format))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    for installed in logging.getLogger().handlers:
+        installed.addFilter(RequestIdFilter())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a mistake reported in one line (not the usage block, then the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="rpc-server",
         description="JSON-RPC 2.0 purchase fulfillment server. "
         "Configured by RPC_SERVER_* environment variables.",
@@ -303,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser(
         "create-token", help="create the user if needed and print a new token (last line)"
     )
-    token.add_argument("email")
+    token.add_argument("email", type=email_address)
     token.add_argument(
         "--scope",
         choices=[scope.value for scope in Scope],
@@ -312,7 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--staff", action="store_true", help="short for --scope staff")
     token.add_argument(
-        "--expires-in", type=float, metavar="DAYS", help="the token stops working after DAYS"
+        "--expires-in",
+        type=token_lifetime,
+        metavar="DAYS",
+        help="the token stops working after DAYS (default RPC_SERVER_TOKEN_TTL, 90) or never",
     )
     token.set_defaults(run=cmd_create_token)
 
@@ -341,19 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
     send_mail.set_defaults(run=cmd_send_mail)
 
     status = commands.add_parser("mail-status", help="list pending, sent and dead receipts")
-    status.add_argument("--limit", type=int, default=50, help="how many messages (newest first)")
+    status.add_argument(
+        "--limit", type=positive_int, default=50, help="how many messages (newest first)"
+    )
     status.set_defaults(run=cmd_mail_status)
 
     retry = commands.add_parser("mail-retry", help="requeue a dead receipt")
-    retry.add_argument("id", type=int, help="the message id shown by mail-status")
+    retry.add_argument("id", type=outbox_id, help="the message id shown by mail-status")
     retry.set_defaults(run=cmd_mail_retry)
 
     serve = commands.add_parser("serve", help="start the HTTP server")
     serve.add_argument("--host", help="address to listen on (RPC_SERVER_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (RPC_SERVER_PORT)")
+    serve.add_argument("--port", type=listen_port, help="port to listen on (RPC_SERVER_PORT)")
     serve.add_argument(
         "--workers",
-        type=int,
+        type=worker_count,
         help="worker processes sharing the port (RPC_SERVER_WORKERS, default 1)",
     )
     serve.add_argument(
@@ -384,9 +466,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    quiet_alembic_context_lines()
     run: Callable[[Settings, argparse.Namespace], int] = args.run
-    return run(settings, args)
+    try:
+        check_database_url(settings.database_url)
+        status = run(settings, args)
+        sys.stdout.flush()  # a reader that went away shows here, not at exit
+    except BrokenPipeError:
+        return stdout_closed()
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        message, status = explain(exc, settings.database_url)
+        log.debug("%s failed", args.command, exc_info=exc)
+        print(f"error: {message}", file=sys.stderr)
+    return status
+
+
+def stdout_closed() -> int:
+    """Exit quietly when whoever read our output stopped (``mail-status | head -3``).
+
+    As Python's documentation advises: the rest of the output goes to /dev/null, so that
+    flushing it at exit raises nothing more. The status is the one a process killed by
+    SIGPIPE reports to the shell, as ``cat`` or ``ls`` would.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -54,12 +54,14 @@ class Settings:
     max_batch_length: int = 100
     max_json_depth: int = 64
     call_timeout: float = 30.0
-    # How long a successful token lookup is trusted (revocation takes effect within it).
+    # How long a buyer token's successful lookup is trusted (its revocation takes effect
+    # within it); staff and payments tokens are looked up on every request.
     token_cache_seconds: float = 5.0
     # How long new tokens live, in days (RPC_SERVER_TOKEN_TTL=never: they do not expire);
     # create-token --expires-in overrides it.
     token_ttl: float | None = 90.0
-    # Per-token rate limit: calls per second refilling a bucket of rate_burst; 0 = off.
+    # Per-user rate limit (a valid token's calls): calls per second refilling a bucket of
+    # rate_burst; 0 = off.
     rate_limit: float = 50.0
     rate_burst: int = 500
     # Calls without a valid token (none, unknown, expired), limited per client address.
@@ -78,7 +80,8 @@ class Settings:
     max_pending_purchases: int = 50
     # Log lines as text (one line, fields escaped) or as JSON objects.
     log_format: str = "text"
-    # Browser origins allowed to call /rpc (CORS); none by default.
+    # Browser origins allowed to call the API (CORS): exact origins as browsers send them
+    # (scheme://host[:port]), or "*" alone for any origin (never "null"); none by default.
     cors_origins: tuple[str, ...] = ()
     # Receipt emails: SMTP when smtp_url is set, else .eml files in mail_dir.
     mail_from: str = "Course Shop <receipts@shop.example>"
@@ -187,6 +190,10 @@ class Settings:
             raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")
         if self.public_url is not None:
             _check_public_url(self.public_url)
+        from rpc_server.cors import origins_problem  # the origins' one checker
+
+        if (problem := origins_problem(self.cors_origins)) is not None:
+            raise ConfigError(f"RPC_SERVER_CORS_ORIGINS: {problem}")
 
     def rpc_url(self) -> str:
         """The endpoint's absolute URL, as clients call it (the OpenRPC document's server)."""

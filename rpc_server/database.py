@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -46,6 +47,18 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file a SQLite URL names (opening it creates it if missing); None for another
+    engine, an in-memory database or a ``file:`` URI."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if "uri" in parsed.query or database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 def engine_options(settings: Settings) -> dict[str, Any]:
@@ -87,7 +100,9 @@ def create_engine(url: str, **engine_kwargs: Any) -> AsyncEngine:
     engine_kwargs.setdefault("pool_reset_on_return", None)
     if is_sqlite(url):
         # One trip to aiosqlite's thread per statement instead of four (sqlite_driver).
-        engine_kwargs.setdefault("async_creator", one_hop_connector(make_url(url)))
+        # A database file the server creates is its user's alone (rpc_server.private_files).
+        connector = one_hop_connector(make_url(url), private_file=sqlite_path(url))
+        engine_kwargs.setdefault("async_creator", connector)
         engine = create_async_engine(url, **engine_kwargs)
         _tune_sqlite(engine)
         return engine

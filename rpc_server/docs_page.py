@@ -1,11 +1,15 @@
 """GET /docs: the OpenRPC document rendered as a readable HTML reference, server-side.
 
 One self-contained page (inline CSS, no scripts, no external assets), built from the
-same document ``rpc.discover`` returns, so the two cannot disagree.
+same document ``rpc.discover`` returns, so the two cannot disagree. It is served with
+``CONTENT_SECURITY_POLICY``, which allows exactly its one stylesheet (by hash) and
+nothing else: no scripts, images, forms, frames, nor being framed.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from collections.abc import Mapping
 from html import escape
@@ -20,6 +24,12 @@ td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:
 section{border-top:2px solid #eee;margin-top:2rem}
 nav a{margin-right:.8rem}
 """
+
+_STYLE_HASH = base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
+CONTENT_SECURITY_POLICY = (
+    f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 def _json(value: Any) -> str:

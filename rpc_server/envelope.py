@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import NoneType
 from typing import Any
 
 from jsonrpcserver.async_dispatcher import call
@@ -21,16 +22,19 @@ from jsonrpcserver.sentinels import NOID
 
 from rpc_server import json_codec
 from rpc_server.context import RpcContext
-from rpc_server.domain.tokens import hash_token
 from rpc_server.errors import INVALID_REQUEST, PARSE_ERROR, RATE_LIMITED
-from rpc_server.json_codec import ParseError
-from rpc_server.rate_limit import RateLimiter
+from rpc_server.json_codec import ExactNumber, ParseError
+from rpc_server.rate_limit import RateLimits, cost_of
 from rpc_server.registry import MethodRegistry
 
 JsonObject = dict[str, Any]
 logger = logging.getLogger("rpc_server.envelope")
 
 __all__ = ["ParseError", "answer", "parse"]
+
+# What an id may be once parsed: a number id whose text matters is an ExactNumber
+# (``rpc_server.json_codec``), written back exactly as the client sent it.
+ID_TYPES = (str, int, float, ExactNumber, NoneType)
 
 
 def parse(body: bytes, *, max_depth: int = 64) -> Any:
@@ -65,7 +69,7 @@ def problem_with(item: Any) -> str | None:
         return 'The "params" member must be an array or an object.'
     if "id" in item:
         id_ = item["id"]
-        if isinstance(id_, bool) or not isinstance(id_, (str, int, float, type(None))):
+        if isinstance(id_, bool) or not isinstance(id_, ID_TYPES):
             return 'The "id" member must be a string, a number or null.'
     extra = set(item) - {"jsonrpc", "method", "params", "id"}
     if extra:
@@ -78,7 +82,7 @@ async def answer_one(
 ) -> JsonObject | None:
     """Answer one request object; None for a notification (never answered).
 
-    With ``retry_after`` set, the call is over its token's rate limit: it is not run.
+    With ``retry_after`` set, the call is over its rate limit: it is not run.
     """
     problem = problem_with(item)
     if problem is not None:
@@ -111,27 +115,20 @@ async def answer_one(
 
 
 async def _over_limit(
-    items: list[Any], ctx: RpcContext, limiter: RateLimiter | None
+    items: list[Any], ctx: RpcContext, limits: RateLimits | None
 ) -> list[float | None]:
     """For each item, None if it may run, else the seconds after which to retry.
 
-    Only calls that carry a token are counted, one per valid request object.
+    Every valid request object is a call, counted at its cost (``rpc_server.rate_limit``:
+    the caller's user pays, or without a valid token the client address).
     """
     verdicts: list[float | None] = [None] * len(items)
-    if limiter is None or ctx.token is None:
+    if limits is None:
         return verdicts
     valid = [i for i, item in enumerate(items) if problem_with(item) is None]
-    if not valid:
-        return verdicts
-    try:
-        grant = await limiter.take(hash_token(ctx.token), len(valid))
-    except Exception:
-        # Fail open: a limiter that cannot reach its store must not take the service
-        # down with it (the calls themselves will answer -32000 if the database is gone).
-        logger.warning("rate limiter unavailable; letting the request through", exc_info=True)
-        return verdicts
-    for index in valid[grant.granted :]:
-        verdicts[index] = grant.retry_after
+    admitted = await limits.admit(ctx, [cost_of(items[i]) for i in valid])
+    for index, verdict in zip(valid, admitted, strict=True):
+        verdicts[index] = verdict
     return verdicts
 
 
@@ -141,7 +138,7 @@ async def answer(
     ctx: RpcContext,
     *,
     max_batch_length: int,
-    limiter: RateLimiter | None = None,
+    limiter: RateLimits | None = None,
     concurrency: int = 10,
 ) -> JsonObject | list[JsonObject] | None:
     """Answer a parsed body: one object, a list for a batch, None if nothing to answer.

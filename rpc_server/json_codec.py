@@ -1,41 +1,99 @@
 """JSON in and out: orjson on the hot path, the standard library where orjson falls short.
 
-orjson parses an integer beyond 64 bits as a float, which would turn such a request id
-into a different number in the answer. A float id is rare (the specification advises
-against fractions), so when one appears the body is parsed again with the standard
-library, which keeps integers exact. orjson also refuses to serialize such integers;
-they are spliced into its output as digits. Nesting deeper than orjson's limit (1024) is a
-parse error, never a RecursionError.
+Request ids come back exactly as the client wrote them. orjson parses every number into
+a Python int or float, which loses the text: ``1e2`` becomes ``100.0``, ``-0`` becomes
+``0``, ``1.0000000000000000001`` becomes ``1.0``, and an integer beyond 64 bits becomes
+a float. So when a request's id is a float, or is ``0`` in a body that holds ``-0``, the
+body is parsed again with the standard library, which hands over each number's text:
+number ids are kept as that text (``ExactNumber``) and serialized back verbatim. An
+ordinary id (a string, or an integer orjson holds) never leaves the fast path.
+
+The same slow path reads integers too long for orjson exactly. Any number it reads may
+be at most ``MAX_NUMBER_LENGTH`` characters (a parse error of our own otherwise: Python's
+int() would refuse past 4300 digits with advice meant for programmers). Nesting deeper
+than orjson's limit (1024) is a parse error, never a RecursionError.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import secrets
-from typing import Any
+from typing import Any, Final
 
 import orjson
+
+# The longest number the slow path reads (an id, or an integer beyond 64 bits). A double
+# needs 25 characters, the largest double written out as an integer 309 digits.
+MAX_NUMBER_LENGTH: Final = 1000
 
 
 class ParseError(ValueError):
     """The body is not one JSON value we accept; the message is fit for the client."""
 
 
+class ExactNumber:
+    """A number id as the client wrote it: its JSON text, serialized back as it is."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text  # log lines show the id as sent
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExactNumber) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+class _NumberText(str):
+    """A number's text as the standard library's parser hands it over (slow path only)."""
+
+
+class _IntegerText(_NumberText):
+    pass
+
+
+class _FloatText(_NumberText):
+    pass
+
+
+def _integer_text(text: str) -> _NumberText:
+    _check_length(text)
+    return _IntegerText(text)
+
+
+def _float_text(text: str) -> _NumberText:
+    _check_length(text)
+    if not math.isfinite(float(text)):
+        raise ParseError(f"number {text} is out of range")
+    return _FloatText(text)
+
+
+def _check_length(text: str) -> None:
+    if len(text) > MAX_NUMBER_LENGTH:
+        raise ParseError(f"a number is longer than {MAX_NUMBER_LENGTH} characters")
+
+
 def _reject_constant(name: str) -> float:
     raise ParseError(f"{name} is not valid JSON")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ParseError(f"number {text} is out of range")
-    return value
+def _items(payload: Any) -> list[Any] | tuple[Any]:
+    return payload if isinstance(payload, list) else (payload,)
 
 
-def _has_float_id(payload: Any) -> bool:
-    items = payload if isinstance(payload, list) else [payload]
-    return any(isinstance(item, dict) and isinstance(item.get("id"), float) for item in items)
+def _needs_exact_ids(payload: Any, body: bytes) -> bool:
+    """True if a request's number id may not come back as written from orjson's value."""
+    for item in _items(payload):
+        if type(item) is dict:
+            id_ = item.get("id")
+            if type(id_) is float or (type(id_) is int and id_ == 0 and b"-0" in body):
+                return True
+    return False
 
 
 def depth_exceeds(value: Any, limit: int) -> bool:
@@ -61,7 +119,8 @@ def depth_exceeds(value: Any, limit: int) -> bool:
 
 def loads(body: bytes, *, max_depth: int = 64) -> Any:
     """Parse a request body strictly: no NaN or Infinity, no overflowing numbers, no
-    nesting deeper than ``max_depth``.
+    nesting deeper than ``max_depth``; number ids as ``ExactNumber`` where their text
+    matters.
 
     Raises ParseError.
     """
@@ -77,74 +136,88 @@ def loads(body: bytes, *, max_depth: int = 64) -> Any:
     # twice the limit cannot nest deeper than it, and needs no walk.
     if len(body) > 2 * max_depth and depth_exceeds(payload, max_depth):
         raise ParseError(f"JSON nested deeper than {max_depth} levels")
-    if _has_float_id(payload):
-        # Keep a big integer id exact (orjson has already checked the syntax and depth).
+    if _needs_exact_ids(payload, body):
+        # orjson has already checked the syntax and depth; this reads the ids' text.
         payload = _strict_stdlib_loads(body)
     return payload
 
 
 def _strict_stdlib_loads(body: bytes) -> Any:
-    """The standard library's parse, held to orjson's rules (the rare, slow path)."""
+    """The standard library's parse, held to orjson's rules (the rare, slow path): number
+    ids become ``ExactNumber``, every other number an int or a float."""
     try:
-        payload = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        payload = json.loads(
+            body,
+            parse_constant=_reject_constant,
+            parse_int=_integer_text,
+            parse_float=_float_text,
+        )
     except RecursionError:
         raise ParseError("JSON nested too deeply") from None
     except ParseError:
         raise
     except ValueError as exc:
         raise ParseError(f"Invalid JSON: {exc}") from None
-    if _has_lone_surrogate(payload):
-        raise ParseError("Invalid JSON: a string holds a lone surrogate (not Unicode text)")
+    for item in _items(payload):
+        if isinstance(item, dict) and isinstance(item.get("id"), _NumberText):
+            item["id"] = ExactNumber(str(item["id"]))
+    return _with_numbers(payload)
+
+
+def _number(text: _NumberText) -> int | float:
+    return int(text) if isinstance(text, _IntegerText) else float(text)
+
+
+def _with_numbers(payload: Any) -> Any:
+    """Turn the parser's number texts into ints and floats, in place; refuse strings that
+    are not Unicode text (a lone surrogate), as orjson does."""
+    if isinstance(payload, _NumberText):
+        return _number(payload)
+    pending = [payload]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            keys: Any = list(node)
+            _check_text(*keys)
+        elif isinstance(node, list):
+            keys = range(len(node))
+        else:
+            _check_text(node)
+            continue
+        for key in keys:
+            value = node[key]
+            if isinstance(value, _NumberText):
+                node[key] = _number(value)
+            elif isinstance(value, dict | list):
+                pending.append(value)
+            elif isinstance(value, str):
+                _check_text(value)
     return payload
 
 
-def _has_lone_surrogate(value: Any) -> bool:
-    pending = [value]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, str):
+def _check_text(*texts: Any) -> None:
+    for text in texts:
+        if isinstance(text, str) and not isinstance(text, _NumberText):
             try:
-                node.encode("utf-8")
+                text.encode("utf-8")
             except UnicodeEncodeError:
-                return True
-        elif isinstance(node, dict):
-            pending.extend(node.keys())
-            pending.extend(node.values())
-        elif isinstance(node, list):
-            pending.extend(node)
-    return False
+                raise ParseError(
+                    "Invalid JSON: a string holds a lone surrogate (not Unicode text)"
+                ) from None
 
 
 # JSON serialized once and spliced into answers as it is (the OpenRPC document).
 Fragment = orjson.Fragment
 
-_ORJSON_INTEGERS = range(-(2**63), 2**64)
+
+def _exact(value: Any) -> Fragment:
+    if isinstance(value, ExactNumber):
+        return Fragment(value.text)
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def dumps(payload: Any) -> bytes:
     """Serialize an answer. Everything in it is already JSON-native (the schemas turn
-    decimals and datetimes into strings deliberately), or a ``Fragment``."""
-    try:
-        return orjson.dumps(payload)
-    except TypeError:
-        return _dumps_with_big_ids(payload)
-
-
-def _dumps_with_big_ids(payload: Any) -> bytes:
-    """orjson refuses integers beyond 64 bits; the only ones an answer can hold are
-    request ids echoed back. Each goes in as a unique marker string, and its exact
-    digits replace the marker in the bytes."""
-    answers = payload if isinstance(payload, list) else [payload]
-    digits: dict[bytes, bytes] = {}
-    patched = []
-    for answer in answers:
-        id_ = answer.get("id") if isinstance(answer, dict) else None
-        if isinstance(id_, int) and not isinstance(id_, bool) and id_ not in _ORJSON_INTEGERS:
-            marker = f"big-id-{len(digits)}-{secrets.token_hex(8)}"
-            digits[b'"' + marker.encode() + b'"'] = str(id_).encode()
-            answer = {**answer, "id": marker}
-        patched.append(answer)
-    body = orjson.dumps(patched if isinstance(payload, list) else patched[0])
-    for quoted, exact in digits.items():
-        body = body.replace(quoted, exact, 1)
-    return body
+    decimals and datetimes into strings deliberately), a ``Fragment``, or an id kept as
+    sent (``ExactNumber``, written back verbatim)."""
+    return orjson.dumps(payload, default=_exact)

@@ -1,4 +1,4 @@
-"""Where log lines go: stderr, written a loop iteration's worth at a time.
+"""Where log lines go and what they look like: stderr, a loop iteration's worth at a time.
 
 At INFO the access log writes one line per HTTP request. Written one by one, each line
 costs a ``write`` system call, and measured here that was about 40 µs of server CPU
@@ -9,6 +9,12 @@ together with one ``write``: nothing waits for a timer, and nothing is held whil
 loop waits for I/O. A WARNING or worse is written at once, after the lines before it,
 and so is any line logged on a thread without a running event loop (the database
 driver's threads, the CLI). ``logging.shutdown`` (at exit) flushes what is left.
+
+A line is one line, whatever a client sends: ``formatter("text")`` writes the control
+characters of a message (a newline, a carriage return, an escape sequence) as ``\\xHH``
+escapes, and the access log escapes its quoted fields (``escape``), so a request can
+neither add a line nor forge a field. ``formatter("json")`` (``RPC_SERVER_LOG_FORMAT=json``)
+makes every line one JSON object (python-json-logger), the access log's fields included.
 """
 
 from __future__ import annotations
@@ -17,6 +23,57 @@ import asyncio
 import logging
 import threading
 from typing import TextIO
+
+from pythonjsonlogger.json import JsonFormatter
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# The fields every JSON line starts with; a record's extra fields follow (the access
+# log's method, path, status, …), then exc_info for an exception's traceback.
+JSON_FIELDS = ("levelname", "name", "request_id", "message")
+JSON_RENAMED = {"levelname": "level", "name": "logger"}
+
+
+def escape(text: str, *, quotes: bool = True) -> str:
+    """``text`` with every character that could end a line or a quoted field escaped.
+
+    Control and other unprintable characters (line and paragraph separators and lone
+    surrogates included) become ``\\xHH``, ``\\uHHHH`` or ``\\UHHHHHHHH``; with ``quotes``,
+    ``"`` and ``\\`` too, so that a quoted field can be read back unambiguously. The
+    usual printable text is returned as it is, after one scan at C speed.
+    """
+    if text.isprintable() and not (quotes and ('"' in text or "\\" in text)):
+        return text
+    special = '"\\' if quotes else ""
+    return "".join(
+        _escaped(char) if not char.isprintable() or char in special else char for char in text
+    )
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+class EscapingFormatter(logging.Formatter):
+    """The text format, each message kept on its line (a traceback below it is the
+    server's own text, and stays as it is)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
+        record.message = escape(record.message, quotes=False)
+        return super().formatMessage(record)
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    """The formatter of ``RPC_SERVER_LOG_FORMAT``: ``text`` or ``json``."""
+    if log_format == "json":
+        return JsonFormatter(
+            JSON_FIELDS, rename_fields=JSON_RENAMED, timestamp="time", json_ensure_ascii=True
+        )
+    return EscapingFormatter(TEXT_FORMAT)
 
 
 class LoopBatchedStreamHandler(logging.StreamHandler[TextIO]):

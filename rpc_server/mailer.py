@@ -3,7 +3,11 @@
 ``mailer_for(settings)`` picks SMTP when ``RPC_SERVER_SMTP_URL`` is set and the file
 mailer (into ``RPC_SERVER_MAIL_DIR``) otherwise. A mailer raises ``PermanentMailError``
 when retrying cannot help (the recipient was refused) and ``TemporaryMailError`` when it
-can (the server is down, busy, or answered 4xx).
+can (the server is down, busy, or answered 4xx; or an operator's fix is needed).
+
+SMTP is encrypted whenever it can be: ``smtp://`` upgrades with STARTTLS when the server
+offers it (aiosmtplib's own default), verifying the server's certificate; credentials
+are never sent over a connection that is not encrypted.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import re
+import ssl
 import tempfile
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -20,6 +25,17 @@ from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
+
+from rpc_server.private_files import make_private, make_private_directory
+
+URL_FORM = "smtp://[user:pass@]host[:port][?starttls=1|0][&cafile=PATH] or smtps://…"
+_YES = ("1", "true", "yes")
+_NO = ("0", "false", "no")
+NO_STARTTLS = "the SMTP server offers no STARTTLS, which ?starttls=1 requires"
+NO_TLS_FOR_CREDENTIALS = (
+    "the SMTP server offers no STARTTLS, and credentials are never sent without TLS: "
+    "use a server that offers STARTTLS, or smtps://"
+)
 
 
 class MailError(Exception):
@@ -47,6 +63,18 @@ class Mailer(Protocol):
         ...
 
 
+def _flag(query: dict[str, list[str]], name: str) -> bool | None:
+    """A yes/no query parameter; None when absent. Raises ValueError otherwise."""
+    if name not in query:
+        return None
+    value = query[name][-1].lower()
+    if value in _YES:
+        return True
+    if value in _NO:
+        return False
+    raise ValueError(f"RPC_SERVER_SMTP_URL: ?{name}= takes 1 or 0, not {value!r}")
+
+
 @dataclass(frozen=True)
 class SmtpMailer:
     hostname: str
@@ -54,44 +82,69 @@ class SmtpMailer:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     use_tls: bool = False
-    start_tls: bool = False
+    # STARTTLS: None upgrades when the server offers it (the default), True requires it,
+    # False never tries (plain text, allowed only without credentials).
+    start_tls: bool | None = None
+    # CA certificates (PEM) trusted besides the system's, for a server whose certificate
+    # a private CA signed.
+    cafile: str | None = None
     timeout: float = 30.0
 
     @classmethod
     def from_url(cls, url: str) -> SmtpMailer:
-        """``smtp://[user:pass@]host[:port][?starttls=1]`` or ``smtps://`` (implicit TLS)."""
+        """Parse ``URL_FORM``. Raises ValueError, saying what is wrong, for a URL that is
+        malformed or that would send credentials in plain text (``?starttls=0``)."""
         parts = urlsplit(url)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-            raise ValueError("RPC_SERVER_SMTP_URL must look like smtp://host:port or smtps://host")
-        query = parse_qs(parts.query)
+            raise ValueError(f"RPC_SERVER_SMTP_URL must look like {URL_FORM}")
+        query = parse_qs(parts.query, keep_blank_values=True)
         implicit_tls = parts.scheme == "smtps"
-        start_tls = query.get("starttls", ["0"])[0].lower() in ("1", "true", "yes")
-        if implicit_tls and start_tls:
-            raise ValueError("RPC_SERVER_SMTP_URL: smtps:// is already TLS; drop ?starttls=1")
+        start_tls = _flag(query, "starttls")
+        if implicit_tls and start_tls is not None:
+            raise ValueError("RPC_SERVER_SMTP_URL: smtps:// is already TLS; drop ?starttls=")
+        username = unquote(parts.username) if parts.username else None
+        if username is not None and start_tls is False:
+            raise ValueError(
+                "RPC_SERVER_SMTP_URL: credentials are never sent without TLS; "
+                "drop ?starttls=0 or the user and password"
+            )
+        cafile = query.get("cafile", [""])[-1] or None
+        if cafile is not None and not os.path.isfile(cafile):
+            raise ValueError(f"RPC_SERVER_SMTP_URL: ?cafile= names no file: {cafile}")
         return cls(
             hostname=parts.hostname,
             port=parts.port or (465 if implicit_tls else 25),
-            username=unquote(parts.username) if parts.username else None,
+            username=username,
             password=unquote(parts.password) if parts.password else None,
             use_tls=implicit_tls,
             start_tls=start_tls,
+            cafile=cafile,
         )
 
     async def send(self, message: EmailMessage) -> None:
         # Not aiosmtplib.send(): on cancellation its context manager still sends QUIT
         # and waits for the answer, so a hung server would hold a shutdown. Here the
         # connection is dropped at once when the send is cancelled.
+        # Neither the credentials nor start_tls=True go to the client: it would log in
+        # on connect whether or not the connection is encrypted. It upgrades when the
+        # server offers STARTTLS; what the connection must be is checked here.
         client = aiosmtplib.SMTP(
             hostname=self.hostname,
             port=self.port,
-            username=self.username,
-            password=self.password,
             use_tls=self.use_tls,
-            start_tls=self.start_tls,
+            start_tls=False if self.start_tls is False else None,
+            cert_bundle=self.cafile,
             timeout=self.timeout,
         )
         try:
             await client.connect()
+            encrypted = client.get_transport_info("sslcontext") is not None
+            if self.start_tls and not encrypted:
+                raise TemporaryMailError(NO_STARTTLS)
+            if self.username is not None:
+                if not encrypted:
+                    raise TemporaryMailError(NO_TLS_FOR_CREDENTIALS)
+                await client.login(self.username, self.password or "")
             await client.send_message(message)
             with contextlib.suppress(aiosmtplib.SMTPException):
                 await client.quit()
@@ -107,9 +160,22 @@ class SmtpMailer:
                 error = TemporaryMailError
             raise error(f"SMTP server answered {exc.code} {exc.message}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
+            # A failed TLS handshake is raised as it is after STARTTLS, and as the
+            # cause of a connection error with smtps://.
+            tls = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+            if isinstance(tls, ssl.SSLError):
+                raise TemporaryMailError(_tls_failed(tls)) from None
             raise TemporaryMailError(f"SMTP server unreachable: {type(exc).__name__}") from None
         finally:
             client.close()
+
+
+def _tls_failed(error: ssl.SSLError) -> str:
+    reason = getattr(error, "verify_message", None) or error.reason or type(error).__name__
+    return (
+        f"TLS with the SMTP server failed ({reason}): trust its CA with ?cafile=PATH, "
+        "or (only without credentials) send in plain text with ?starttls=0"
+    )
 
 
 @dataclass(frozen=True)
@@ -124,15 +190,16 @@ class FileMailer:
     def _write(self, message: EmailMessage) -> None:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", str(message["Message-ID"]).strip("<>"))
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            # Receipts hold names, addresses and purchases: the server's user's alone
+            # (a directory it creates is 0700, every file 0600, whatever the umask).
+            make_private_directory(self.directory)
             # Write then rename: a reader never sees half a message, and a resend of
             # the same receipt replaces the file instead of adding one.
             with tempfile.NamedTemporaryFile(
                 "wb", dir=self.directory, suffix=".tmp", delete=False
             ) as handle:
+                make_private(handle.fileno())
                 handle.write(message.as_bytes())
-            # Readable by a mail pickup process running as another user.
-            os.chmod(handle.name, 0o644)
             os.replace(handle.name, self.directory / f"{name}.eml")
         except OSError as exc:
             raise TemporaryMailError(f"cannot write to {self.directory}: {exc.strerror}") from None

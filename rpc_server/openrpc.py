@@ -135,6 +135,9 @@ class OpenRpcBuilder:
         else:
             assert method.result is not None, f"{method.name} has no result schema"
             result_schema = self._schema(method.result)
+            if method.result_without_params is not None:
+                without = self._schema(method.result_without_params)
+                result_schema = {"oneOf": [without, result_schema]}
         codes = (*method.errors, *STANDARD_METHOD_ERRORS)
         document: dict[str, Any] = {
             "name": method.name,
@@ -163,7 +166,10 @@ class OpenRpcBuilder:
         return {
             "name": example.name,
             "params": [{"name": name, "value": value} for name, value in example.params.items()],
-            "result": {"name": method.result_name, "value": method.dump_result(example.result)},
+            "result": {
+                "name": method.result_name,
+                "value": method.dump_result(example.result, example.params),
+            },
         }
 
     def build(self) -> dict[str, Any]:

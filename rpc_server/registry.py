@@ -65,6 +65,9 @@ class RpcMethod:
     result_name: str = "result"
     result_json_schema: dict[str, Any] | None = None
     example: Example | None = None
+    # A method that answered another shape before it took params keeps answering that
+    # shape to a call made without any (registration.list's bare array): its schema.
+    result_without_params: Schema | None = None
     summary: str = field(init=False)
     description: str = field(init=False)
     # One params schema per method, built once: Marshmallow schemas are reusable, and
@@ -82,8 +85,13 @@ class RpcMethod:
         # (params are checked by the schema, so any positional/named mix binds).
         object.__setattr__(self, "__signature__", _ANY_ARGUMENTS)
 
-    def dump_result(self, value: Any) -> Any:
-        return value if self.result is None else self.result.dump(value)
+    def dump_result(self, value: Any, params: Mapping[str, Any] | None = None) -> Any:
+        """Dump ``value``, the handler's answer to a call with these (loaded) ``params``
+        (None: dump it with ``result``, whatever the params)."""
+        schema = self.result
+        if self.result_without_params is not None and params is not None and not params:
+            schema = self.result_without_params
+        return value if schema is None else schema.dump(value)
 
     def load_params(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Validate params given by position or by name; return them by name.
@@ -111,12 +119,19 @@ class RpcMethod:
     async def __call__(self, ctx: RpcContext, /, *args: Any, **kwargs: Any) -> Result:
         # ctx is positional-only, so a client param named "ctx" is just an unknown field.
         deadline = asyncio.timeout(ctx.call_timeout)
+        batch = ctx.batch_deadline  # in a batch, the sooner of its deadline and the call's
+        if batch is not None and batch.cuts(ctx.call_timeout):
+            if batch.passed():
+                return batch.timed_out()  # not started in time: not started at all
+            deadline = asyncio.timeout_at(batch.at)
+        else:
+            batch = None
         try:
             async with deadline:
                 return await self._call(ctx, args, kwargs)
         except TimeoutError as exc:
             if deadline.expired():  # not a timeout of something inside
-                return timed_out(ctx.call_timeout)
+                return timed_out(ctx.call_timeout) if batch is None else batch.timed_out()
             return error_result(exc, method=self.name)
         except Exception as exc:
             return error_result(exc, method=self.name)
@@ -132,7 +147,7 @@ class RpcMethod:
         except ValidationError as exc:
             return InvalidParams(exc.messages)
         value = await self.handler(ctx, actor, **params)
-        return Success(self.dump_result(value))
+        return Success(self.dump_result(value, params))
 
 
 class MethodRegistry:

@@ -25,6 +25,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -37,6 +38,7 @@ from models import Purchase as PurchaseRow
 from models import PurchaseEvent as PurchaseEventRow
 from models import ReceiptOutbox as ReceiptRow
 from models import User as UserRow
+from models.tables import PENDING_ONLY
 from rpc_server.coalescing import PurchaseLookups
 from rpc_server.database import UnitOfWorkConnection
 from rpc_server.domain.errors import PaymentNotVerified
@@ -60,13 +62,21 @@ def as_utc(moment: datetime) -> datetime:
 
 
 _FIND_ACTOR = (
-    select(UserRow.id, UserRow.email, TokenRow.scope)
+    select(UserRow.id, UserRow.email, TokenRow.scope, TokenRow.expires_at)
     .join(TokenRow, TokenRow.user_id == UserRow.id)
     .where(
         TokenRow.token_hash == bindparam("token_hash"),
         TokenRow.revoked_at.is_(None),
         or_(TokenRow.expires_at.is_(None), TokenRow.expires_at > bindparam("now")),
     )
+)
+
+
+# PostgreSQL: FOR NO KEY UPDATE, which the KEY SHARE lock of a foreign key check (a
+# purchase, registration or token referring to the user) does not wait for. SQLite has
+# no row locks and needs none: its write transactions run one at a time.
+_HOLD_USER = (
+    select(UserRow.id).where(UserRow.id == bindparam("user_id")).with_for_update(key_share=True)
 )
 
 
@@ -77,7 +87,13 @@ class SqlUserRepository:
     async def find_actor(self, token_hash: str, *, now: datetime) -> Actor | None:
         result = await self.connection.execute(_FIND_ACTOR, {"token_hash": token_hash, "now": now})
         row = result.first()
-        return None if row is None else Actor(row[0], row[1], Scope(row[2]))
+        if row is None:
+            return None
+        expires_at = None if row[3] is None else as_utc(row[3])
+        return Actor(row[0], row[1], Scope(row[2]), token_expires_at=expires_at)
+
+    async def hold(self, user_id: int) -> None:
+        await self.connection.execute(_HOLD_USER, {"user_id": user_id})
 
     async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> int:
         user_id = await self.connection.scalar(select(UserRow.id).where(UserRow.email == email))
@@ -435,6 +451,18 @@ class SqlPurchaseRepository:
         pk = await self.connection.scalar(_PURCHASE_BY_PAYMENT_REF, {"payment_ref": payment_ref})
         return None if pk is None else int(pk)
 
+    async def count_pending(self, owner_id: int) -> int:
+        return int(await self.connection.scalar(_PENDING_OF_OWNER, {"owner_id": owner_id}) or 0)
+
+
+# On the partial index of open purchases: its condition is written out as it is in the
+# index (a bound 'pending' would not let either engine use it).
+_PENDING_OF_OWNER = (
+    select(func.count())
+    .select_from(PurchaseRow)
+    .where(PurchaseRow.owner_id == bindparam("owner_id"), text(PENDING_ONLY))
+)
+
 
 _REGISTRATION_OF_USER_FOR_COURSE = (
     select(RegistrationRow.id)
@@ -467,15 +495,30 @@ class SqlRegistrationRepository:
         )
         return found is not None
 
-    async def list_for_user(self, user_id: int) -> list[Registration]:
-        rows = await self.connection.execute(
-            select(CourseRow.slug, PurchaseRow.purchase_id, RegistrationRow.created_at)
-            .join(CourseRow, CourseRow.id == RegistrationRow.course_id)
-            .join(PurchaseRow, PurchaseRow.id == RegistrationRow.purchase_id)
-            .where(RegistrationRow.user_id == user_id)
-            .order_by(RegistrationRow.id.desc())
-        )
-        return [Registration(slug, pid, as_utc(created)) for slug, pid, created in rows]
+    async def list_page(
+        self, user_id: int, *, limit: int, before: int | None
+    ) -> list[Registration]:
+        params: dict[str, Any] = {"user_id": user_id, "limit": limit}
+        if before is not None:
+            params["before"] = before
+        rows = await self.connection.execute(_registration_page(before=before is not None), params)
+        return [Registration(pk, slug, pid, as_utc(created)) for pk, slug, pid, created in rows]
+
+
+@functools.cache
+def _registration_page(*, before: bool) -> Select[*tuple[Any, ...]]:
+    """The ``registration.list`` statement, on the ``(user_id, id)`` index (newest first)."""
+    query = (
+        select(RegistrationRow.id, CourseRow.slug, PurchaseRow.purchase_id,
+               RegistrationRow.created_at)
+        .join(CourseRow, CourseRow.id == RegistrationRow.course_id)
+        .join(PurchaseRow, PurchaseRow.id == RegistrationRow.purchase_id)
+        .where(RegistrationRow.user_id == bindparam("user_id"))
+        .order_by(RegistrationRow.id.desc())
+    )  # fmt: skip
+    if before:
+        query = query.where(RegistrationRow.id < bindparam("before"))
+    return query.limit(bindparam("limit"))
 
 
 class SqlReceiptOutboxRepository:
@@ -576,6 +619,9 @@ class SqlReceiptOutboxRepository:
         values: dict[str, object] = {"status": status, "claim_token": None}
         if status == "sent":
             values["sent_at"] = now
+        elif status == "dead":
+            # Never attempted again: next_attempt_at keeps when it died (mail-status).
+            next_attempt_at = now
         if next_attempt_at is not None:
             values["next_attempt_at"] = next_attempt_at
         if error is not None:
@@ -605,6 +651,14 @@ class SqlReceiptOutboxRepository:
             .returning(ReceiptRow.id)
         )
         return result.first() is not None
+
+    async def status_of(self, outbox_id: int) -> str | None:
+        """The message's status; None if there is no such message."""
+        rows = await self.connection.execute(
+            select(ReceiptRow.status).where(ReceiptRow.id == outbox_id)
+        )
+        status = rows.scalar()
+        return None if status is None else str(status)
 
     async def overview(self, *, limit: int) -> list[OutboxEntry]:
         """The newest ``limit`` messages, whatever their status."""

@@ -20,15 +20,19 @@ in ``pyproject.toml`` is the version it is tested with.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from functools import partial
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import aiosqlite
 from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
 from sqlalchemy.engine import URL
+
+from rpc_server.private_files import create_private_file
 
 Rows = list[Any]
 T = TypeVar("T")
@@ -163,11 +167,19 @@ class Connecting(Generic[T]):
         return self._connect().__await__()
 
 
-def one_hop_connector(url: URL) -> Callable[[], Connecting[OneHopConnection]]:
+def one_hop_connector(
+    url: URL, *, private_file: Path | None = None
+) -> Callable[[], Connecting[OneHopConnection]]:
     """An ``async_creator`` for ``create_async_engine``: connects as SQLAlchemy would
-    (same file name and sqlite3 arguments from the URL), with ``OneHopConnection``."""
+    (same file name and sqlite3 arguments from the URL), with ``OneHopConnection``.
+
+    ``private_file``: the database file, created empty with mode 0600 (on the
+    connection's thread, just before SQLite would create it) if missing.
+    """
     args, kwargs = SQLiteDialect_aiosqlite().create_connect_args(url)
     connect: Callable[[], sqlite3.Connection] = partial(sqlite3.connect, *args, **kwargs)
+    if private_file is not None:
+        connect = partial(_connect_private, private_file, connect)
 
     async def create() -> OneHopConnection:
         connection = OneHopConnection(connect, iter_chunk_size=64)
@@ -177,6 +189,14 @@ def one_hop_connector(url: URL) -> Callable[[], Connecting[OneHopConnection]]:
         return connection
 
     return lambda: Connecting(create)
+
+
+def _connect_private(path: Path, connect: Callable[[], sqlite3.Connection]) -> sqlite3.Connection:
+    # SQLite gives its -wal, -shm and -journal files the database file's mode. Where the
+    # file cannot be made (no such directory), SQLite reports that in its own words.
+    with contextlib.suppress(OSError):
+        create_private_file(path)
+    return connect()
 
 
 __all__: Sequence[str] = [

@@ -4,6 +4,11 @@ Each worker is a whole server (its own pool and receipt deliverer); the kernel s
 connections over them. The parent only supervises: it restarts a worker that dies, and
 on SIGTERM or SIGINT passes SIGTERM on and waits, so every worker finishes its in-flight
 calls (aiohttp's graceful shutdown, bounded by ``RPC_SERVER_SHUTDOWN_TIMEOUT``).
+
+A worker listens with its own asyncio server, whose connections go through a
+``ConnectionGuard`` (``rpc_server.connection_limits``: the connection cap and the read
+deadline) to aiohttp's protocol (``AppRunner.server``); aiohttp's own keep-alive timeout
+closes idle connections, and its protocol logs through ``client_faults.server_logger``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import socket
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -22,14 +28,17 @@ from types import FrameType
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from rpc_server import access_log
+from rpc_server import access_log, client_faults, connection_limits
 from rpc_server.app import SHUTDOWN, create_app
 from rpc_server.config import Settings
+from rpc_server.connection_limits import ConnectionGuard
 
 log = logging.getLogger("rpc_server.workers")
 
+# The listening socket's accept queue (aiohttp's TCPSite default).
+BACKLOG = 128
 # At most this many queued connections are taken over at shutdown (the kernel's accept
-# queue of one listening socket holds at most its backlog, 128 by default here).
+# queue of one listening socket holds at most its backlog).
 MAX_TAKEN_CONNECTIONS = 1024
 # At shutdown, how long the listening socket stays open (not accepted from) for the
 # handshakes under way to complete before it closes (see ``serve``).
@@ -51,19 +60,10 @@ async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = 
     stop its deliverer and pool.
     """
     app = create_app(settings)
-    in_flight = InFlight()
-    app.middlewares.append(in_flight.middleware)
-    runner = web.AppRunner(
-        app,
-        access_log=access_log.LOGGER if settings.access_log else None,
-        access_log_class=access_log.AccessLogger,
-        shutdown_timeout=settings.shutdown_timeout,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
-    await site.start()
-    stopping = asyncio.Event()
+    serving = await start_serving(app, settings, host, port, reuse_port=reuse_port)
+    server, guard, in_flight = serving.server, serving.guard, serving.in_flight
     loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     if _stop_requested_early:
@@ -73,24 +73,24 @@ async def serve(settings: Settings, host: str, port: int, *, reuse_port: bool = 
     deadline = loop.time() + settings.shutdown_timeout
     app[SHUTDOWN].deadline = deadline
     in_flight.closing = True  # answers from now on end their connection
-    await serve_taken(take_accept_queue(site), runner)
+    await serve_taken(take_accept_queue(server), guard)
     # A handshake under way now completes in the kernel a moment later (under load the
     # loopback's packet processing can lag by milliseconds), and its client may already
     # have written a request: closing the socket now would reset that connection. So it
     # stays open, not accepted from, a little longer, and what arrived meanwhile is taken
     # and served too; then it closes and new connections are refused.
     await asyncio.sleep(HANDSHAKE_GRACE_SECONDS)
-    taken = take_accept_queue(site)
-    await site.stop()
-    await serve_taken(taken, runner)
+    taken = take_accept_queue(server)
+    server.close()
+    await serve_taken(taken, guard)
     try:
         await asyncio.wait_for(in_flight.settled(), timeout=settings.shutdown_timeout)
     except TimeoutError:
         log.warning("%d call(s) still running at the shutdown timeout", in_flight.count)
-    await runner.cleanup()
+    await serving.runner.cleanup()
 
 
-def take_accept_queue(site: web.TCPSite) -> list[socket.socket]:
+def take_accept_queue(server: asyncio.Server) -> list[socket.socket]:
     """Stop accepting, and take the connections waiting in the accept queue.
 
     Closing a listening socket resets the connections the kernel has completed but the
@@ -100,12 +100,9 @@ def take_accept_queue(site: web.TCPSite) -> list[socket.socket]:
     ``serve`` calls this again just before closing the socket, for what arrived since,
     and ``serve_taken`` hands the connections to aiohttp like any other.
     """
-    server = site._server  # aiohttp keeps the asyncio server of a started site here
-    if server is None:
-        return []
     loop = asyncio.get_running_loop()
     taken: list[socket.socket] = []
-    for listening in getattr(server, "sockets", ()):
+    for listening in server.sockets:
         loop.remove_reader(listening.fileno())
         # A duplicate of the descriptor: the same listening socket, closed on its own.
         with socket.socket(fileno=os.dup(listening.fileno())) as queue:
@@ -120,15 +117,65 @@ def take_accept_queue(site: web.TCPSite) -> list[socket.socket]:
     return taken
 
 
-async def serve_taken(connections: list[socket.socket], runner: web.AppRunner) -> None:
+async def serve_taken(connections: list[socket.socket], guard: ConnectionGuard) -> None:
     if connections:
         log.info("shutting down: serving %d connection(s) that were still queued", len(connections))
     loop = asyncio.get_running_loop()
     for connection in connections:
-        if runner.server is None:
-            connection.close()
-            continue
-        await loop.connect_accepted_socket(runner.server, connection)
+        await loop.connect_accepted_socket(guard.protocol, connection)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A server that has started: its asyncio server, the guard of its connections, the
+    count of its requests in flight, and aiohttp's runner."""
+
+    server: asyncio.Server
+    guard: ConnectionGuard
+    in_flight: InFlight
+    runner: web.AppRunner
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop at once (no drain): for tests; ``serve`` drains first."""
+        self.server.close()
+        await self.runner.cleanup()
+
+
+async def start_serving(
+    app: web.Application, settings: Settings, host: str, port: int, *, reuse_port: bool = False
+) -> Serving:
+    """Serve ``app`` on ``host:port`` (0: any free port), every connection through a
+    ``ConnectionGuard``, requests logged by our access log; return once listening."""
+    in_flight = InFlight()
+    app.middlewares.append(in_flight.middleware)
+    # Outermost: it sees the answer as it goes out, whichever middleware made it.
+    app.middlewares.insert(0, connection_limits.middleware)
+    runner = web.AppRunner(
+        app,
+        access_log=access_log.LOGGER if settings.access_log else None,
+        access_log_class=access_log.AccessLogger,
+        access_log_format=access_log.log_format_for(settings.log_format),
+        shutdown_timeout=settings.shutdown_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        logger=client_faults.server_logger(),
+    )
+    await runner.setup()
+    assert runner.server is not None  # set up
+    guard = ConnectionGuard(
+        runner.server,
+        read_timeout=settings.read_timeout,
+        max_connections=settings.max_connections,
+    )
+    # Served by our own asyncio server (aiohttp's sites take its protocol factory as it
+    # is): every connection goes through the guard.
+    server = await asyncio.get_running_loop().create_server(
+        guard.protocol, host, port, reuse_port=reuse_port, backlog=BACKLOG
+    )
+    return Serving(server, guard, in_flight, runner)
 
 
 class InFlight:
@@ -188,7 +235,7 @@ def _worker_main(settings: Settings, host: str, port: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     from rpc_server.cli import configure_logging  # the child starts with fresh logging
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     run_server(settings, host, port, reuse_port=True)
 
 

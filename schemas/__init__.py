@@ -21,7 +21,7 @@ from schemas.purchase import (
     PurchaseOut,
     PurchasePageOut,
 )
-from schemas.registration import RegistrationListParams, RegistrationOut
+from schemas.registration import RegistrationListParams, RegistrationOut, RegistrationPageOut
 
 __all__ = [
     "CourseListParams",
@@ -43,4 +43,5 @@ __all__ = [
     "PurchasePageOut",
     "RegistrationListParams",
     "RegistrationOut",
+    "RegistrationPageOut",
 ]

@@ -1,6 +1,6 @@
 """course.list."""
 
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import NoReturn
 
 from marshmallow import ValidationError, fields, validate
@@ -14,7 +14,11 @@ def _raise(message: str) -> NoReturn:
 
 def _cents(price: Decimal) -> None:
     """Reject rather than round: 1.234 is a typo, not a price."""
-    if price != price.quantize(Decimal("0.01")):
+    try:
+        cents = price.quantize(Decimal("0.01"))
+    except InvalidOperation:  # too many digits to count in cents: the Range check says so
+        return
+    if price != cents:
         raise ValidationError("Use at most two decimal places.")
 
 

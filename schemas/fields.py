@@ -17,7 +17,7 @@ class Cursor(fields.Field[int]):
     """An opaque page cursor; inside, the keyset (an internal row number) to continue before.
 
     Opaque so clients cannot build or depend on it; it is not a secret (it only ever
-    selects among purchases the caller may see).
+    selects among rows the caller may see: purchases, registrations).
     """
 
     default_error_messages = {"invalid": "Not a valid cursor: pass next_cursor unchanged."}  # noqa: RUF012

@@ -52,6 +52,17 @@ class AlreadyRegistered(Conflict):
         super().__init__("You are already registered for this course", {"course": course})
 
 
+class TooManyPendingPurchases(Conflict):
+    """The caller already holds as many open (pending) purchases as one user may."""
+
+    def __init__(self, pending: int, limit: int):
+        super().__init__(
+            f"You have {pending} open purchases, the most allowed: pay for or cancel one "
+            "before starting another",
+            {"pending": pending, "limit": limit},
+        )
+
+
 class PaymentNotVerified(DomainError):
     """A fulfilment (or a payment event) without evidence the server can check.
 

@@ -88,6 +88,10 @@ class PurchaseRepository(Protocol):
         """Return the pk of the purchase fulfilled with this payment, if any."""
         ...
 
+    async def count_pending(self, owner_id: int) -> int:
+        """How many of the owner's purchases are pending (open)."""
+        ...
+
 
 class RegistrationRepository(Protocol):
     async def add(self, purchase: Purchase, *, now: datetime) -> None: ...
@@ -96,7 +100,12 @@ class RegistrationRepository(Protocol):
         """True if the user is registered for the course (by any purchase)."""
         ...
 
-    async def list_for_user(self, user_id: int) -> list[Registration]: ...
+    async def list_page(
+        self, user_id: int, *, limit: int, before: int | None
+    ) -> list[Registration]:
+        """Return up to ``limit`` of the user's registrations with pk < ``before``, newest
+        first."""
+        ...
 
 
 class ReceiptOutboxRepository(Protocol):
@@ -140,6 +149,12 @@ class PaymentVerifier(Protocol):
 class UserRepository(Protocol):
     async def find_actor(self, token_hash: str, *, now: datetime) -> Actor | None:
         """Return the owner of a live (not expired, not revoked) token, or None."""
+        ...
+
+    async def hold(self, user_id: int) -> None:
+        """Hold the user's row until the transaction ends: transactions that hold it run
+        one after another for that user (a count then an insert cannot race). Writes of
+        rows that merely refer to the user do not wait for it."""
         ...
 
     async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> int:

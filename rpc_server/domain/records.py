@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -20,6 +20,8 @@ class Actor:
     user_id: int
     email: str
     scope: Scope = Scope.BUYER
+    # When the token presented expires (None: never); no cache trusts it past then.
+    token_expires_at: datetime | None = field(default=None, compare=False)
 
     @property
     def is_staff(self) -> bool:
@@ -60,6 +62,7 @@ class Purchase:
 
 @dataclass(frozen=True, slots=True)
 class Registration:
+    pk: int
     course_slug: str
     purchase_id: str
     created_at: datetime
@@ -70,6 +73,14 @@ class PurchasePage:
     """One page of purchases, newest first; ``next_before`` is the keyset for the next."""
 
     items: list[Purchase]
+    next_before: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPage:
+    """One page of registrations, newest first; ``next_before`` is the keyset for the next."""
+
+    items: list[Registration]
     next_before: int | None
 
 

@@ -20,6 +20,7 @@ from rpc_server.domain.errors import (
     InvalidTransition,
     NotFound,
     PaymentNotVerified,
+    TooManyPendingPurchases,
 )
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.ports import PaymentVerifier, UnitOfWork, UnitOfWorkFactory
@@ -36,7 +37,7 @@ from rpc_server.domain.records import (
     Purchase,
     PurchaseEventRecord,
     PurchasePage,
-    Registration,
+    RegistrationPage,
     SignedPayment,
     Source,
 )
@@ -142,16 +143,23 @@ async def create_purchase(
     course: str,
     idempotency_key: str | None = None,
     source: Source = Source.RPC,
+    max_pending: int | None = None,
     clock: Clock = utcnow,
 ) -> Purchase:
     """Create a pending purchase of ``course`` for the actor.
 
     With an ``idempotency_key``, a repeated call returns the purchase the first call
     created and creates nothing. Raises NotFound for an unknown course,
-    IdempotencyKeyReused when the key was used for another course and AlreadyRegistered
-    when the actor is already registered for the course.
+    IdempotencyKeyReused when the key was used for another course, AlreadyRegistered
+    when the actor is already registered for the course, and TooManyPendingPurchases
+    when the actor already holds ``max_pending`` pending purchases (None: no cap).
     """
     async with uow_factory(write=True) as uow:
+        if max_pending is not None:
+            # First, so that the actor's creations run one at a time from here on: the
+            # count below cannot race another creation (and a replay of a key that a
+            # concurrent call just used finds that call's purchase).
+            await uow.users.hold(actor.user_id)
         found = await uow.courses.get_by_slug(course)
         if found is None:
             raise NotFound("Course not found", {"course": course})
@@ -161,6 +169,10 @@ async def create_purchase(
                 return _replayed(earlier, course, idempotency_key)
         if await uow.registrations.exists(actor.user_id, found.pk):
             raise AlreadyRegistered(course)
+        if max_pending is not None:
+            pending = await uow.purchases.count_pending(actor.user_id)
+            if pending >= max_pending:
+                raise TooManyPendingPurchases(pending, max_pending)
         now = clock()
         created = await uow.purchases.add(
             purchase_id=new_purchase_id(),
@@ -479,7 +491,13 @@ async def list_purchase_events(
     ]
 
 
-async def list_registrations(uow_factory: UnitOfWorkFactory, actor: Actor) -> list[Registration]:
-    """Return the actor's own course registrations, newest first."""
+async def list_registrations(
+    uow_factory: UnitOfWorkFactory, actor: Actor, *, limit: int = 20, cursor: int | None = None
+) -> RegistrationPage:
+    """Return a page of the actor's own course registrations newest first, continuing
+    before ``cursor``."""
     async with uow_factory() as uow:
-        return await uow.registrations.list_for_user(actor.user_id)
+        rows = await uow.registrations.list_page(actor.user_id, limit=limit + 1, before=cursor)
+    items = rows[:limit]
+    next_before = items[-1].pk if len(rows) > limit else None
+    return RegistrationPage(items=items, next_before=next_before)

@@ -22,6 +22,7 @@ from schemas import (
     PurchasePageOut,
     RegistrationListParams,
     RegistrationOut,
+    RegistrationPageOut,
 )
 
 REGISTRY = MethodRegistry(
@@ -56,8 +57,8 @@ REGISTRY = MethodRegistry(
         ),
         RpcMethod(
             "registration.list", registrations.list_registrations, RegistrationListParams,
-            RegistrationOut(many=True), errors=(UNAUTHENTICATED,), result_name="registrations",
-            example=examples.REGISTRATION_LIST,
+            RegistrationPageOut(), errors=(UNAUTHENTICATED,), result_name="registrations",
+            example=examples.REGISTRATION_LIST, result_without_params=RegistrationOut(many=True),
         ),
         RpcMethod(
             "rpc.discover", discovery.discover, DiscoverParams, None, auth=False,

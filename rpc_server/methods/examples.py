@@ -19,6 +19,7 @@ from rpc_server.domain.records import (
     PurchaseEventRecord,
     PurchasePage,
     Registration,
+    RegistrationPage,
     Source,
 )
 from rpc_server.domain.states import PurchaseState, Scope
@@ -77,10 +78,13 @@ PURCHASE_FULFILL = Example(
         purchase=FULFILLED,
     ),
 )
+REGISTRATION = Registration(
+    pk=12, course_slug="python-basics", purchase_id=PURCHASE_ID, created_at=_FULFILLED
+)
 REGISTRATION_LIST = Example(
-    "the caller's registrations",
-    {},
-    [Registration(course_slug="python-basics", purchase_id=PURCHASE_ID, created_at=_FULFILLED)],
+    "the first page of the caller's registrations",
+    {"limit": 1},
+    RegistrationPage(items=[REGISTRATION], next_before=REGISTRATION.pk),
 )
 PURCHASE_EVENTS = Example(
     "a purchase's history",

@@ -18,9 +18,17 @@ from rpc_server.domain.states import PurchaseState
 async def create_purchase(
     ctx: RpcContext, actor: Actor, *, course: str, idempotency_key: str | None = None
 ) -> Purchase:
-    """Create a pending purchase of a course; retry-safe with an idempotency_key."""
+    """Create a pending purchase of a course; retry-safe with an idempotency_key.
+
+    One user may hold a limited number of pending purchases at once: past it the call
+    answers 409 with data {pending, limit} and creates nothing (a replay still answers).
+    """
     return await services.create_purchase(
-        ctx.uow, actor, course=course, idempotency_key=idempotency_key
+        ctx.uow,
+        actor,
+        course=course,
+        idempotency_key=idempotency_key,
+        max_pending=ctx.max_pending_purchases,
     )
 
 

@@ -1,5 +1,6 @@
-"""The envelope's limits, each at its edge: body size, batch length, JSON depth, ids
-beyond 64 bits, the per-call timeout, and a full batch answered item for item.
+"""The envelope's limits, each at its edge: body size (as sent and as decoded from gzip or
+deflate), batch length, JSON depth, ids beyond 64 bits, the per-call timeout, and a full
+batch answered item for item.
 
 Every limit is checked on an app built from a settings variant (``dataclasses.replace``)
 so a test says which limit it exercises; the defaults are checked where cheap.
@@ -9,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import gzip
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+import tracemalloc
+import zlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -131,6 +136,173 @@ async def test_chunked_body_within_the_limit_is_answered(
     body = await response.json()
     assert body["id"] == 4
     assert len(body["result"]) == 2
+
+
+# --- Content-Encoding: gzip and deflate decoded, the limit on the decoded size --------
+
+
+def gzip_members(body: bytes) -> bytes:
+    """``body`` as two gzip members in a row (RFC 1952 allows any number)."""
+    half = len(body) // 2
+    return gzip.compress(body[:half]) + gzip.compress(body[half:])
+
+
+def raw_deflate(body: bytes) -> bytes:
+    """RFC 1951 data without the zlib wrapper, as some clients send for "deflate"."""
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(body) + compressor.flush()
+
+
+ENCODINGS = {
+    "gzip": ("gzip", gzip.compress),
+    "x-gzip": ("x-gzip", gzip.compress),
+    "upper-case": ("GZIP", gzip.compress),
+    "gzip-members": ("gzip", gzip_members),
+    "deflate": ("deflate", zlib.compress),
+    "raw-deflate": ("deflate", raw_deflate),
+    "identity-too": ("identity, gzip", gzip.compress),
+}
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("encoding", ENCODINGS.values(), ids=ENCODINGS.keys())
+async def test_encoded_body_is_decoded_whole(
+    post: PostRaw,
+    client: TestClient[Any, Any],
+    world: World,
+    row_counts: Counts,
+    encoding: tuple[str, Callable[[bytes], bytes]],
+    chunked: bool,
+) -> None:
+    """The whole decoded body is read, not as many bytes as were sent (the compressed
+    Content-Length), and its calls run."""
+    name, encode = encoding
+    before = await row_counts()
+    batch = [
+        request_object("purchase.create", {"course": "python-basics"}, id="a"),
+        request_object("course.list", id="b"),
+    ]
+    body = encode(padded(batch, 4000))
+    assert len(body) < 1000
+    headers = {"Content-Encoding": name, "Authorization": f"Bearer {world.alice.token}"}
+    response = await client.post(
+        "/rpc", data=_chunks(body, 100) if chunked else body, headers=headers
+    )
+    assert ("Content-Length" in response.request_info.headers) is not chunked
+    assert response.status == 200
+    answers = {answer["id"]: answer for answer in await response.json()}
+    assert answers["a"]["result"]["state"] == "pending"
+    assert len(answers["b"]["result"]) == 2
+    after = await row_counts()
+    assert after["purchases"] == before["purchases"] + 1
+
+
+async def test_encoded_body_decoding_to_the_limit_is_answered_one_byte_more_is_413(
+    small_body_client: TestClient[Any, Any], world: World, row_counts: Counts
+) -> None:
+    before = await row_counts()
+    create = request_object("purchase.create", {"course": "python-basics"}, id="over")
+    for encoding, encode in (("gzip", gzip.compress), ("deflate", zlib.compress)):
+        headers = {"Content-Encoding": encoding, "Authorization": f"Bearer {world.alice.token}"}
+        at_limit = padded(request_object("course.list", id=1), BODY_LIMIT)
+        reply = await send(small_body_client, encode(at_limit), headers=headers)
+        assert reply.status == 200
+        assert len(reply.json["result"]) == 2
+
+        reply = await send(
+            small_body_client, encode(padded(create, BODY_LIMIT + 1)), headers=headers
+        )
+        assert reply.status == 413
+        assert reply.content_type == "application/json"
+        assert_error(reply.json, INVALID_REQUEST, None)
+    assert await row_counts() == before
+
+
+@functools.cache
+def zip_bomb(decoded_size: int) -> bytes:
+    """Zeros, gzip-compressed about a thousand to one, built without holding them."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1024 * 1024)
+    parts = [compressor.compress(zeros) for _ in range(decoded_size // len(zeros))]
+    return b"".join(parts) + compressor.flush()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_zip_bomb_is_refused_without_being_inflated(
+    client: TestClient[Any, Any], settings: Settings, world: World, chunked: bool
+) -> None:
+    """256 MiB of zeros in about 250 KB, under the 1 MiB limit as sent: refused with 413
+    once the decoded size passes the limit, with no more than that decoded."""
+    bomb = zip_bomb(256 * 1024 * 1024)
+    assert len(bomb) < settings.max_body_bytes
+    tracemalloc.start()
+    try:
+        response = await client.post(
+            "/rpc",
+            data=_chunks(bomb, 64 * 1024) if chunked else bomb,
+            headers={"Content-Encoding": "gzip"},
+        )
+        status, body = response.status, await response.json()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == 413
+    assert_error(body, INVALID_REQUEST, None)
+    assert peak < 16 * 1024 * 1024, f"{peak / 2**20:.0f} MiB allocated while answering"
+
+    after = await send(client, request_object("course.list", id=3))
+    assert after.status == 200
+    assert after.json["id"] == 3
+
+
+UNDECODABLE = {
+    "not-gzip": ("gzip", b'{"jsonrpc":"2.0","method":"course.list","id":1}'),
+    "truncated": ("gzip", gzip.compress(padded(request_object("course.list"), 500))[:-12]),
+    "trailing-bytes": ("deflate", zlib.compress(b'{"jsonrpc":"2.0"}') + b"junk"),
+    "gzip-then-junk": ("gzip", gzip.compress(b"{}") + b"\x00junk"),
+    "not-deflate": ("deflate", b"\xff" * 64),
+    "empty": ("gzip", b""),
+}
+
+
+@pytest.mark.parametrize("encoding,body", UNDECODABLE.values(), ids=UNDECODABLE.keys())
+async def test_body_that_does_not_decode_is_a_400_parse_error_never_a_500(
+    post: PostRaw, world: World, row_counts: Counts, encoding: str, body: bytes
+) -> None:
+    before = await row_counts()
+    reply = await post(body, headers={"Content-Encoding": encoding})
+    assert reply.status == 400
+    assert reply.content_type == "application/json"
+    error = assert_error(reply.json, PARSE_ERROR, None)
+    assert error["data"] == f"The body is not valid {encoding} data."
+    assert await row_counts() == before
+
+    after = await post(request_object("course.list", id=2))
+    assert after.status == 200
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    ["br", "zstd", "compress", "gzip, gzip", "deflate, gzip", "gzip;q=1", "x-SECRET-coding"],
+)
+async def test_other_content_encodings_are_415_with_what_we_accept(
+    client: TestClient[Any, Any], world: World, row_counts: Counts, encoding: str
+) -> None:
+    """Refused whole, even when the body happens to be plain JSON: the request says it is
+    something we cannot read."""
+    before = await row_counts()
+    response = await client.post(
+        "/rpc",
+        json=request_object("purchase.create", {"course": "python-basics"}),
+        headers={"Content-Encoding": encoding, "Authorization": f"Bearer {world.alice.token}"},
+    )
+    text = await response.text()
+    assert response.status == 415
+    assert response.headers["Accept-Encoding"] == "gzip, deflate"
+    assert response.content_type == "application/json"
+    assert_error(json.loads(text), INVALID_REQUEST, None)
+    assert "SECRET" not in text
+    assert await row_counts() == before
 
 
 # --- batch length -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,12 +26,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 from playwright.sync_api import Request, expect, sync_playwright
@@ -367,22 +369,50 @@ class QuietFileHandler(SimpleHTTPRequestHandler):
         pass
 
 
+@dataclass(frozen=True)
+class FrontendSite:
+    """Where the example page is served from (a folder of the test's own) and its origin."""
+
+    directory: Path
+    origin: str
+
+    def deploy(self, rpc_url: str, provider: str) -> None:
+        """Put examples/frontend/index.html there, configured as a deployment would be:
+        its two <meta> addresses set to this test's server and provider."""
+        page = (EXAMPLES / "frontend" / "index.html").read_text()
+        for name, value in (("rpc-endpoint", rpc_url), ("payment-provider", provider)):
+            page, count = re.subn(
+                rf'<meta name="{name}" content="[^"]*">',
+                f'<meta name="{name}" content="{value}">',
+                page,
+            )
+            assert count == 1, name
+        (self.directory / "index.html").write_text(page)
+
+
 @pytest.fixture
-def frontend_origin() -> Iterator[str]:
-    """Serve examples/frontend over HTTP on a free port; yield its origin."""
-    handler = partial(QuietFileHandler, directory=str(EXAMPLES / "frontend"))
+def frontend_site(tmp_path: Path) -> Iterator[FrontendSite]:
+    """Serve a folder over HTTP on a free port, for the example page."""
+    directory = tmp_path / "site"
+    directory.mkdir()
+    handler = partial(QuietFileHandler, directory=str(directory))
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         thread = threading.Thread(target=server.serve_forever, name="frontend", daemon=True)
         thread.start()
         try:
-            yield f"http://127.0.0.1:{server.server_address[1]}"
+            yield FrontendSite(directory, f"http://127.0.0.1:{server.server_address[1]}")
         finally:
             server.shutdown()
             thread.join(timeout=10)
 
 
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
-    demo_env: dict[str, str], frontend_origin: str, tmp_path: Path
+    demo_env: dict[str, str], frontend_site: FrontendSite, tmp_path: Path
 ) -> None:
     if not CHROMIUM.exists():
         reason = (
@@ -393,6 +423,7 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
         if in_ci():
             pytest.fail(reason)
         pytest.skip(reason)
+    frontend_origin = frontend_site.origin
     env = {**demo_env, "RPC_SERVER_CORS_ORIGINS": frontend_origin}
     with (
         running_server(env, cwd=tmp_path) as (port, _),
@@ -403,7 +434,11 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
         # The demo data gives alice one pending purchase and one fulfilled one.
         (pending,) = [item for item in listed if item["state"] == "pending"]
         purchase_id = pending["purchase_id"]
-        query = urlencode({"rpc": rpc_url, "token": "demo-alice", "provider": provider})
+        frontend_site.deploy(rpc_url, provider)
+        # The old way to preset the page, and what an attacker's link would carry: an
+        # endpoint of theirs and a token. The page uses neither and drops them from the URL.
+        evil = "http://evil.test:9/rpc"
+        query = urlencode({"rpc": evil, "token": "demo-alice", "provider": evil})
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -411,7 +446,19 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
                 page = browser.new_page()
                 page_errors: list[str] = []
                 page.on("pageerror", lambda error: page_errors.append(str(error)))
+                contacted: list[str] = []
+                page.on("request", lambda sent: contacted.append(sent.url))
                 page.goto(f"{frontend_origin}/index.html?{query}")
+
+                expect(page.locator("#status")).to_have_text(
+                    "Enter a token to load your purchases."
+                )
+                assert page.url == f"{frontend_origin}/index.html"
+                expect(page.locator("#token")).to_have_value("")
+                expect(page.locator("#token")).to_have_attribute("type", "password")
+                expect(page.locator("#rpc-url")).to_have_text(rpc_url)
+                page.fill("#token", "demo-alice")
+                page.click("#load")
 
                 table = page.locator("#purchases")
                 expect(table).to_have_attribute("data-loaded", "true")
@@ -474,6 +521,22 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
                 )
                 declined_row = table.locator(f'tr[data-purchase-id="{declined_id}"]')
                 expect(declined_row.locator('[data-field="state"]')).to_have_text("failed")
+
+                # The token stays in this tab's sessionStorage (a reload keeps it), never
+                # in localStorage or the URL; "Forget token" removes it.
+                storage = "[JSON.stringify(sessionStorage), JSON.stringify(localStorage)]"
+                kept, persistent = page.evaluate(storage)
+                assert "demo-alice" in kept and "demo-alice" not in persistent
+                page.reload()
+                expect(page.locator("#token")).to_have_value("demo-alice")
+                expect(table).to_have_attribute("data-count", str(len(listed) + 1))
+                page.click("#forget")
+                assert "demo-alice" not in page.evaluate("JSON.stringify(sessionStorage)")
+                # (The first request is the test's own navigation to the link above.)
+                assert all("demo-alice" not in url for url in contacted[1:]), contacted
+                # Nothing but the page's own origin and its two configured addresses.
+                allowed = {frontend_origin, origin_of(rpc_url), origin_of(provider)}
+                assert {origin_of(url) for url in contacted} <= allowed, contacted
                 assert page_errors == []
             finally:
                 browser.close()

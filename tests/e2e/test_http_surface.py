@@ -1,11 +1,15 @@
 """The HTTP around JSON-RPC: request ids, content type, verbs, health and readiness, CORS,
-and the log line an internal error leaves behind.
+the log line an internal error leaves behind, every refusal as a JSON-RPC error (and what
+aiohttp's parser answers itself, over a raw socket), and the security headers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import gzip
+import hashlib
 import io
 import json
 import logging
@@ -18,6 +22,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
+from rpc_server.app import create_app
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext
 from rpc_server.domain.records import Actor
@@ -416,3 +421,307 @@ async def test_each_failing_batch_item_logs_its_error_id_with_the_shared_request
         assert "batch-7" in line
     # The notification failed too: logged under the same request id, not answered.
     assert len(log_lines_with(caplog, "batch-7")) == 4
+
+
+# --- every refusal a JSON-RPC error, never echoing the request ---------------------------
+
+SECRET = "S3CR3T-marker"
+
+
+def assert_refusal(status: int, headers: Any, text: str, expected_status: int) -> dict[str, Any]:
+    """An HTTP refusal: the status, JSON, a JSON-RPC error with id null, nothing echoed."""
+    assert status == expected_status, text[:300]
+    assert headers["Content-Type"] == JSON_CONTENT_TYPE
+    assert SECRET not in text
+    body = json.loads(text)
+    assert body.keys() == {"jsonrpc", "error", "id"}
+    assert (body["jsonrpc"], body["id"]) == ("2.0", None)
+    assert isinstance(body["error"]["code"], int)
+    assert body["error"]["message"]
+    assert isinstance(body["error"]["data"], str | dict)
+    error: dict[str, Any] = body["error"]
+    return error
+
+
+@pytest.mark.parametrize(
+    "verb,path,status,code",
+    [
+        ("GET", f"/no-such-path/{SECRET}", 404, -32600),
+        ("POST", f"/rpc/{SECRET}", 404, -32600),
+        ("GET", "/rpc", 405, -32600),
+        ("PUT", "/rpc", 405, -32600),
+        ("DELETE", "/healthz", 405, -32600),
+        ("POST", "/docs", 405, -32600),
+        ("GET", "/webhooks/payments", 405, -32600),
+    ],
+)
+async def test_unknown_paths_and_verbs_are_json_rpc_errors(
+    client: TestClient[Any, Any], verb: str, path: str, status: int, code: int
+) -> None:
+    response = await client.request(
+        verb, path, headers={"Authorization": f"Bearer {SECRET}", "X-Extra": SECRET}
+    )
+    error = assert_refusal(response.status, response.headers, await response.text(), status)
+    assert error["code"] == code
+    if status == 405:
+        assert response.headers["Allow"] in ("POST", "GET,HEAD")  # which verb to use
+    request_id_of(response)
+
+
+async def test_a_refused_cors_preflight_is_a_json_rpc_error_naming_no_origin(
+    cors_client: TestClient[Any, Any],
+) -> None:
+    for headers in (
+        preflight_headers(f"https://{SECRET}.example"),
+        {**preflight_headers(SHOP), "Access-Control-Request-Headers": f"X-{SECRET}"},
+        {**preflight_headers(SHOP), "Access-Control-Request-Method": SECRET},
+    ):
+        response = await cors_client.options("/rpc", headers=headers)
+        assert_refusal(response.status, response.headers, await response.text(), 403)
+        assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def explode_route(request: Any) -> Any:
+    raise RuntimeError(f"boom {SECRET}")
+
+
+async def test_an_unexpected_exception_in_a_handler_is_a_json_500_with_an_error_id(
+    aiohttp_client: Any, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(settings)
+    app.router.add_get("/test/explode", explode_route)
+    client = await aiohttp_client(app)
+    with caplog.at_level(logging.ERROR):
+        response = await client.get("/test/explode", headers={REQUEST_ID: "explode-1"})
+        text = await response.text()
+    error = assert_refusal(response.status, response.headers, text, 500)
+    assert error["code"] == -32603
+    assert "boom" not in text and "Traceback" not in text
+    assert error["data"].keys() == {"error_id"}
+    error_id = error["data"]["error_id"]
+    [line] = log_lines_with(caplog, error_id)
+    assert "explode-1" in line
+    assert "/test/explode" in line
+
+
+# --- malformed HTTP, over a raw socket -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RawAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    closed: bool | None  # the server closed the connection after answering (if asked)
+
+
+async def raw_exchange(
+    client: TestClient[Any, Any], request: bytes, *, wait_for_close: bool = False
+) -> RawAnswer:
+    """Write ``request`` as it is to the test server; read one HTTP/1.x answer, and with
+    ``wait_for_close`` whether the server then closes the connection."""
+    assert client.server.host is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            status_line, *lines = head.decode("latin-1").split("\r\n")
+            headers = {}
+            for line in filter(None, lines):
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            closed = await reader.read(1) == b"" if wait_for_close else None
+        return RawAnswer(int(status_line.split()[1]), headers, body, closed)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def raw_post(body: bytes, *headers: str) -> bytes:
+    head = ["POST /rpc HTTP/1.1", "Host: test", f"Content-Length: {len(body)}", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", f"x-{SECRET}"])
+async def test_an_encoding_aiohttp_would_refuse_in_text_is_our_415(
+    client: TestClient[Any, Any], world: World, encoding: str
+) -> None:
+    """aiohttp's parser would answer br and zstd itself (400, text/plain, naming a library
+    to install); here every coding we do not read is the app's 415."""
+    answer = await raw_exchange(
+        client,
+        raw_post(
+            json.dumps(request_object("course.list")).encode(), f"Content-Encoding: {encoding}"
+        ),
+    )
+    assert answer.status == 415
+    assert answer.headers["content-type"] == JSON_CONTENT_TYPE
+    assert answer.headers["accept-encoding"] == "gzip, deflate"
+    assert SECRET.encode() not in answer.body
+    assert json.loads(answer.body)["error"]["code"] == -32600
+
+
+async def test_a_gzip_body_with_its_content_length_over_a_raw_socket(
+    client: TestClient[Any, Any], world: World
+) -> None:
+    body = gzip.compress(b" " * 900 + json.dumps(request_object("course.list", id=5)).encode())
+    answer = await raw_exchange(client, raw_post(body, "Content-Encoding: gzip"))
+    assert answer.status == 200
+    assert json.loads(answer.body)["id"] == 5
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(
+            b"POST /rpc HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer "
+            + SECRET.encode() * 1000
+            + b"\r\nContent-Length: 2\r\n\r\n{}",
+            id="10kb-authorization",
+        ),
+        pytest.param(
+            b"GET /" + SECRET.encode() * 1000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", id="long-path"
+        ),
+        pytest.param(
+            b"POST /rpc HTTP/1.1\r\nHost: t\r\nBad Header " + SECRET.encode() + b"\r\n\r\n",
+            id="bad-header",
+        ),
+    ],
+)
+async def test_what_aiohttp_s_parser_refuses_never_reaches_the_app(
+    client: TestClient[Any, Any], world: World, request_bytes: bytes
+) -> None:
+    """Pins the limit the README states: a request aiohttp's HTTP parser rejects is
+    answered by aiohttp itself (400, text/plain, connection closed) before any of our
+    code runs, and aiohttp 3.14 offers no public hook on that answer. It may quote up to
+    about 100 bytes of the offending line; it never quotes a whole 10 KB header. The
+    server goes on serving."""
+    answer = await raw_exchange(client, request_bytes, wait_for_close=True)
+    assert answer.status == 400
+    assert answer.closed
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert answer.body.count(SECRET.encode()) <= 100 // len(SECRET) + 1
+
+    after = await raw_exchange(client, raw_post(json.dumps(request_object("course.list")).encode()))
+    assert after.status == 200
+
+
+# --- security headers ---------------------------------------------------------------------
+
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+async def test_every_kind_of_answer_carries_the_security_headers(
+    aiohttp_client: Any, settings: Settings, world: World
+) -> None:
+    app = create_app(dataclasses.replace(settings, cors_origins=(SHOP,), max_body_bytes=1024))
+    app.router.add_get("/test/explode", explode_route)
+    client = await aiohttp_client(app)
+    gz = {"Content-Encoding": "gzip"}
+    responses = {
+        "200": await client.post("/rpc", json=request_object("course.list")),
+        "200-parse-error": await client.post("/rpc", data=b"{"),
+        "204": await client.post("/rpc", json=notification_object("foobar")),
+        "400-bad-gzip": await client.post("/rpc", data=b"not gzip", headers=gz),
+        "404": await client.get("/nope"),
+        "405": await client.get("/rpc"),
+        "413": await client.post("/rpc", data=io.BytesIO(b" " * 2000)),
+        "415": await client.post("/rpc", data=b"{}", headers={"Content-Encoding": "br"}),
+        "500": await client.get("/test/explode"),
+        "preflight": await client.options("/rpc", headers=preflight_headers(SHOP)),
+        "preflight-refused": await client.options("/rpc", headers=preflight_headers(EVIL)),
+        "healthz": await client.get("/healthz"),
+        "readyz": await client.get("/readyz"),
+        "openrpc": await client.get("/openrpc.json"),
+        "docs": await client.get("/docs"),
+        "webhook": await client.post("/webhooks/payments", data=b"{}"),
+    }
+    for name, response in responses.items():
+        await response.read()
+        for header, value in SECURITY_HEADERS.items():
+            assert response.headers.get(header) == value, (name, header)
+        assert response.headers["Server"] == "rpc-server", name  # no product, no version
+        policy = response.headers.get("Content-Security-Policy", "")
+        assert "frame-ancestors 'none'" in policy, name
+        assert "default-src 'none'" in policy, name
+
+
+async def test_the_docs_page_has_a_strict_policy_that_allows_exactly_its_stylesheet(
+    client: TestClient[Any, Any],
+) -> None:
+    response = await client.get("/docs")
+    page = await response.text()
+    assert response.status == 200
+    policy = {
+        directive.split()[0]: directive.split()[1:]
+        for directive in response.headers["Content-Security-Policy"].split(";")
+    }
+    assert policy["default-src"] == ["'none'"]
+    assert policy["frame-ancestors"] == ["'none'"]
+    assert policy["base-uri"] == ["'none'"]
+    assert policy["form-action"] == ["'none'"]
+    assert "script-src" not in policy  # no scripts at all (default-src 'none')
+    [stylesheet] = re.findall(r"<style>(.*?)</style>", page, flags=re.DOTALL)
+    digest = base64.b64encode(hashlib.sha256(stylesheet.encode()).digest()).decode()
+    assert policy["style-src"] == [f"'sha256-{digest}'"]
+    for inline in ("<script", " style=", "<link", "<img", "<iframe", " onload=", " onclick="):
+        assert inline not in page.lower().replace("<style>", ""), inline
+
+
+# --- CORS: "*" is any origin, never null; lists are exact -----------------------------------
+
+
+@pytest.fixture
+async def any_origin_client(
+    app_client: AppClientFactory, settings: Settings
+) -> TestClient[Any, Any]:
+    return await app_client(settings=dataclasses.replace(settings, cors_origins=("*",)))
+
+
+@pytest.mark.parametrize("origin", [SHOP, EVIL, "http://localhost:5173", "http://[::1]:8080"])
+async def test_star_lets_any_origin_call_without_credentials(
+    any_origin_client: TestClient[Any, Any], world: World, origin: str
+) -> None:
+    preflight = await any_origin_client.options("/rpc", headers=preflight_headers(origin))
+    await preflight.read()
+    assert preflight.status == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == origin
+    assert "Access-Control-Allow-Credentials" not in preflight.headers
+
+    response = await any_origin_client.post(
+        "/rpc", json=request_object("course.list"), headers={"Origin": origin}
+    )
+    assert len((await response.json())["result"]) == 2
+    assert response.headers["Access-Control-Allow-Origin"] == origin
+    assert "Access-Control-Allow-Credentials" not in response.headers
+    assert "Origin" in response.headers.getall("Vary")
+
+
+@pytest.mark.parametrize("origins", [("*",), (SHOP,)], ids=["star", "list"])
+async def test_the_null_origin_is_never_granted(
+    app_client: AppClientFactory, settings: Settings, world: World, origins: tuple[str, ...]
+) -> None:
+    """``null`` is the origin of sandboxed frames, data: URLs and local files: any page can
+    take it on, so granting it would grant everyone, reading answers included."""
+    client = await app_client(settings=dataclasses.replace(settings, cors_origins=origins))
+    preflight = await client.options("/rpc", headers=preflight_headers("null"))
+    assert_refusal(preflight.status, preflight.headers, await preflight.text(), 403)
+    assert "Access-Control-Allow-Origin" not in preflight.headers
+
+    response = await client.post(
+        "/rpc",
+        json=request_object("purchase.list"),
+        headers={"Origin": "null", "Authorization": f"Bearer {world.alice.token}"},
+    )
+    assert (await response.json())["result"]["items"] == []  # answered, but not readable
+    assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_answers_vary_on_origin_when_cors_is_on(cors_client: TestClient[Any, Any]) -> None:
+    for headers in ({"Origin": SHOP}, {"Origin": EVIL}, {}):
+        response = await cors_client.get("/healthz", headers=headers)
+        await response.read()
+        assert "Origin" in response.headers.getall("Vary", []), headers

@@ -238,6 +238,70 @@ async def test_big_integer_id_is_echoed_digit_for_digit(post: PostRaw) -> None:
     assert f'"id":{2**70}' in reply.text.replace(" ", "")
 
 
+# Number ids whose value alone would not give their text back (a float parse loses the
+# digits, -0 is 0 to an integer, 1e2 is 100.0): the answer carries the text as sent.
+NUMBER_ID_TEXTS = [
+    "1.0000000000000000001",
+    "-0",
+    "-0.0",
+    "1e2",
+    "1E+2",
+    "2.50",
+    "1e-7",
+    "-1.5e+10",
+    str(2**70),
+    "9" * 1000,
+]
+
+
+def id_text_of(reply_text: str) -> str:
+    """The id member of one answer, exactly as written on the wire."""
+    assert reply_text.endswith("}"), reply_text
+    _, marker, id_text = reply_text.rpartition(',"id":')
+    assert marker, reply_text
+    return id_text[:-1]
+
+
+@pytest.mark.parametrize("raw_id", NUMBER_ID_TEXTS, ids=lambda text: text[:24])
+async def test_number_id_comes_back_as_written(post: PostRaw, world: World, raw_id: str) -> None:
+    for method, token in (
+        ("course.list", None),  # a result
+        ("no.such.method", None),  # an error from the dispatcher
+        ("purchase.list", None),  # 401
+        ("purchase.get", world.alice.token),  # invalid params
+    ):
+        reply = await post(f'{{"jsonrpc":"2.0","method":"{method}","id":{raw_id}}}', token=token)
+        assert reply.status == 200
+        assert id_text_of(reply.text) == raw_id, (method, reply.text[:200])
+
+
+async def test_number_ids_of_a_batch_come_back_as_written(post: PostRaw, world: World) -> None:
+    raw_ids = [*NUMBER_ID_TEXTS[:-1], "7", '"seven"']
+    body = "[" + ",".join(f'{{"jsonrpc":"2.0","method":"course.list","id":{i}}}' for i in raw_ids)
+    reply = await post(body + ',{"jsonrpc":"2.0","method":"course.list"}]')  # + a notification
+    assert reply.status == 200
+    answers = json.loads(reply.text, parse_int=str, parse_float=str)  # numbers as their text
+    assert sorted(answer["id"] for answer in answers) == sorted([*raw_ids[:-1], "seven"])
+    for raw_id in raw_ids:
+        assert f',"id":{raw_id}}}' in reply.text
+
+
+@pytest.mark.parametrize("digits", [1001, 5000, 100_000])
+async def test_an_over_long_number_is_a_parse_error_of_our_own(
+    post: PostRaw, world: World, digits: int
+) -> None:
+    for body in (
+        f'{{"jsonrpc":"2.0","method":"course.list","id":{"1" * digits}}}',
+        f'{{"jsonrpc":"2.0","method":"course.list","id":0.{"1" * digits}}}',
+        f'{{"jsonrpc":"2.0","method":"course.list","params":[{"1" * digits}],"id":1}}',
+    ):
+        reply = await post(body)
+        assert reply.status == 200
+        error = assert_error(reply.json, PARSE_ERROR, None)
+        assert error["data"] == "a number is longer than 1000 characters"
+        assert "sys." not in reply.text and "digits" not in reply.text
+
+
 async def test_id_of_error_answers_is_echoed(post: PostRaw, world: World) -> None:
     body = (await post(request_object("no.such.method", id="req-42"))).json
     assert_error(body, METHOD_NOT_FOUND, "req-42")

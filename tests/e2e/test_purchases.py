@@ -726,7 +726,7 @@ INVALID = [
         "payment_proof",
     ),
     ("registration.list", {"course": "python-basics"}, "course"),
-    ("registration.list", ["python-basics"], "params"),
+    ("registration.list", [20, None, "python-basics"], "params"),
     ("course.list", {"limit": 1}, "limit"),
 ]
 

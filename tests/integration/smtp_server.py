@@ -3,9 +3,11 @@
 ``SmtpServer`` is aiosmtpd on 127.0.0.1 in its own thread. It records every accepted
 message (envelope and parsed ``EmailMessage``), can refuse chosen recipients with
 ``550 5.1.1`` at RCPT, can answer DATA with a ``451`` temporary failure a given number
-of times, can offer AUTH (PLAIN/LOGIN, without TLS: this is a test) for one login, and
-can be stopped and started again on the same port, to play a mail server that goes
-down and comes back.
+of times, can offer STARTTLS with a certificate of a CA made for the test
+(``LocalCa``, with trustme), can offer AUTH (PLAIN/LOGIN) for one login (without TLS
+too, unless it offers STARTTLS: this is a test) and records every AUTH it is sent and
+whether the connection was encrypted, and can be stopped and started again on the same
+port, to play a mail server that goes down and comes back.
 
 ``outbox_rows`` reads the ``receipt_outbox`` table as it is (claim token included);
 ``fulfilled_purchase`` makes a receipt the way a paid fulfillment does (``more_courses``
@@ -19,6 +21,7 @@ import asyncio
 import email
 import email.policy
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,8 +29,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any, TypeVar
 
+import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from sqlalchemy import select
@@ -65,6 +70,8 @@ class Received:
     message: EmailMessage
     # Who authenticated on the connection that delivered it (None: no AUTH).
     login: str | None
+    # Whether the connection that delivered it was encrypted (STARTTLS).
+    encrypted: bool = False
 
 
 class RecordingHandler:
@@ -97,7 +104,9 @@ class RecordingHandler:
         assert isinstance(message, EmailMessage)
         auth = session.auth_data if session.authenticated else None
         login = auth.login.decode() if isinstance(auth, LoginPassword) else None
-        received = Received(envelope.mail_from, tuple(envelope.rcpt_tos), message, login)
+        received = Received(
+            envelope.mail_from, tuple(envelope.rcpt_tos), message, login, session.ssl is not None
+        )
         with self._lock:
             self._received.append(received)
         return "250 2.0.0 OK: queued"
@@ -125,17 +134,53 @@ class RecordingHandler:
             return list(self._rcpt_attempts)
 
 
+@dataclass(frozen=True)
+class LocalCa:
+    """A certificate authority made for one test, and a certificate it issued for HOST."""
+
+    # The CA's certificate (PEM), for a client's ?cafile=.
+    ca_file: Path
+    # A server-side context presenting the issued certificate.
+    server_context: ssl.SSLContext
+
+    @classmethod
+    def create(cls, directory: Path) -> LocalCa:
+        authority = trustme.CA()
+        ca_file = directory / "test-ca.pem"
+        authority.cert_pem.write_to_path(str(ca_file))
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        authority.issue_cert(HOST, "smtp.test").configure_cert(context)
+        return cls(ca_file=ca_file, server_context=context)
+
+
+@dataclass(frozen=True)
+class AuthAttempt:
+    """One AUTH command the server was sent (and its authenticator saw)."""
+
+    login: str | None
+    encrypted: bool
+
+
 class SmtpServer:
     """An aiosmtpd server on a fixed local port; ``stop()`` and ``start()`` at will.
 
+    With ``tls``, it offers STARTTLS with that certificate, and AUTH only after it.
     What it recorded (and whom it rejects) survives a restart: the handler is kept.
     """
 
-    def __init__(self, port: int | None = None, credentials: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        credentials: tuple[str, str] | None = None,
+        tls: LocalCa | None = None,
+    ):
         self.port = port or free_port()
         self.credentials = credentials
+        self.tls = tls
         self.handler = RecordingHandler()
         self._controller: Controller | None = None
+        self._lock = threading.Lock()
+        self._auth_attempts: list[AuthAttempt] = []
 
     @property
     def url(self) -> str:
@@ -151,9 +196,11 @@ class SmtpServer:
         # server_hostname spares a (possibly slow) socket.getfqdn() per connection.
         options: dict[str, Any] = {}
         if self.credentials is not None:
-            # AUTH offered without TLS, but not required: requiring it without TLS
-            # makes aiosmtpd warn, and warnings are errors here.
+            # Without TLS, AUTH is offered in plain text (but not required: requiring it
+            # without TLS makes aiosmtpd warn, and warnings are errors here).
             options = {"authenticator": self._authenticate, "auth_require_tls": False}
+        if self.tls is not None:
+            options |= {"tls_context": self.tls.server_context, "auth_require_tls": True}
         controller = Controller(
             self.handler, hostname=HOST, port=self.port, server_hostname="smtp.test",
             ready_timeout=10.0, **options,
@@ -175,6 +222,9 @@ class SmtpServer:
             if isinstance(auth_data, LoginPassword)
             else None
         )
+        with self._lock:
+            attempt = AuthAttempt(given[0] if given else None, session.ssl is not None)
+            self._auth_attempts.append(attempt)
         if given != self.credentials:
             return AuthResult(success=False, handled=False)
         return AuthResult(success=True, handled=False, auth_data=auth_data)
@@ -197,6 +247,12 @@ class SmtpServer:
     @property
     def rcpt_attempts(self) -> list[str]:
         return self.handler.rcpt_attempts
+
+    @property
+    def auth_attempts(self) -> list[AuthAttempt]:
+        """Every AUTH command it was sent, in order."""
+        with self._lock:
+            return list(self._auth_attempts)
 
     async def wait_for(self, count: int, within: float = 5.0) -> list[Received]:
         """Wait (without blocking the event loop) until ``count`` messages arrived."""

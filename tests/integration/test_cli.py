@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -468,3 +469,114 @@ def test_serve_after_seed_demo_verifies_proofs_signed_with_the_demo_key(
         fulfilled = fulfil_over_http(port, pending, DEMO_PAYMENT_KEY)
         assert fulfilled["result"]["purchase"]["state"] == "fulfilled", fulfilled  # type: ignore[index]
     assert "verified with the public demo key" in output[0]
+
+
+# --- token lifetimes ----------------------------------------------------------------------
+
+
+async def stored_expiry(engine: AsyncEngine) -> datetime | None:
+    """The expiry of the only token in the database."""
+    async with engine.connect() as connection:
+        value = (await connection.execute(text("SELECT expires_at FROM api_tokens"))).scalar_one()
+    if value is None:
+        return None
+    if isinstance(value, str):  # SQLite hands back text
+        value = datetime.fromisoformat(value)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("flags", "ttl", "days"),
+    [
+        ((), None, 90.0),  # RPC_SERVER_TOKEN_TTL unset: 90 days
+        ((), "7", 7.0),
+        ((), "never", None),
+        (("--expires-in", "2"), None, 2.0),
+        (("--expires-in", "0.5"), "never", 0.5),  # the flag overrides the setting
+        (("--expires-in", "never"), None, None),
+        (("--expires-in", "NEVER"), "30", None),
+    ],
+    ids=["default", "ttl-7", "ttl-never", "flag-2", "flag-over-never", "flag-never", "NEVER"],
+)
+async def test_create_token_expires_by_default_and_prints_when(
+    flags: tuple[str, ...],
+    ttl: str | None,
+    days: float | None,
+    db_env: dict[str, str],
+    workdir: Path,
+    engine: AsyncEngine,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("RPC_SERVER_TOKEN_TTL", raising=False)
+    env = db_env if ttl is None else {**db_env, "RPC_SERVER_TOKEN_TTL": ttl}
+    before = datetime.now(UTC)
+    result = await cli("create-token", "carol@example.com", *flags, cwd=workdir, env=env)
+    after = datetime.now(UTC)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    expires_at = await stored_expiry(engine)
+    token = last_line(result)
+
+    async def works_at(moment: datetime) -> bool:
+        return await services.authenticate(uow_factory, token, clock=lambda: moment) is not None
+
+    if days is None:
+        assert expires_at is None
+        assert first == (
+            "new buyer token for carol@example.com (never expires); shown once, store it now:"
+        )
+        assert await works_at(after + timedelta(days=36500))
+        return
+    assert expires_at is not None
+    lifetime = timedelta(days=days)
+    assert before + lifetime - timedelta(seconds=1) <= expires_at <= after + lifetime
+    # The expiry printed is the one stored (to the minute).
+    assert first == (
+        f"new buyer token for carol@example.com (expires {expires_at:%Y-%m-%d %H:%M} UTC, "
+        f"in {days:g} days); shown once, store it now:"
+    )
+    assert await works_at(expires_at - timedelta(seconds=1))
+    assert not await works_at(expires_at)
+
+
+async def test_demo_tokens_never_expire_and_seed_demo_says_so(
+    db_env: dict[str, str], workdir: Path, uow_factory: SqlAlchemyUnitOfWorkFactory
+) -> None:
+    # A demo that silently broke after RPC_SERVER_TOKEN_TTL days would be no demo.
+    env = {**db_env, "RPC_SERVER_TOKEN_TTL": "1"}
+    seeded = await cli("seed-demo", cwd=workdir, env=env)
+    assert seeded.returncode == 0, seeded.stderr
+    assert "demo tokens never expire" in seeded.stdout
+    ten_years_on = datetime.now(UTC) + timedelta(days=3650)
+    for token in ("demo-alice", "demo-bob", "demo-support", "demo-payments"):
+        assert await services.authenticate(uow_factory, token, clock=lambda: ten_years_on), token
+
+
+# --- the demo hint ------------------------------------------------------------------------
+
+DEMO_HINT = "try: curl -s -H 'Authorization: Bearer demo-alice'"
+
+
+def serve_output(env: dict[str, str], workdir: Path) -> str:
+    output: list[str] = []
+    with running_server(env, cwd=workdir, output=output):
+        pass
+    return output[0]
+
+
+def test_serve_prints_the_demo_hint_only_when_demo_data_exists(
+    db_env: dict[str, str], workdir: Path
+) -> None:
+    without = serve_output(db_env, workdir)
+    assert "JSON-RPC 2.0 endpoint: POST http://127.0.0.1:" in without
+    assert "demo-alice" not in without and "try: curl" not in without
+
+    assert run("seed-demo", cwd=workdir, env=db_env).returncode == 0
+    assert DEMO_HINT in serve_output(db_env, workdir)
+
+    # Once alice's demo token is revoked the hint does not advertise it.
+    assert run("revoke-token", "demo-alice", cwd=workdir, env=db_env).returncode == 0
+    revoked = serve_output(db_env, workdir)
+    assert "demo-alice" not in revoked
+    assert "try: curl -s -H 'Authorization: Bearer demo-bob'" in revoked

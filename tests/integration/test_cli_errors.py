@@ -24,21 +24,21 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rpc_server.database import create_engine
 from rpc_server.deliverer import ReceiptDeliverer
 from rpc_server.domain import services
+from rpc_server.domain.links import FrontendLinks
+from rpc_server.domain.states import PurchaseState
 from rpc_server.mailer import PermanentMailError
 from rpc_server.migrate import migrate
+from rpc_server.payment_signatures import PaymentSignatures
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests import databases
-from tests.conftest import POSTGRES_ADMIN_URL, RpcCall, World, sqlite_url
+from tests.conftest import FRONTEND_URL, POSTGRES_ADMIN_URL, World, sqlite_url
 from tests.payments import TEST_PAYMENT_KEY
-from tests.processes import RPC_SERVER, free_port
+from tests.processes import RPC_SERVER, free_port, running_server
+from tests.unmigrated import LATEST_REVISION, OLDER_REVISION, tables_of, unmigrated_database
 
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE, as the shell reports a process killed by it
-# A revision before the latest (the previous release's schema).
-OLDER_REVISION = "0003"
-LATEST_REVISION = "0004"
 
 
 def run(
@@ -66,17 +66,6 @@ def one_error_line(result: subprocess.CompletedProcess[str], status: int) -> str
     return lines[0]
 
 
-async def tables_of(url: str) -> set[str]:
-    engine = create_engine(url)
-    try:
-        async with engine.connect() as connection:
-            return await connection.run_sync(
-                lambda sync: set(sync.dialect.get_table_names(sync))
-            )
-    finally:
-        await engine.dispose()
-
-
 async def count(engine: AsyncEngine, table: str) -> int:
     async with engine.connect() as connection:
         return int((await connection.execute(text(f"SELECT count(*) FROM {table}"))).scalar_one())
@@ -93,17 +82,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def unmigrated_url(backend: str, tmp_path: Path) -> Iterator[str]:
-    """A database that exists but has no schema: an empty SQLite file, an empty
-    PostgreSQL database."""
-    if backend == "sqlite":
-        path = tmp_path / "empty.sqlite3"
-        path.touch()
-        yield sqlite_url(path)
-        return
-    assert POSTGRES_ADMIN_URL is not None
-    url = asyncio.run(databases.create_empty(POSTGRES_ADMIN_URL))
-    yield url
-    asyncio.run(databases.drop(POSTGRES_ADMIN_URL, make_url(url).database or ""))
+    """A database that exists but has no schema."""
+    with unmigrated_database(backend, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
@@ -187,22 +168,10 @@ def test_seed_demo_on_an_unmigrated_postgresql_database_says_run_migrate(
 def test_serve_on_sqlite_still_migrates_an_unmigrated_file_itself(
     unmigrated_url: str, workdir: Path
 ) -> None:
-    process = subprocess.Popen(
-        [RPC_SERVER, "serve", "--port", str(free_port())],
-        cwd=workdir,
-        env={**os.environ, "RPC_SERVER_DATABASE_URL": unmigrated_url},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline()  # printed once migrated and checked
-    finally:
-        process.terminate()
-        output, _ = process.communicate(timeout=30)
-    assert first.startswith("JSON-RPC 2.0 endpoint"), first + output
-    assert process.returncode == 0, output
+    output: list[str] = []
+    with running_server({"RPC_SERVER_DATABASE_URL": unmigrated_url}, cwd=workdir, output=output):
+        pass  # it answered /healthz: it migrated, checked the schema and listened
+    assert "JSON-RPC 2.0 endpoint" in output[0]
     assert "purchase_events" in asyncio.run(tables_of(unmigrated_url))
 
 
@@ -232,11 +201,17 @@ def test_migrate_creates_the_file_the_others_then_use(workdir: Path) -> None:
     assert status.stdout.splitlines()[0] == "pending: 0  sent: 0  dead: 0"
 
 
-def test_migrate_into_a_directory_that_does_not_exist_says_so(workdir: Path) -> None:
+def test_commands_that_migrate_sqlite_into_a_missing_directory_say_so(workdir: Path) -> None:
     missing = workdir / "no-such-dir" / "shop.sqlite3"
-    result = run("migrate", env={"RPC_SERVER_DATABASE_URL": sqlite_url(missing)}, cwd=workdir)
-    line = one_error_line(result, 1)
-    assert line == f"error: the SQLite database {missing}: unable to open database file"
+    env = {"RPC_SERVER_DATABASE_URL": sqlite_url(missing)}
+    for command in (("migrate",), ("seed-demo",), ("serve", "--port", str(free_port()))):
+        result = run(*command, env=env, cwd=workdir)
+        line = one_error_line(result, 1)
+        assert line == (
+            f"error: cannot create the SQLite database {missing}: "
+            f"directory {missing.parent} does not exist"
+        )
+    assert list(workdir.iterdir()) == []
 
 
 @pytest.mark.backends("postgresql")
@@ -282,7 +257,13 @@ def test_an_unreachable_postgresql_server_is_named_and_its_password_never_shown(
 
 @pytest.mark.parametrize(
     "url",
-    ["not a url", "postgres://shop:s3cret-Pa55@db/shop", "mysql://shop:s3cret-Pa55@db/shop"],
+    [
+        "not a url",
+        "postgres://shop:s3cret-Pa55@db/shop",
+        "postgresql://shop:s3cret-Pa55@db/shop",
+        "mysql://shop:s3cret-Pa55@db/shop",
+        "sqlite:///shop.sqlite3",
+    ],
 )
 def test_a_database_url_that_is_not_one_is_one_line_without_the_password(
     url: str, workdir: Path
@@ -291,6 +272,7 @@ def test_a_database_url_that_is_not_one_is_one_line_without_the_password(
     line = one_error_line(result, 2)
     assert line.startswith("error: RPC_SERVER_DATABASE_URL is not a database URL: use ")
     assert "s3cret" not in result.stderr
+    assert list(workdir.iterdir()) == []
 
 
 def test_serve_on_a_port_in_use_is_one_line_and_creates_nothing(workdir: Path) -> None:
@@ -351,7 +333,7 @@ async def test_create_token_refuses_an_expiry_that_is_not_days_or_never(
     value: str, database_url: str, workdir: Path, engine: AsyncEngine
 ) -> None:
     result = await asyncio.to_thread(
-        run, "create-token", "carol@example.com", "--expires-in", value,
+        run, "create-token", "carol@example.com", f"--expires-in={value}",
         env={"RPC_SERVER_DATABASE_URL": database_url}, cwd=workdir,
     )  # fmt: skip
     line = one_error_line(result, 2)
@@ -397,7 +379,7 @@ async def test_create_course_refuses_a_price_that_is_not_one(
 ) -> None:
     before = await count(engine, "courses")
     result = await asyncio.to_thread(
-        run, "create-course", "go-101", "--title", "Go", "--price", price, "--currency", "EUR",
+        run, "create-course", "go-101", "--title", "Go", f"--price={price}", "--currency", "EUR",
         env={"RPC_SERVER_DATABASE_URL": database_url}, cwd=workdir,
     )  # fmt: skip
     assert one_error_line(result, 2) == f"error: --price: {reason}"
@@ -427,14 +409,19 @@ def test_a_bad_flag_is_one_line_naming_it(
     assert list(workdir.iterdir()) == []
 
 
-async def receipt_of_a_fulfilled_purchase(rpc: RpcCall, world: World) -> str:
-    """Fulfil a purchase (the payment backend reports it); return its purchase id."""
-    created = await rpc("purchase.create", {"course": "python-basics"}, token=world.alice.token)
-    purchase_id: str = created["result"]["purchase_id"]
-    params = {"purchase_id": purchase_id, "purchase_state": "fulfilled"}
-    fulfilled = await rpc("purchase.fulfill", params, token=world.payments.token)
-    assert fulfilled["result"]["purchase"]["state"] == "fulfilled", fulfilled
-    return purchase_id
+async def receipt_of_a_fulfilled_purchase(
+    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+) -> None:
+    """Fulfil a purchase of alice's (the payment backend reports it): one pending receipt,
+    which no deliverer sends (no server runs)."""
+    purchase = await services.create_purchase(
+        uow_factory, world.alice.actor, course="python-basics"
+    )
+    await services.fulfill_purchase(
+        uow_factory, world.payments.actor, FrontendLinks(FRONTEND_URL),
+        purchase_id=purchase.purchase_id, purchase_state=PurchaseState.FULFILLED,
+        verifier=PaymentSignatures(()),
+    )  # fmt: skip
 
 
 async def outbox_ids(engine: AsyncEngine) -> list[int]:
@@ -444,9 +431,13 @@ async def outbox_ids(engine: AsyncEngine) -> list[int]:
 
 
 async def test_mail_retry_tells_a_missing_message_from_one_that_is_not_dead(
-    database_url: str, workdir: Path, rpc: RpcCall, world: World, engine: AsyncEngine
+    database_url: str,
+    workdir: Path,
+    world: World,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    engine: AsyncEngine,
 ) -> None:
-    await receipt_of_a_fulfilled_purchase(rpc, world)
+    await receipt_of_a_fulfilled_purchase(uow_factory, world)
     [pending] = await outbox_ids(engine)
     env = {"RPC_SERVER_DATABASE_URL": database_url}
     missing = await asyncio.to_thread(run, "mail-retry", str(pending + 1000), env=env, cwd=workdir)
@@ -467,13 +458,9 @@ class RefusingMailer:
 
 
 async def test_mail_status_shows_when_a_dead_receipt_died(
-    database_url: str,
-    workdir: Path,
-    rpc: RpcCall,
-    world: World,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    database_url: str, workdir: Path, world: World, uow_factory: SqlAlchemyUnitOfWorkFactory
 ) -> None:
-    await receipt_of_a_fulfilled_purchase(rpc, world)
+    await receipt_of_a_fulfilled_purchase(uow_factory, world)
     before = datetime.now(UTC).replace(microsecond=0)
     # The deliverer claims it for a 5-minute lease, then the server refuses it for good.
     deliverer = ReceiptDeliverer(

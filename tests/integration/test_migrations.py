@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,20 @@ from sqlalchemy.engine import Connection
 from models import Base
 from rpc_server.database import create_engine
 from rpc_server.migrate import migrate
+from rpc_server.schema_version import (
+    SchemaNotCurrent,
+    check_schema,
+    current_revision,
+    head_revision,
+)
 from tests import databases
 from tests.conftest import POSTGRES_ADMIN_URL, sqlite_url
+from tests.unmigrated import (
+    LATEST_REVISION,
+    OLDER_REVISION,
+    set_revision,
+    unmigrated_database,
+)
 
 
 async def test_migrated_schema_matches_models(tmp_path: Path) -> None:
@@ -101,3 +114,65 @@ def test_sqlite_and_postgresql_get_the_same_schema(
     )
     assert on_sqlite == on_postgres
     assert {"purchases", "receipt_outbox", "alembic_version"} <= set(on_sqlite)
+
+
+# --- where a database's schema stands (rpc_server.schema_version) -------------------------
+
+
+@pytest.fixture
+def unmigrated_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    with unmigrated_database(backend, tmp_path) as url:
+        yield url
+
+
+async def revision_of(url: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(current_revision)
+    finally:
+        await engine.dispose()
+
+
+async def schema_check(url: str) -> str | None:
+    """What ``check_schema`` says of the database: None, or its SchemaNotCurrent message."""
+    engine = create_engine(url)
+    try:
+        await check_schema(engine)
+    except SchemaNotCurrent as exc:
+        return str(exc)
+    finally:
+        await engine.dispose()
+    return None
+
+
+def test_the_head_is_the_newest_migration_shipped() -> None:
+    assert head_revision() == LATEST_REVISION  # the newest file in migrations/versions
+
+
+async def test_check_schema_follows_the_database_from_empty_to_the_latest_migration(
+    unmigrated_url: str,
+) -> None:
+    assert await revision_of(unmigrated_url) is None
+    assert await schema_check(unmigrated_url) == (
+        "the database has no schema yet: run rpc-server migrate"
+    )
+    await migrate(unmigrated_url, OLDER_REVISION)
+    assert await revision_of(unmigrated_url) == OLDER_REVISION
+    assert await schema_check(unmigrated_url) == (
+        f"the database schema is at revision {OLDER_REVISION}, not at the latest migration "
+        f"{LATEST_REVISION}: run rpc-server migrate"
+    )
+    await migrate(unmigrated_url)
+    assert await revision_of(unmigrated_url) == LATEST_REVISION
+    assert await schema_check(unmigrated_url) is None
+
+
+async def test_a_schema_newer_than_this_code_is_not_current_and_not_for_migrate(
+    database_url: str,
+) -> None:
+    await set_revision(database_url, "9999")
+    assert await schema_check(database_url) == (
+        "the database schema is at revision 9999, which this version of rpc-server does not "
+        "know (a newer version migrated it): run that version, or restore a backup"
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,12 +26,14 @@ from rpc_server.app import DELIVERER, create_app
 from rpc_server.config import Settings
 from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain import services
-from rpc_server.mailer import SmtpMailer
+from rpc_server.mailer import NO_STARTTLS, NO_TLS_FOR_CREDENTIALS, SmtpMailer
 from rpc_server.receipts import build_receipt, message_id_for
 from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import World
 from tests.integration.smtp_server import (
     HOST,
+    AuthAttempt,
+    LocalCa,
     OutboxRow,
     SmtpServer,
     assert_is_receipt,
@@ -469,46 +472,169 @@ async def test_deliverer_that_died_after_sending_causes_a_duplicate_with_the_sam
     assert (await only_row(engine)).status == "sent"
 
 
+# --- TLS and credentials ------------------------------------------------------------
+# Credentials go only over an encrypted connection; smtp:// upgrades with STARTTLS
+# whenever the server offers it, verifying the server's certificate.
+
+LOGIN = ("shop", "p@ss:w/rd")
+LOGIN_IN_URL = "shop:p%40ss%3Aw%2Frd"
+
+
+@pytest.fixture
+def local_ca(tmp_path: Path) -> LocalCa:
+    return LocalCa.create(tmp_path)
+
+
 @pytest.fixture
 def smtp_with_login() -> Iterator[SmtpServer]:
-    server = SmtpServer(credentials=("shop", "p@ss:w/rd"))
+    """Offers AUTH in plain text, and no STARTTLS."""
+    server = SmtpServer(credentials=LOGIN)
     server.start()
     yield server
     server.stop()
 
 
-async def test_user_and_password_in_the_url_log_in(
+@pytest.fixture
+def smtp_with_starttls(local_ca: LocalCa) -> Iterator[SmtpServer]:
+    """Offers STARTTLS (a certificate of ``local_ca``), and AUTH only after it."""
+    server = SmtpServer(credentials=LOGIN, tls=local_ca)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _with_ca(url: str, ca: LocalCa) -> str:
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}cafile={ca.ca_file}"
+
+
+async def _deliver_once(
+    url: str, settings: Settings, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+) -> None:
+    deliverer = build_deliverer(fast(settings, url), uow_factory)
+    await fulfilled_purchase(uow_factory, world.alice.actor)
+    assert await deliverer.deliver_due() == 1
+
+
+async def test_credentials_go_over_starttls(
+    smtp_with_starttls: SmtpServer,
+    local_ca: LocalCa,
+    world: World,
+    settings: Settings,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    engine: AsyncEngine,
+) -> None:
+    """No ?starttls=1 needed: the server offers STARTTLS, so the connection is upgraded
+    (the certificate verified against ?cafile=) before the login."""
+    url = _with_ca(f"smtp://{LOGIN_IN_URL}@{HOST}:{smtp_with_starttls.port}", local_ca)
+    await _deliver_once(url, settings, uow_factory, world)
+    [received] = smtp_with_starttls.received
+    assert (received.login, received.encrypted) == ("shop", True)
+    assert smtp_with_starttls.auth_attempts == [AuthAttempt("shop", encrypted=True)]
+    assert (await only_row(engine)).status == "sent"
+
+
+async def test_without_credentials_the_connection_is_upgraded_when_offered(
+    smtp_with_starttls: SmtpServer,
+    local_ca: LocalCa,
+    world: World,
+    settings: Settings,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
+) -> None:
+    await _deliver_once(
+        _with_ca(f"smtp://{HOST}:{smtp_with_starttls.port}", local_ca),
+        settings, uow_factory, world,
+    )  # fmt: skip
+    [received] = smtp_with_starttls.received
+    assert (received.login, received.encrypted) == (None, True)
+
+
+async def test_credentials_are_never_sent_to_a_server_without_starttls(
     smtp_with_login: SmtpServer,
     world: World,
     settings: Settings,
     uow_factory: SqlAlchemyUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
-    url = f"smtp://shop:p%40ss%3Aw%2Frd@{HOST}:{smtp_with_login.port}"
-    deliverer = build_deliverer(fast(settings, url), uow_factory)
-    await fulfilled_purchase(uow_factory, world.alice.actor)
+    """The server would take AUTH in plain text: the deliverer refuses to send it, and
+    keeps the receipt pending (an operator's fix away, like a wrong password)."""
+    url = f"smtp://{LOGIN_IN_URL}@{HOST}:{smtp_with_login.port}"
+    await _deliver_once(url, settings, uow_factory, world)
+    assert smtp_with_login.auth_attempts == []
+    assert smtp_with_login.received == []
+    row = await only_row(engine)
+    assert (row.status, row.attempts) == ("pending", 1)
+    assert row.last_error == NO_TLS_FOR_CREDENTIALS
+
+
+async def test_starttls_1_requires_it(
+    smtp: SmtpServer,
+    world: World,
+    settings: Settings,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    engine: AsyncEngine,
+) -> None:
+    await _deliver_once(f"{smtp.url}?starttls=1", settings, uow_factory, world)
+    assert smtp.received == []
+    row = await only_row(engine)
+    assert (row.status, row.last_error) == ("pending", NO_STARTTLS)
+
+
+async def test_plain_text_without_credentials_when_no_starttls_is_offered_or_with_starttls_0(
+    smtp: SmtpServer,
+    smtp_with_starttls: SmtpServer,
+    world: World,
+    settings: Settings,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
+) -> None:
+    await _deliver_once(smtp.url, settings, uow_factory, world)
+    [received] = smtp.received
+    assert (received.login, received.encrypted) == (None, False)
+
+    # ?starttls=0: plain text even where STARTTLS is offered (no certificate needed).
+    deliverer = build_deliverer(
+        fast(settings, f"smtp://{HOST}:{smtp_with_starttls.port}?starttls=0"), uow_factory
+    )
+    await fulfilled_purchase(uow_factory, world.bob.actor)
     assert await deliverer.deliver_due() == 1
-    [received] = smtp_with_login.received
-    assert received.login == "shop"
-    assert (await only_row(engine)).status == "sent"
+    [received] = smtp_with_starttls.received
+    assert (received.login, received.encrypted) == (None, False)
+
+
+async def test_an_untrusted_certificate_is_refused_before_anything_is_sent(
+    smtp_with_starttls: SmtpServer,
+    world: World,
+    settings: Settings,
+    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    engine: AsyncEngine,
+) -> None:
+    """Without ?cafile= the test CA is not trusted: no login, no message, a clear error."""
+    url = f"smtp://{LOGIN_IN_URL}@{HOST}:{smtp_with_starttls.port}"
+    await _deliver_once(url, settings, uow_factory, world)
+    assert smtp_with_starttls.auth_attempts == []
+    assert smtp_with_starttls.received == []
+    row = await only_row(engine)
+    assert row.status == "pending"
+    assert row.last_error is not None
+    assert row.last_error.startswith("TLS with the SMTP server failed (")
+    assert "certificate" in row.last_error and "?cafile=" in row.last_error
 
 
 async def test_wrong_password_is_retried_not_dead(
-    smtp_with_login: SmtpServer,
+    smtp_with_starttls: SmtpServer,
+    local_ca: LocalCa,
     world: World,
     settings: Settings,
     uow_factory: SqlAlchemyUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     """Wrong credentials are the operator's to fix; receipts wait meanwhile."""
-    url = f"smtp://shop:wrong@{HOST}:{smtp_with_login.port}"
-    deliverer = build_deliverer(fast(settings, url), uow_factory)
-    await fulfilled_purchase(uow_factory, world.alice.actor)
-    assert await deliverer.deliver_due() == 1
+    url = _with_ca(f"smtp://shop:wrong@{HOST}:{smtp_with_starttls.port}", local_ca)
+    await _deliver_once(url, settings, uow_factory, world)
     row = await only_row(engine)
     assert (row.status, row.attempts) == ("pending", 1)
     assert row.last_error is not None and "535" in row.last_error
-    assert smtp_with_login.received == []
+    assert smtp_with_starttls.received == []
 
 
 class GatedMailer:

@@ -101,6 +101,8 @@ def server_env(
         # The load comes from a few tokens, far faster than one frontend user.
         "rate_limit": 0,
         "anonymous_rate_limit": 0,
+        # A few buyers make every purchase of the load: many open at once, by design.
+        "max_pending_purchases": 1_000_000,
         "frontend_url": "https://shop.example",
         "payment_keys": TEST_PAYMENT_KEY,
     }

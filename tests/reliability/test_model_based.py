@@ -1364,6 +1364,8 @@ async def test_random_call_sequences_agree_with_the_model(
         "RPC_SERVER_MAIL_DIR": str(tmp_path / "mail"),
         "RPC_SERVER_FRONTEND_URL": FRONTEND_URL,
         "RPC_SERVER_RATE_LIMIT": "0",  # thousands of calls per token; not what is tested
+        "RPC_SERVER_ANONYMOUS_RATE_LIMIT": "0",  # the stranger's calls, likewise
+        "RPC_SERVER_MAX_PENDING_PURCHASES": "1000000",  # open purchases pile up; likewise
         "RPC_SERVER_PAYMENT_KEYS": TEST_PAYMENT_KEY,
     }
     callers = {

@@ -401,7 +401,12 @@ class FakeUserRepository:
         if token.expires_at is not None and token.expires_at <= now:
             return None
         user = store.users[token.user_id]
-        return Actor(user.user_id, user.email, token.scope)
+        return Actor(user.user_id, user.email, token.scope, token_expires_at=token.expires_at)
+
+    async def hold(self, user_id: int) -> None:
+        # Fake units of work do not run at the same time: only the write is checked.
+        self._uow.writable()
+        self._uow.factory.held_users.append(user_id)
 
     async def ensure_user(self, email: str, *, is_staff: bool, now: datetime) -> int:
         store = self._uow.writable()
@@ -550,6 +555,13 @@ class FakePurchaseRepository:
     async def holder_of_payment_ref(self, payment_ref: str) -> int | None:
         return self._uow.store.holder_of(payment_ref)
 
+    async def count_pending(self, owner_id: int) -> int:
+        return sum(
+            1
+            for row in self._uow.store.purchases.values()
+            if row.purchase.owner_id == owner_id and row.purchase.state is PurchaseState.PENDING
+        )
+
 
 class FakeRegistrationRepository:
     def __init__(self, uow: FakeUnitOfWork):
@@ -563,10 +575,18 @@ class FakeRegistrationRepository:
             r.user_id == user_id and r.course_pk == course_pk for r in self._uow.store.registrations
         )
 
-    async def list_for_user(self, user_id: int) -> list[Registration]:
-        rows = [r for r in self._uow.store.registrations if r.user_id == user_id]
+    async def list_page(
+        self, user_id: int, *, limit: int, before: int | None
+    ) -> list[Registration]:
+        rows = [
+            r
+            for r in self._uow.store.registrations
+            if r.user_id == user_id and (before is None or r.pk < before)
+        ]
         rows.sort(key=lambda r: r.pk, reverse=True)
-        return [Registration(r.course_slug, r.purchase_id, r.created_at) for r in rows]
+        return [
+            Registration(r.pk, r.course_slug, r.purchase_id, r.created_at) for r in rows[:limit]
+        ]
 
 
 class FakeReceiptOutboxRepository:
@@ -678,6 +698,7 @@ class FakeUnitOfWorkFactory:
         self.open_units: list[FakeUnitOfWork] = []
         self.transition_calls: list[TransitionCall] = []
         self.lost_transitions = 0
+        self.held_users: list[int] = []  # the users whose row a unit of work held
         self._interleaved: dict[str, list[Writer]] = {}
 
     def __call__(self, *, write: bool = False) -> FakeUnitOfWork:

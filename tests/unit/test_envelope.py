@@ -19,6 +19,7 @@ from rpc_server.envelope import (
     problem_with,
 )
 from rpc_server.errors import INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
+from rpc_server.json_codec import ExactNumber
 from rpc_server.methods import REGISTRY
 from rpc_server.payment_signatures import PaymentSignatures
 from tests.unit.conftest import FRONTEND_URL, FakeWorld
@@ -79,7 +80,7 @@ def test_invalid_ids(id_: Any) -> None:
     )
 
 
-@pytest.mark.parametrize("id_", ["abc", "", 1, 0, -7, 2**70, 1.5, None])
+@pytest.mark.parametrize("id_", ["abc", "", 1, 0, -7, 2**70, 1.5, ExactNumber("1e2"), None])
 def test_valid_ids(id_: Any) -> None:
     assert problem_with({**VALID, "id": id_}) is None
 
@@ -140,7 +141,9 @@ def test_deep_nesting_is_a_parse_error_not_a_recursion_error(body: bytes) -> Non
 
 def test_big_integers_are_exact() -> None:
     assert parse(str(2**70).encode()) == 2**70
-    assert parse(b'{"id": 1180591620717411303424}')["id"] == 2**70
+    assert parse(b'{"params": [1180591620717411303424]}')["params"] == [2**70]
+    # An id keeps its text, digit for digit (rpc_server.json_codec.ExactNumber).
+    assert parse(b'{"id": 1180591620717411303424}')["id"] == ExactNumber(str(2**70))
 
 
 def test_parse_error_is_a_value_error() -> None:
@@ -185,6 +188,14 @@ async def test_a_notification_is_not_answered(fake: FakeWorld) -> None:
     notification = {"jsonrpc": "2.0", "method": "course.list"}
     assert await answer(notification, REGISTRY, ctx(fake), max_batch_length=10) is None
     assert await answer([notification] * 2, REGISTRY, ctx(fake), max_batch_length=10) is None
+
+
+async def test_a_number_id_kept_as_text_is_answered_with_that_text(fake: FakeWorld) -> None:
+    payload = parse(b'[{"jsonrpc": "2.0", "method": "nope", "id": 1e2}, {"jsonrpc": "2.0"}]')
+    answers = await answer(payload, REGISTRY, ctx(fake), max_batch_length=10)
+    assert isinstance(answers, list)
+    assert [a["id"] for a in answers] == [ExactNumber("1e2"), None]
+    assert answers[0]["error"]["code"] == METHOD_NOT_FOUND
 
 
 async def test_a_batch_is_answered_item_by_item(fake: FakeWorld) -> None:

@@ -17,10 +17,11 @@ def test_plain_smtp_with_a_port() -> None:
     )
 
 
-def test_plain_smtp_defaults_to_port_25_without_tls() -> None:
+def test_plain_smtp_defaults_to_port_25_with_opportunistic_starttls() -> None:
+    """start_tls None: upgrade when the server offers STARTTLS (aiosmtplib's default)."""
     mailer = SmtpMailer.from_url("smtp://mail.example")
-    assert (mailer.port, mailer.use_tls, mailer.start_tls) == (25, False, False)
-    assert (mailer.username, mailer.password) == (None, None)
+    assert (mailer.port, mailer.use_tls, mailer.start_tls) == (25, False, None)
+    assert (mailer.username, mailer.password, mailer.cafile) == (None, None, None)
 
 
 def test_smtps_is_implicit_tls_on_port_465() -> None:
@@ -29,7 +30,7 @@ def test_smtps_is_implicit_tls_on_port_465() -> None:
         "mail.example",
         465,
         True,
-        False,
+        None,
     )
     assert SmtpMailer.from_url("smtps://mail.example:2465").port == 2465
 
@@ -40,9 +41,45 @@ def test_starttls_query_flag(flag: str) -> None:
     assert (mailer.port, mailer.start_tls, mailer.use_tls) == (587, True, False)
 
 
-@pytest.mark.parametrize("flag", ["0", "false", "no"])
-def test_starttls_off(flag: str) -> None:
-    assert not SmtpMailer.from_url(f"smtp://mail.example?starttls={flag}").start_tls
+@pytest.mark.parametrize("flag", ["0", "false", "no", "NO"])
+def test_starttls_off_means_plain_text(flag: str) -> None:
+    assert SmtpMailer.from_url(f"smtp://mail.example?starttls={flag}").start_tls is False
+
+
+@pytest.mark.parametrize("flag", ["", "maybe", "2"])
+def test_starttls_takes_yes_or_no_only(flag: str) -> None:
+    with pytest.raises(ValueError, match=r"\?starttls= takes 1 or 0"):
+        SmtpMailer.from_url(f"smtp://mail.example?starttls={flag}&x=1")
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_smtps_takes_no_starttls_flag(flag: str) -> None:
+    with pytest.raises(ValueError, match="already TLS"):
+        SmtpMailer.from_url(f"smtps://mail.example?starttls={flag}")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["smtp://user:secret@mail.example?starttls=0", "smtp://user@mail.example?starttls=no"],
+)
+def test_credentials_without_tls_are_a_configuration_error(url: str) -> None:
+    with pytest.raises(ValueError, match="never sent without TLS") as raised:
+        SmtpMailer.from_url(url)
+    assert "secret" not in str(raised.value)
+
+
+def test_credentials_with_opportunistic_or_implicit_tls_are_fine() -> None:
+    assert SmtpMailer.from_url("smtp://user:pw@mail.example").start_tls is None
+    assert SmtpMailer.from_url("smtps://user:pw@mail.example").use_tls
+
+
+def test_cafile_names_extra_trusted_certificates(tmp_path: Path) -> None:
+    bundle = tmp_path / "private-ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    mailer = SmtpMailer.from_url(f"smtp://mail.example?cafile={bundle}&starttls=1")
+    assert (mailer.cafile, mailer.start_tls) == (str(bundle), True)
+    with pytest.raises(ValueError, match="cafile= names no file"):
+        SmtpMailer.from_url(f"smtp://mail.example?cafile={tmp_path / 'missing.pem'}")
 
 
 def test_credentials_are_unquoted() -> None:

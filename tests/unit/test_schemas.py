@@ -109,6 +109,7 @@ def test_every_exported_schema_is_params_or_out() -> None:
         "PurchaseOut",
         "PurchasePageOut",
         "RegistrationOut",
+        "RegistrationPageOut",
     }
     # The one exception: the payload of a signed payment event is neither a method's
     # input nor its output; it is read only after its signature has been verified.
@@ -372,7 +373,7 @@ def test_course_out() -> None:
 
 
 def test_registration_out() -> None:
-    registration = Registration(course_slug="sql", purchase_id="abc", created_at=CREATED)
+    registration = Registration(pk=3, course_slug="sql", purchase_id="abc", created_at=CREATED)
     assert RegistrationOut().dump(registration) == {
         "course": "sql",
         "purchase_id": "abc",

@@ -821,7 +821,7 @@ async def test_list_registrations_newest_first_and_own_only(
         clock.advance()
         await pay(fake, actor, purchase, clock)
 
-    registrations = await services.list_registrations(fake.uow, fake.alice)
+    registrations = (await services.list_registrations(fake.uow, fake.alice)).items
 
     assert [(r.course_slug, r.purchase_id) for r in registrations] == [
         ("sql-fundamentals", sql.purchase_id),
