@@ -157,6 +157,10 @@ def _mark_lost_connections(engine: AsyncEngine) -> None:
 Parameters = Mapping[str, Any] | None
 
 
+# How many dead pooled connections a statement steps over before it fails (-32000).
+MAX_GONE_CONNECTIONS = 64
+
+
 class UnitOfWorkConnection:
     """A unit of work's connection: taken from the pool at its first statement.
 
@@ -253,7 +257,12 @@ class UnitOfWorkConnection:
 
     async def _first(self, sql: str, arguments: Sequence[Any]) -> Sequence[Any]:
         driver = self._driver
-        for retry in (False, True):
+        # Every pooled connection may have been closed by the server at once (a restart,
+        # pg_terminate_backend): each one found gone is discarded and the statement runs
+        # on the next, so a pool of dead connections is worked through, not just one.
+        attempts = MAX_GONE_CONNECTIONS + 1
+        for attempt in range(attempts):
+            retry = attempt == attempts - 1
             connection = await self._checkout()
             try:
                 if self._write:
