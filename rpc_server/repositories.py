@@ -501,12 +501,14 @@ class SqlRegistrationRepository:
         params: dict[str, Any] = {"user_id": user_id, "limit": limit}
         if before is not None:
             params["before"] = before
-        rows = await self.connection.execute(_registration_page(before=before is not None), params)
+        rows = await self.connection.execute(
+            registration_page_query(before=before is not None), params
+        )
         return [Registration(pk, slug, pid, as_utc(created)) for pk, slug, pid, created in rows]
 
 
 @functools.cache
-def _registration_page(*, before: bool) -> Select[*tuple[Any, ...]]:
+def registration_page_query(*, before: bool) -> Select[*tuple[Any, ...]]:
     """The ``registration.list`` statement, on the ``(user_id, id)`` index (newest first)."""
     query = (
         select(RegistrationRow.id, CourseRow.slug, PurchaseRow.purchase_id,

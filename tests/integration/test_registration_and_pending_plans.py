@@ -94,7 +94,7 @@ async def test_a_page_of_registrations_reads_the_user_id_id_index_in_order(
         (None, {"ix_course_registrations_user_id_id"}),
         (page.next_before, {"ix_course_registrations_user_id_id", "pk_course_registrations"}),
     ):
-        statement = repositories._registration_page(before=before is not None)
+        statement = repositories.registration_page_query(before=before is not None)
         values = {"user_id": alice, "limit": 21, "before": before}
         described = await plan(engine, statement, values)
         if engine.dialect.name == "sqlite":
