@@ -206,11 +206,15 @@ def _check_text(*texts: Any) -> None:
                 ) from None
 
 
-# JSON serialized once and spliced into answers as it is (the OpenRPC document).
+# Already-serialized JSON that orjson writes into its output as it is: the OpenRPC
+# document (serialized once), and each id kept as sent.
 Fragment = orjson.Fragment
 
 
 def _exact(value: Any) -> Fragment:
+    # orjson calls this only for what it cannot serialize itself, so an answer without
+    # an ExactNumber id pays nothing for it. (It is never called for an int beyond 64
+    # bits, which orjson refuses outright: such an id reaches here as an ExactNumber.)
     if isinstance(value, ExactNumber):
         return Fragment(value.text)
     raise TypeError(f"{type(value).__name__} is not JSON")

@@ -27,14 +27,6 @@ from rpc_server.errors import error_result, timed_out
 
 Handler = Callable[..., Awaitable[Any]]
 
-_ANY_ARGUMENTS = inspect.Signature(
-    [
-        inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_ONLY),
-        inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
-        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
-    ]
-)
-
 
 @dataclass(frozen=True)
 class Example:
@@ -80,10 +72,6 @@ class RpcMethod:
         object.__setattr__(self, "summary", summary or self.name)
         object.__setattr__(self, "description", description.strip())
         object.__setattr__(self, "params_schema", self.params())
-        # jsonrpcserver checks every call's arguments with inspect.signature(method);
-        # answering with a ready signature spares it deriving one from __call__ per call
-        # (params are checked by the schema, so any positional/named mix binds).
-        object.__setattr__(self, "__signature__", _ANY_ARGUMENTS)
 
     def dump_result(self, value: Any, params: Mapping[str, Any] | None = None) -> Any:
         """Dump ``value``, the handler's answer to a call with these (loaded) ``params``

@@ -6,8 +6,11 @@ import base64
 from typing import Any
 
 import pytest
+from jsonrpcserver.async_dispatcher import call
+from jsonrpcserver.dispatcher import create_request, to_response
+from jsonrpcserver.response import to_serializable_one
+from jsonrpcserver.result import Result
 from marshmallow import ValidationError
-from oslash.either import Left, Right
 
 from rpc_server.context import RpcContext
 from rpc_server.domain.links import FrontendLinks
@@ -154,6 +157,30 @@ def test_a_name_cannot_be_registered_twice() -> None:
 TOKEN = "rpcs_alice"
 
 
+def answer_of(result: Result) -> dict[str, Any]:
+    """The answer object the envelope makes of a call's result, through jsonrpcserver's
+    public steps (its Result is an Either whose contents are private)."""
+    request = create_request({"jsonrpc": "2.0", "method": "m", "id": 1})
+    answer = to_serializable_one(to_response(request, result))
+    assert isinstance(answer, dict)
+    return answer
+
+
+def result_of(result: Result) -> Any:
+    """A successful call's dumped result (fails the test on an error answer)."""
+    answer = answer_of(result)
+    assert "result" in answer, answer
+    return answer["result"]
+
+
+def error_of(result: Result) -> dict[str, Any]:
+    """A failed call's error object (fails the test on a result)."""
+    answer = answer_of(result)
+    assert "error" in answer, answer
+    error: dict[str, Any] = answer["error"]
+    return error
+
+
 def context(fake: FakeWorld, token: str | None = TOKEN) -> RpcContext:
     fake.uow.add_token(fake.alice, TOKEN)
     return RpcContext(
@@ -166,8 +193,7 @@ def context(fake: FakeWorld, token: str | None = TOKEN) -> RpcContext:
 
 async def test_call_succeeds(fake: FakeWorld) -> None:
     result = await method("purchase.create")(context(fake), "python-basics")
-    assert isinstance(result, Right)
-    dumped = result._value.result
+    dumped = result_of(result)
     assert dumped["course"] == "python-basics"
     assert dumped["state"] == "pending"
     assert dumped["amount"] == "49.00"
@@ -178,34 +204,44 @@ async def test_call_succeeds(fake: FakeWorld) -> None:
 
 async def test_call_without_a_token_is_unauthenticated(fake: FakeWorld) -> None:
     result = await method("purchase.list")(context(fake, token=None))
-    assert isinstance(result, Left)
-    assert result._error.code == UNAUTHENTICATED
+    error = error_of(result)
+    assert error["code"] == UNAUTHENTICATED
 
 
 async def test_call_with_an_unknown_token_is_unauthenticated(fake: FakeWorld) -> None:
     result = await method("purchase.list")(context(fake, token="rpcs_forged"))
-    assert isinstance(result, Left)
-    assert result._error.code == UNAUTHENTICATED
+    error = error_of(result)
+    assert error["code"] == UNAUTHENTICATED
 
 
 async def test_method_without_auth_needs_no_token(fake: FakeWorld) -> None:
     result = await method("course.list")(context(fake, token=None))
-    assert isinstance(result, Right)
-    assert [c["slug"] for c in result._value.result] == ["python-basics", "sql-fundamentals"]
+    assert [c["slug"] for c in result_of(result)] == ["python-basics", "sql-fundamentals"]
 
 
 async def test_call_with_invalid_params(fake: FakeWorld) -> None:
     result = await method("purchase.get")(context(fake), purchase_id="NOT VALID")
-    assert isinstance(result, Left)
-    assert result._error.code == INVALID_PARAMS
-    assert list(result._error.data) == ["purchase_id"]
+    error = error_of(result)
+    assert error["code"] == INVALID_PARAMS
+    assert list(error["data"]) == ["purchase_id"]
+
+
+async def test_a_param_named_ctx_is_an_unknown_field(fake: FakeWorld) -> None:
+    # Called as the envelope calls it (jsonrpcserver's call, no signature check): the
+    # context is positional-only, so a client's "ctx" reaches the schema as a param.
+    request = create_request(
+        {"jsonrpc": "2.0", "method": "purchase.get", "params": {"ctx": 1, "purchase_id": "0" * 32}}
+    )
+    error = error_of(await call(request, context(fake), method("purchase.get")))
+    assert error["code"] == INVALID_PARAMS
+    assert error["data"] == {"ctx": ["Unknown field."]}
 
 
 async def test_call_maps_domain_errors(fake: FakeWorld) -> None:
     result = await method("purchase.get")(context(fake), "0" * 32)
-    assert isinstance(result, Left)
-    assert result._error.code == NOT_FOUND
-    assert result._error.data == {"purchase_id": "0" * 32}
+    error = error_of(result)
+    assert error["code"] == NOT_FOUND
+    assert error["data"] == {"purchase_id": "0" * 32}
 
 
 @pytest.mark.parametrize(
@@ -216,10 +252,10 @@ async def test_a_bad_cursor_is_invalid_params_not_an_internal_error(
 ) -> None:
     cursor = base64.urlsafe_b64encode(decoded.encode()).decode().rstrip("=")
     result = await method("purchase.list")(context(fake), cursor=cursor)
-    assert isinstance(result, Left)
-    assert result._error.code != INTERNAL_ERROR
-    assert result._error.code == INVALID_PARAMS
-    assert result._error.data == {"cursor": ["Not a valid cursor: pass next_cursor unchanged."]}
+    error = error_of(result)
+    assert error["code"] != INTERNAL_ERROR
+    assert error["code"] == INVALID_PARAMS
+    assert error["data"] == {"cursor": ["Not a valid cursor: pass next_cursor unchanged."]}
 
 
 # purchase.fulfill with a payment proof, and purchase.events (issue 14).
@@ -234,8 +270,7 @@ def test_payment_proof_is_the_fourth_positional_param() -> None:
 
 async def pending_purchase_id(fake: FakeWorld, ctx: RpcContext) -> str:
     created = await method("purchase.create")(ctx, "python-basics")
-    assert isinstance(created, Right)
-    return str(created._value.result["purchase_id"])
+    return str(result_of(created)["purchase_id"])
 
 
 @pytest.mark.parametrize(
@@ -257,10 +292,10 @@ async def test_a_misshapen_payment_proof_is_invalid_params(
     result = await method("purchase.fulfill")(
         ctx, purchase_id=purchase_id, purchase_state="fulfilled", payment_proof=proof
     )
-    assert isinstance(result, Left)
-    assert result._error.code == INVALID_PARAMS == -32602
-    assert list(result._error.data) == ["payment_proof"]
-    assert list(result._error.data["payment_proof"]) == [field]
+    error = error_of(result)
+    assert error["code"] == INVALID_PARAMS == -32602
+    assert list(error["data"]) == ["payment_proof"]
+    assert list(error["data"]["payment_proof"]) == [field]
     assert fake.uow.purchase(purchase_id).state is PurchaseState.PENDING
 
 
@@ -268,10 +303,10 @@ async def test_a_buyer_without_a_proof_gets_402_missing(fake: FakeWorld) -> None
     ctx = context(fake)
     purchase_id = await pending_purchase_id(fake, ctx)
     result = await method("purchase.fulfill")(ctx, purchase_id, "fulfilled")
-    assert isinstance(result, Left)
-    assert result._error.code == PAYMENT_NOT_VERIFIED == 402
-    assert result._error.message.startswith("Payment not verified: ")
-    assert result._error.data == {"reason": "missing"}
+    error = error_of(result)
+    assert error["code"] == PAYMENT_NOT_VERIFIED == 402
+    assert error["message"].startswith("Payment not verified: ")
+    assert error["data"] == {"reason": "missing"}
     assert fake.uow.purchase(purchase_id).state is PurchaseState.PENDING
 
 
@@ -279,8 +314,7 @@ async def test_purchase_events_call(fake: FakeWorld) -> None:
     ctx = context(fake)
     purchase_id = await pending_purchase_id(fake, ctx)
     result = await method("purchase.events")(ctx, purchase_id)
-    assert isinstance(result, Right)
-    [created] = result._value.result
+    [created] = result_of(result)
     assert created["purchase_id"] == purchase_id
     assert (created["from_state"], created["to_state"]) == (None, "pending")
     assert (created["actor_scope"], created["actor_email"]) == ("buyer", "alice@example.com")
