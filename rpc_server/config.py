@@ -1,7 +1,24 @@
-"""Settings: read once from ``RPC_SERVER_*`` environment variables into a frozen object."""
+"""Settings: read once from ``RPC_SERVER_*`` environment variables into a frozen object.
+
+The start of the flow: the CLI calls ``Settings.from_env()`` once and hands the object on
+(the app keeps it under ``app.SETTINGS``); nothing reads the environment again.
+
+Each variable is read by the parser of its field's type (``PARSERS``): a marshmallow field,
+so a bad value is refused naming the variable and what it expected, and a field of a type no
+parser handles stops this module's import. A variable with the prefix that no field reads is
+not an error (a deployment may set it for a newer version), but ``unknown_variables`` names
+it, with the setting it is probably a typo of, for the CLI to warn about.
+
+Why marshmallow's fields and not environs (which STYLE.md names): environs reads
+``os.environ`` and .env files only, while ``from_env`` reads the mapping it is given (every
+test builds its own settings so); environs 15.2 has no public way to read another mapping
+(the hook its own ``FileAwareEnv`` overrides, ``Env._get_value``, is private and appeared in
+14.3). environs' parsers are these same marshmallow fields, so they are used directly.
+"""
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -9,7 +26,13 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from marshmallow import ValidationError
+from marshmallow import fields as marshmallow_fields
+
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./rpc_server.sqlite3"
+PREFIX = "RPC_SERVER_"
+# Variables with the prefix that are not settings: the test suite's own.
+NOT_SETTINGS = frozenset({"RPC_SERVER_TEST_DATABASE_URL", "RPC_SERVER_SOAK_SECONDS"})
 
 
 class ConfigError(ValueError):
@@ -106,15 +129,14 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``environ`` (default ``os.environ``), then ``overrides``.
 
-        Raises ConfigError naming the variable when a value does not parse.
+        Raises ConfigError naming the variable when a value does not parse or is out of range.
         """
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            variable = f"RPC_SERVER_{field.name.upper()}"
-            if variable not in environ:
-                continue
-            values[field.name] = _parse(variable, str(field.type), environ[variable])
+        values: dict[str, Any] = {
+            field.name: PARSERS[str(field.type)].read(variable, environ[variable])
+            for field in fields(cls)
+            if (variable := variable_for(field.name)) in environ
+        }
         values.update(overrides)
         settings = cls(**values)
         settings.validate()
@@ -176,7 +198,12 @@ class Settings:
             try:
                 SmtpMailer.from_url(self.smtp_url)
             except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+                # The parser's own messages name the variable; urllib's (a port that is
+                # not a number) do not.
+                message = str(exc)
+                if not message.startswith("RPC_SERVER_SMTP_URL"):
+                    message = f"RPC_SERVER_SMTP_URL: {message}"
+                raise ConfigError(message) from None
         if not 0 < self.payment_tolerance <= 86400:
             raise ConfigError("RPC_SERVER_PAYMENT_TOLERANCE must be between 0 and 86400 seconds")
         from rpc_server.payment_signatures import parse_secret  # the keys' one parser
@@ -227,31 +254,103 @@ def _check_public_url(url: str) -> None:
         )
 
 
-def _parse(variable: str, kind: str, raw: str) -> Any:
-    """Turn an environment value into the field's type; raise ConfigError if it won't."""
-    try:
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError:
-        expected = "an integer" if kind == "int" else "a number"
-        raise ConfigError(f"{variable} must be {expected}, got {raw!r}") from None
-    if kind == "bool":
-        if raw.strip().lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.strip().lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{variable} must be true or false, got {raw!r}")
-    if kind == "str | None":
-        return raw or None
-    if kind == "float | None":
-        if raw.strip().lower() == "never":
-            return None
+def variable_for(field_name: str) -> str:
+    """The environment variable a setting comes from: ``port`` -> ``RPC_SERVER_PORT``."""
+    return f"{PREFIX}{field_name.upper()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Parser:
+    """How a setting of one type is read from its variable's text."""
+
+    field: marshmallow_fields.Field[Any]
+    # What a refusal says the variable must be: "RPC_SERVER_PORT must be an integer".
+    expected: str
+
+    def read(self, variable: str, raw: str) -> Any:
+        """The value ``raw`` stands for; raises ConfigError naming ``variable``.
+
+        The refusal quotes ``raw``: only numbers and true/false can be refused here, while
+        secrets (payment keys, a password in a URL) are text or lists, which always parse,
+        and are checked in ``validate`` without being echoed.
+        """
         try:
-            return float(raw)
-        except ValueError:
-            raise ConfigError(f"{variable} must be a number or never, got {raw!r}") from None
-    if kind == "tuple[str, ...]":
-        return tuple(item.strip() for item in raw.split(",") if item.strip())
-    return raw
+            return self.field.deserialize(raw)
+        except ValidationError:
+            raise ConfigError(f"{variable} must be {self.expected}, got {raw!r}") from None
+
+
+# Refuses nan and infinity (which no setting means) as well as what is not a number.
+_NUMBER = marshmallow_fields.Float()
+_YES_OR_NO = marshmallow_fields.Boolean(
+    truthy={"1", "true", "yes", "on"}, falsy={"0", "false", "no", "off"}
+)
+
+
+def _boolean(raw: str) -> bool:
+    return _YES_OR_NO.deserialize(raw.strip().lower())  # " TRUE" and "On" count too
+
+
+def _number_or_never(raw: str) -> float | None:
+    if raw.strip().lower() == "never":  # RPC_SERVER_TOKEN_TTL=never: no expiry
+        return None
+    return _NUMBER.deserialize(raw)
+
+
+def _optional_text(raw: str) -> str | None:
+    return raw or None  # set but empty (RPC_SERVER_SMTP_URL=) reads as unset
+
+
+def _comma_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+# The parser of each field type, by the annotation as written in Settings. Text is taken
+# as it is: no stripping, no ${VAR} expansion.
+PARSERS: Mapping[str, Parser] = {
+    "str": Parser(marshmallow_fields.String(), "text"),
+    "str | None": Parser(marshmallow_fields.Function(deserialize=_optional_text), "text"),
+    "int": Parser(marshmallow_fields.Integer(), "an integer"),
+    "float": Parser(_NUMBER, "a number"),
+    "float | None": Parser(
+        marshmallow_fields.Function(deserialize=_number_or_never), "a number or never"
+    ),
+    "bool": Parser(marshmallow_fields.Function(deserialize=_boolean), "true or false"),
+    "tuple[str, ...]": Parser(
+        marshmallow_fields.Function(deserialize=_comma_list), "a comma-separated list"
+    ),
+}
+
+
+def require_parsers(settings_type: type[Any]) -> None:
+    """Raise TypeError if a field of the dataclass ``settings_type`` has no parser.
+
+    Run on ``Settings`` when this module is imported: a new setting of a new type must come
+    with its parser, rather than reach the server as the variable's raw text.
+    """
+    missing = [f"{f.name}: {f.type}" for f in fields(settings_type) if f.type not in PARSERS]
+    if missing:
+        raise TypeError(f"settings with no parser in config.PARSERS: {', '.join(missing)}")
+
+
+require_parsers(Settings)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Each ``RPC_SERVER_*`` variable no setting reads, with the setting it is closest to.
+
+    For example ``["RPC_SERVER_DATABSE_URL (did you mean RPC_SERVER_DATABASE_URL?)"]``,
+    sorted; names are compared case-insensitively. ``environ`` defaults to ``os.environ``.
+    """
+    environ = os.environ if environ is None else environ
+    # Compared without the prefix, which every name shares and would make all look alike.
+    settings = {f.name.upper(): variable_for(f.name) for f in fields(Settings)}
+    known = NOT_SETTINGS.union(settings.values())
+    notes = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(PREFIX) or name in known:
+            continue
+        closest = difflib.get_close_matches(upper.removeprefix(PREFIX), settings, n=1)
+        notes.append(f"{name} (did you mean {settings[closest[0]]}?)" if closest else name)
+    return notes
