@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server import (
     content_encoding,
@@ -31,7 +30,9 @@ from rpc_server.client_faults import receiving_body
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext, failed_logins_log
 from rpc_server.credentials import read_credentials
-from rpc_server.database import create_engine, engine_options
+from rpc_server.db.connection import Engine
+from rpc_server.db.engines import engine_from_settings
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain import services
 from rpc_server.domain.errors import PaymentNotVerified
@@ -47,7 +48,6 @@ from rpc_server.readiness import Readiness
 from rpc_server.registry import MethodRegistry
 from rpc_server.request_id import request_id_middleware
 from rpc_server.token_cache import ActorCache
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ log = logging.getLogger("rpc_server.app")
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY_KEY = web.AppKey("registry", MethodRegistry)
-ENGINE = web.AppKey("engine", AsyncEngine)
-UOW_FACTORY = web.AppKey("uow_factory", SqlAlchemyUnitOfWorkFactory)
+ENGINE = web.AppKey("engine", Engine)
+UOW_FACTORY = web.AppKey("uow_factory", SqlUnitOfWorkFactory)
 OPENRPC = web.AppKey("openrpc", ServiceDescription)
 DELIVERER = web.AppKey("deliverer", ReceiptDeliverer)
 SHUTDOWN = web.AppKey("shutdown", Shutdown)
@@ -271,14 +271,14 @@ async def handle_readyz(request: web.Request) -> web.Response:
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    engine = create_engine(settings.database_url, **engine_options(settings))
+    engine = engine_from_settings(settings)
     app[ENGINE] = engine
-    app[UOW_FACTORY] = SqlAlchemyUnitOfWorkFactory(engine)
+    app[UOW_FACTORY] = SqlUnitOfWorkFactory(engine)
     # Per user, and per client address without a valid token (rpc_server.rate_limit).
     if (limits := build_rate_limits(settings, engine)) is not None:
         app[LIMITER] = limits
     yield
-    await engine.dispose()
+    await engine.close()
 
 
 async def deliverer_ctx(app: web.Application) -> AsyncIterator[None]:

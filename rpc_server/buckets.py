@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rpc_server.db.connection import Engine
+from rpc_server.db.engines import autocommit
 
 log = logging.getLogger("rpc_server.rate_limit")
 
@@ -116,7 +118,8 @@ _TAKE = text(
 # when the delete rechecks it) or waits for the delete and inserts a full bucket.
 _PURGE = text(
     "DELETE FROM rate_limit_buckets "
-    "WHERE updated_at < now() - make_interval(secs => CAST(:idle AS double precision))"
+    "WHERE updated_at < now() - make_interval(secs => CAST(:idle AS double precision)) "
+    "RETURNING 1"
 )
 
 
@@ -130,7 +133,7 @@ class DatabaseBuckets:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: Engine,
         *,
         idle_after: float,
         purge_interval: float = 60.0,
@@ -141,16 +144,14 @@ class DatabaseBuckets:
         self._next_purge = clock() + purge_interval
 
     async def take(self, key: str, calls: int, limit: Limit) -> Grant:
-        # One short transaction of its own (commit on leaving, rollback on error), apart
-        # from the calls' units of work: the row lock is held for one statement only.
-        async with self.engine.begin() as connection:
-            row = (
-                await connection.execute(
-                    _TAKE,
-                    {"key": key, "calls": calls, "burst": limit.burst, "rate": limit.rate},
-                )
-            ).one()
-        grant = Grant(int(row.last_granted), float(row.tokens))
+        # One statement, its own transaction (autocommit: no BEGIN or COMMIT round
+        # trips), apart from the calls' units of work: the row lock lasts that statement.
+        async with autocommit(self.engine) as connection:
+            rows = await connection.execute(
+                _TAKE, {"key": key, "calls": calls, "burst": limit.burst, "rate": limit.rate}
+            )
+        last_granted, tokens = rows.all()[0]
+        grant = Grant(int(last_granted), float(tokens))
         if self.clock() >= self._next_purge:
             await self.purge()
         return grant
@@ -159,12 +160,12 @@ class DatabaseBuckets:
         """Delete the buckets idle for ``idle_after`` seconds; return how many."""
         self._next_purge = self.clock() + self.purge_interval
         try:
-            async with self.engine.begin() as connection:
-                result = await connection.execute(_PURGE, {"idle": self.idle_after})
+            async with autocommit(self.engine) as connection:
+                deleted = await connection.execute(_PURGE, {"idle": self.idle_after})
         except Exception as exc:  # the take succeeded: its answer stands
             log.warning("purging idle rate-limit buckets failed: %s", type(exc).__name__)
             return 0
-        return int(result.rowcount)
+        return len(deleted)
 
 
 class FallbackBuckets:

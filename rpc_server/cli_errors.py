@@ -17,7 +17,7 @@ from alembic.util import CommandError as AlembicError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from rpc_server.database import sqlite_path
+from rpc_server.db.engines import sqlite_path
 from rpc_server.schema_version import SchemaNotCurrent
 
 # Exit statuses: 1 the environment (database, port), 2 the operator's input or settings.
@@ -28,7 +28,7 @@ USAGE = 2
 # intervention (shutting down, cannot connect now).
 _UNAVAILABLE_SQLSTATES = ("08", "53", "57P")
 DATABASE_URL_FORMS = "sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER:PASSWORD@HOST:PORT/NAME"
-# The engines and drivers the server runs on (database.driver_for).
+# The engines and drivers the server runs on (rpc_server.db.engines.open_engine).
 SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
 
 

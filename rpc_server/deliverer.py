@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from rpc_server.config import Settings
+from rpc_server.db.repositories import ReceiptJob
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain.services import Clock, utcnow
 from rpc_server.mailer import Mailer, PermanentMailError, TemporaryMailError, mailer_for
 from rpc_server.receipts import build_receipt
-from rpc_server.repositories import ReceiptJob
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 
 log = logging.getLogger("rpc_server.deliverer")
 
@@ -49,7 +49,7 @@ class RetryPolicy:
 class ReceiptDeliverer:
     def __init__(
         self,
-        uow_factory: SqlAlchemyUnitOfWorkFactory,
+        uow_factory: SqlUnitOfWorkFactory,
         mailer: Mailer,
         *,
         mail_from: str,
@@ -167,7 +167,7 @@ class ReceiptDeliverer:
 
 
 def build_deliverer(
-    settings: Settings, uow_factory: SqlAlchemyUnitOfWorkFactory
+    settings: Settings, uow_factory: SqlUnitOfWorkFactory
 ) -> ReceiptDeliverer:
     """The deliverer the settings describe (mailer, retries, lease, poll interval)."""
     return ReceiptDeliverer(

@@ -49,12 +49,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from rpc_server.buckets import Buckets, DatabaseBuckets, FallbackBuckets, Limit, MemoryBuckets
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext
-from rpc_server.database import is_sqlite
+from rpc_server.db.connection import Engine
 
 # Calls that weigh more than one; every other call costs 1.
 CALL_COSTS = {"rpc.discover": 10}
@@ -126,7 +124,7 @@ class RateLimits:
         return verdicts
 
 
-def build_rate_limits(settings: Settings, engine: AsyncEngine) -> RateLimits | None:
+def build_rate_limits(settings: Settings, engine: Engine) -> RateLimits | None:
     """The limits ``settings`` ask for, None if both are off: buckets in this process on
     SQLite (one process), in PostgreSQL otherwise (falling back to memory)."""
     per_user = Limit(settings.rate_limit, settings.rate_burst) if settings.rate_limit else None
@@ -140,7 +138,7 @@ def build_rate_limits(settings: Settings, engine: AsyncEngine) -> RateLimits | N
         return None
     memory = MemoryBuckets()
     buckets: Buckets = memory
-    if not is_sqlite(settings.database_url):
+    if engine.dialect_name != "sqlite":
         idle_after = max(limit.full_after for limit in limits)
         buckets = FallbackBuckets(DatabaseBuckets(engine, idle_after=idle_after), memory)
     return RateLimits(buckets, per_user=per_user, anonymous=anonymous)

@@ -10,9 +10,13 @@ database may have been replaced or restored meanwhile.
 
 from __future__ import annotations
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import text
 
+from rpc_server.db.connection import Engine
+from rpc_server.db.engines import autocommit
 from rpc_server.schema_version import current_revision, schema_problem
+
+_PING = text("SELECT 1")
 
 SCHEMA_NOT_CURRENT = "schema not at the latest migration"
 
@@ -23,17 +27,17 @@ class Readiness:
     def __init__(self) -> None:
         self._schema_current = False
 
-    async def problem(self, engine: AsyncEngine) -> str | None:
+    async def problem(self, engine: Engine) -> str | None:
         """Why the process is not ready, for the client (no internals); None when ready.
 
         Raises whatever the database raises when it cannot be reached (the caller
         answers 503 and must call ``forget``).
         """
-        async with engine.connect() as connection:
+        async with autocommit(engine) as connection:
             if self._schema_current:
-                await connection.exec_driver_sql("SELECT 1")
+                await connection.execute(_PING)
                 return None
-            revision = await connection.run_sync(current_revision)
+            revision = await current_revision(connection, engine.dialect_name)
         self._schema_current = schema_problem(revision) is None
         return None if self._schema_current else SCHEMA_NOT_CURRENT
 

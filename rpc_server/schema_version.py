@@ -2,9 +2,10 @@
 
 Asked before anything uses a database: the CLI's commands (``rpc-server migrate`` is the
 remedy they name), ``serve`` before it starts, and ``GET /readyz`` (``readiness``). The
-answer comes from Alembic's public API: the head of the migrations shipped with this
-code (``ScriptDirectory.get_current_head``) against the revision the database records
-(``MigrationContext.get_current_revision``).
+answer compares the head of the migrations shipped with this code (Alembic's
+``ScriptDirectory.get_current_head``) with the revision the database records in Alembic's
+``alembic_version`` table, read on the server's own engine (``rpc_server.db``) so that
+asking needs no second connection pool.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import logging
 from functools import cache
 
-from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import text
 
+from rpc_server.db.connection import Engine, UnitOfWorkConnection
+from rpc_server.db.engines import autocommit
 from rpc_server.migrate import alembic_config
 
 MIGRATE_HINT = "run rpc-server migrate"
@@ -57,10 +58,26 @@ def head_revision() -> str:
     return _scripts()[0]
 
 
-def current_revision(connection: Connection) -> str | None:
+# Whether Alembic's table exists, per engine; then the revision it records (the
+# migrations are linear: one row).
+_VERSION_TABLE_EXISTS = {
+    "sqlite": text(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+    ),
+    "postgresql": text(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'alembic_version'"
+        " AND schemaname = current_schema()"
+    ),
+}
+_VERSION = text("SELECT version_num FROM alembic_version")
+
+
+async def current_revision(connection: UnitOfWorkConnection, dialect: str) -> str | None:
     """The revision the database records; None if it has no schema (never migrated)."""
-    quiet_alembic_context_lines()  # in every process that asks (server workers too)
-    return MigrationContext.configure(connection).get_current_revision()
+    if not await connection.scalar(_VERSION_TABLE_EXISTS[dialect]):
+        return None
+    revision = await connection.scalar(_VERSION)
+    return None if revision is None else str(revision)
 
 
 def schema_problem(revision: str | None) -> str | None:
@@ -81,13 +98,13 @@ def schema_problem(revision: str | None) -> str | None:
     )
 
 
-async def check_schema(engine: AsyncEngine) -> None:
+async def check_schema(engine: Engine) -> None:
     """Raise ``SchemaNotCurrent`` unless the database is at the latest migration.
 
     Connection errors propagate as they are (the database cannot be reached at all).
     """
-    async with engine.connect() as connection:
-        revision = await connection.run_sync(current_revision)
+    async with autocommit(engine) as connection:
+        revision = await current_revision(connection, engine.dialect_name)
     problem = schema_problem(revision)
     if problem is not None:
         raise SchemaNotCurrent(problem)

@@ -23,12 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.app import create_app
 from rpc_server.config import Settings
-from rpc_server.database import create_engine
+from rpc_server.db.connection import Engine
+from rpc_server.db.engines import open_engine
+from rpc_server.db.stock_engine import stock_engine
 from rpc_server.domain import services
 from rpc_server.domain.records import Actor, Course
 from rpc_server.domain.states import Scope
 from rpc_server.migrate import migrate
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests import databases
 from tests.payments import TEST_PAYMENT_KEY
 
@@ -127,14 +129,24 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
+    """A stock SQLAlchemy engine: the tests' own view of the rows, independent of the
+    server's database layer (``db_engine``)."""
+    engine = stock_engine(database_url)
     yield engine
     await engine.dispose()
 
 
 @pytest.fixture
-def uow_factory(engine: AsyncEngine) -> SqlAlchemyUnitOfWorkFactory:
-    return SqlAlchemyUnitOfWorkFactory(engine)
+async def db_engine(database_url: str) -> AsyncIterator[Engine]:
+    """The server's database layer on the test's database (``rpc_server.db``)."""
+    engine = open_engine(database_url)
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture
+def uow_factory(db_engine: Engine) -> SqlUnitOfWorkFactory:
+    return SqlUnitOfWorkFactory(db_engine)
 
 
 @dataclass(frozen=True)
@@ -159,7 +171,7 @@ class World:
 
 
 @pytest.fixture
-async def world(uow_factory: SqlAlchemyUnitOfWorkFactory) -> World:
+async def world(uow_factory: SqlUnitOfWorkFactory) -> World:
     users = []
     for email, scope in (
         ("alice@example.com", Scope.BUYER),

@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 import rpc_server
-from rpc_server.database import create_engine
+from rpc_server.db.stock_engine import stock_engine
 from tests import databases
 from tests.conftest import POSTGRES_ADMIN_URL, sqlite_url
 
@@ -45,7 +45,7 @@ def unmigrated_database(backend: str, directory: Path) -> Iterator[str]:
 
 
 async def tables_of(url: str) -> set[str]:
-    engine = create_engine(url)
+    engine = stock_engine(url)
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(lambda sync: set(sync.dialect.get_table_names(sync)))
@@ -55,7 +55,7 @@ async def tables_of(url: str) -> set[str]:
 
 async def set_revision(url: str, revision: str) -> None:
     """Make the database claim ``revision`` (as if migrated there), changing nothing else."""
-    engine = create_engine(url)
+    engine = stock_engine(url)
     try:
         async with engine.begin() as connection:
             await connection.exec_driver_sql(

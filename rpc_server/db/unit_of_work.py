@@ -1,9 +1,9 @@
-"""The SQLAlchemy unit of work: one connection, one transaction, rolled back unless committed.
+"""The unit of work: one connection, one transaction, rolled back unless committed.
 
 Each JSON-RPC call (each item of a batch, too) gets its own unit of work from the
 factory in its context, so concurrent items never share a connection. A unit of work
-is a Core connection checked out of the pool at its first statement
-(``database.UnitOfWorkConnection``), not an ORM session: repositories
+is a connection checked out of the driver's pool at its first statement
+(``rpc_server.db.connection.UnitOfWorkConnection``), not an ORM session: repositories
 turn rows straight into domain records, and an ORM session would only add bookkeeping
 (identity map, snapshots, flush) that nothing here uses.
 
@@ -24,14 +24,9 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
 from rpc_server.coalescing import PurchaseLookups
-from rpc_server.connection_pool import PoolGate
-from rpc_server.database import UnitOfWorkConnection, driver_for
-from rpc_server.domain.records import Purchase
-from rpc_server.drivers import Driver, StatementCache
-from rpc_server.repositories import (
+from rpc_server.db.connection import Engine, UnitOfWorkConnection
+from rpc_server.db.repositories import (
     SqlCourseRepository,
     SqlPurchaseEventRepository,
     SqlPurchaseRepository,
@@ -39,9 +34,10 @@ from rpc_server.repositories import (
     SqlRegistrationRepository,
     SqlUserRepository,
 )
+from rpc_server.domain.records import Purchase
 
 
-class SqlAlchemyUnitOfWork:
+class SqlUnitOfWork:
     def __init__(
         self,
         connection: UnitOfWorkConnection,
@@ -79,27 +75,22 @@ class SqlAlchemyUnitOfWork:
                 listener()
 
 
-class SqlAlchemyUnitOfWorkFactory:
+class SqlUnitOfWorkFactory:
     """Makes units of work: reads without a transaction, writes in one (taking SQLite's
     write lock up front)."""
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: Engine):
         self.engine = engine
-        self._driver: Driver = driver_for(engine)
-        self._pool = PoolGate(engine)
-        self._statements = StatementCache(
-            engine.dialect, process_results=self._driver.process_results
-        )
         # Called after a commit that added receipt outbox rows (the deliverer's wake-up).
         self.after_receipts: list[Callable[[], None]] = []
 
     def __call__(
         self, *, write: bool = False, lookups: PurchaseLookups | None = None
-    ) -> SqlAlchemyUnitOfWork:
+    ) -> SqlUnitOfWork:
         """A unit of work; a read one (only) looks purchases up through ``lookups``: a
         write one must read inside its own transaction."""
-        connection = UnitOfWorkConnection(self._pool, self._driver, self._statements, write=write)
-        return SqlAlchemyUnitOfWork(connection, self.after_receipts, None if write else lookups)
+        connection = UnitOfWorkConnection(self.engine, write=write)
+        return SqlUnitOfWork(connection, self.after_receipts, None if write else lookups)
 
     def for_batch(self) -> BatchUnitOfWorkFactory:
         """The factory for one batch request's calls (see ``BatchUnitOfWorkFactory``)."""
@@ -117,9 +108,9 @@ class BatchUnitOfWorkFactory:
     their reads of a purchase by id are coalesced across the batch's concurrent calls
     into one statement (``rpc_server.coalescing``). Write units of work are unchanged."""
 
-    def __init__(self, factory: SqlAlchemyUnitOfWorkFactory):
+    def __init__(self, factory: SqlUnitOfWorkFactory):
         self._factory = factory
         self._lookups = PurchaseLookups(factory.read_purchases)
 
-    def __call__(self, *, write: bool = False) -> SqlAlchemyUnitOfWork:
+    def __call__(self, *, write: bool = False) -> SqlUnitOfWork:
         return self._factory(write=write, lookups=self._lookups)

@@ -13,8 +13,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
 from models import Base
-from rpc_server.database import create_engine
-from rpc_server.migrate import check_sqlite_foreign_keys, without_sqlite_foreign_keys
+from rpc_server.db.stock_engine import stock_engine
+from rpc_server.migrate import check_sqlite_foreign_keys
 
 config = context.config
 
@@ -32,10 +32,9 @@ def run_on(connection: Connection) -> None:
 
 
 async def run_standalone(url: str) -> None:
-    engine = create_engine(url, poolclass=NullPool)
+    # As rpc-server migrate does (rpc_server.migrate): SQLite's foreign keys off, checked.
+    engine = stock_engine(url, foreign_keys=False, poolclass=NullPool)
     sqlite = engine.dialect.name == "sqlite"
-    if sqlite:  # as rpc-server migrate does (rpc_server.migrate)
-        without_sqlite_foreign_keys(engine)
     async with engine.connect() as connection:
         await connection.run_sync(run_on)
         if sqlite:

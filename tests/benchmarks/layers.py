@@ -41,7 +41,7 @@ from sqlalchemy import make_url
 
 from rpc_server import repositories
 from rpc_server.context import RpcContext
-from rpc_server.database import create_engine
+from rpc_server.db.stock_engine import stock_engine
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import answer
@@ -49,7 +49,7 @@ from rpc_server.json_codec import Fragment
 from rpc_server.methods import REGISTRY
 from rpc_server.payment_signatures import PaymentSignatures
 from rpc_server.token_cache import ActorCache
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.benchmarks.seed import create_database, drop_database
 
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -70,8 +70,8 @@ async def cpu_per_call(step: Callable[[], Awaitable[Any]], calls: int) -> float:
 
 
 async def measure(engine_name: str, url: str, calls: int) -> list[tuple[str, float]]:
-    engine = create_engine(url)
-    uow_factory = SqlAlchemyUnitOfWorkFactory(engine)
+    engine = stock_engine(url)
+    uow_factory = SqlUnitOfWorkFactory(engine)
     try:
         await services.save_course(
             uow_factory, slug="c", title="Course", price=Decimal("9.50"),

@@ -28,12 +28,12 @@ from typing import Protocol
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from rpc_server.database import create_engine
+from rpc_server.db.stock_engine import stock_engine
 from rpc_server.domain import services
 from rpc_server.domain.records import Course
 from rpc_server.domain.states import Scope
 from rpc_server.migrate import migrate
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests import databases
 
 
@@ -319,9 +319,9 @@ async def seed(engine: str, url: str, sizes: Sizes, rng: random.Random) -> Datas
     """Users with tokens, two courses, and the purchases every workload needs."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    sa_engine = create_engine(url)
+    sa_engine = stock_engine(url)
     try:
-        uow = SqlAlchemyUnitOfWorkFactory(sa_engine)
+        uow = SqlUnitOfWorkFactory(sa_engine)
 
         async def user(email: str, scope: Scope = Scope.BUYER) -> BenchUser:
             token = await services.issue_token(uow, email, scope=scope)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rpc_server.domain import services
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import RpcCall, World
 
 
@@ -16,7 +16,7 @@ async def post(client: Any, body: Any, token: str) -> Any:
 
 
 async def test_a_batch_of_gets_answers_each_item_as_the_same_call_alone(
-    client: Any, rpc: RpcCall, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    client: Any, rpc: RpcCall, uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     alices = [
         await services.create_purchase(uow_factory, world.alice.actor, course=course)
@@ -55,7 +55,7 @@ async def test_a_batch_of_gets_answers_each_item_as_the_same_call_alone(
 
 
 async def test_a_batch_mixing_reads_and_writes_answers_every_item(
-    client: Any, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    client: Any, uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     made = await services.create_purchase(uow_factory, world.alice.actor, course="python-basics")
     batch = [

@@ -24,7 +24,7 @@ from rpc_server.buckets import DatabaseBuckets, Limit
 from rpc_server.config import Settings
 from rpc_server.domain import services
 from rpc_server.domain.tokens import hash_token
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.e2e.conftest import SERVICE_UNAVAILABLE
 from tests.tcp_proxy import TcpProxy
@@ -114,7 +114,7 @@ async def test_a_batch_is_counted_per_item(
 
 
 async def test_the_bucket_belongs_to_the_user_and_refills(
-    limited: TestClient[Any, Any], world: World, uow_factory: SqlAlchemyUnitOfWorkFactory
+    limited: TestClient[Any, Any], world: World, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     second_token = await services.issue_token(uow_factory, world.alice.email)
     burst = [call("course.list", i) for i in range(3)]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from rpc_server.domain import services
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import RpcCall, World
 from tests.integration.paying import pay_and_fulfil
 
@@ -19,7 +19,7 @@ INVALID_PARAMS = -32602
 
 
 async def registered(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, count: int
+    uow_factory: SqlUnitOfWorkFactory, world: World, count: int
 ) -> list[str]:
     """Register alice for ``count`` new courses (bought and paid); return the purchase
     ids, oldest first. Bob gets one registration too, never listed for alice."""
@@ -58,7 +58,7 @@ async def walk(rpc: RpcCall, token: str, limit: int) -> tuple[list[str], list[in
 
 
 async def test_pages_walk_every_registration_once_newest_first(
-    rpc: RpcCall, world: World, uow_factory: SqlAlchemyUnitOfWorkFactory
+    rpc: RpcCall, world: World, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     purchase_ids = await registered(uow_factory, world, 7)
     seen, sizes = await walk(rpc, world.alice.token, limit=3)
@@ -69,7 +69,7 @@ async def test_pages_walk_every_registration_once_newest_first(
 
 @pytest.mark.parametrize("params", [None, {}, []], ids=["absent", "empty-object", "empty-array"])
 async def test_without_params_the_answer_is_the_bare_array_it_always_was(
-    rpc: RpcCall, world: World, uow_factory: SqlAlchemyUnitOfWorkFactory, params: Any
+    rpc: RpcCall, world: World, uow_factory: SqlUnitOfWorkFactory, params: Any
 ) -> None:
     purchase_ids = await registered(uow_factory, world, 3)
     answer = result_of(await rpc("registration.list", params, token=world.alice.token))
@@ -80,7 +80,7 @@ async def test_without_params_the_answer_is_the_bare_array_it_always_was(
 
 
 async def test_the_bare_array_is_bounded_to_the_newest_hundred(
-    rpc: RpcCall, world: World, uow_factory: SqlAlchemyUnitOfWorkFactory
+    rpc: RpcCall, world: World, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     purchase_ids = await registered(uow_factory, world, 101)
     answer = result_of(await rpc("registration.list", token=world.alice.token))
@@ -90,7 +90,7 @@ async def test_the_bare_array_is_bounded_to_the_newest_hundred(
 
 
 async def test_a_cursor_alone_continues_with_the_default_page_size(
-    rpc: RpcCall, world: World, uow_factory: SqlAlchemyUnitOfWorkFactory
+    rpc: RpcCall, world: World, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     purchase_ids = await registered(uow_factory, world, 23)
     first = result_of(await rpc("registration.list", {"limit": 1}, token=world.alice.token))
@@ -102,7 +102,7 @@ async def test_a_cursor_alone_continues_with_the_default_page_size(
 
 
 async def test_params_by_position_are_limit_then_cursor(
-    rpc: RpcCall, world: World, uow_factory: SqlAlchemyUnitOfWorkFactory
+    rpc: RpcCall, world: World, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     purchase_ids = await registered(uow_factory, world, 3)
     first = result_of(await rpc("registration.list", [2], token=world.alice.token))
@@ -144,7 +144,7 @@ async def test_bad_params_are_invalid_params_naming_the_field(
 
 
 async def test_a_cursor_shows_nothing_of_another_users_registrations(
-    rpc: RpcCall, world: World, uow_factory: SqlAlchemyUnitOfWorkFactory
+    rpc: RpcCall, world: World, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     await registered(uow_factory, world, 3)
     alices = result_of(await rpc("registration.list", {"limit": 1}, token=world.alice.token))

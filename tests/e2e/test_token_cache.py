@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from rpc_server.app import ACTORS, create_app
 from rpc_server.config import Settings
 from rpc_server.domain import services
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
@@ -34,7 +34,7 @@ async def code_of(client: TestClient[Any, Any], token: str) -> int | None:
 async def test_revocation_takes_effect_within_the_cache_time(
     aiohttp_client: AiohttpClient,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
 ) -> None:
     client = await aiohttp_client(
@@ -51,7 +51,7 @@ async def test_revocation_takes_effect_within_the_cache_time(
 async def test_without_a_cache_revocation_is_immediate(
     aiohttp_client: AiohttpClient,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
 ) -> None:
     client = await aiohttp_client(create_app(dataclasses.replace(settings, token_cache_seconds=0)))
@@ -65,7 +65,7 @@ async def test_without_a_cache_revocation_is_immediate(
 async def test_revoking_a_staff_or_payments_token_takes_effect_at_once(
     aiohttp_client: AiohttpClient,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     who: str,
 ) -> None:
@@ -83,7 +83,7 @@ async def test_revoking_a_staff_or_payments_token_takes_effect_at_once(
 async def test_an_expiring_buyer_token_is_not_trusted_past_its_expiry(
     aiohttp_client: AiohttpClient,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
 ) -> None:
     client = await aiohttp_client(

@@ -17,7 +17,7 @@ from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.records import Actor, Fulfillment, Purchase, SignedPayment
 from rpc_server.domain.states import PurchaseState
 from rpc_server.payment_signatures import PaymentSignatures
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import FRONTEND_URL
 from tests.payments import TEST_PAYMENT_KEY, proof_for
 
@@ -52,7 +52,7 @@ def payment_for(purchase: Purchase, **proof: Any) -> SignedPayment:
 
 
 async def pay_and_fulfil(
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     actor: Actor,
     purchase: Purchase,
     *,

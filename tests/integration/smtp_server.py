@@ -43,8 +43,8 @@ from rpc_server.config import Settings
 from rpc_server.domain import services
 from rpc_server.domain.records import Actor
 from rpc_server.receipts import message_id_for
-from rpc_server.repositories import as_utc
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.repositories.rows import as_utc
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.integration.paying import pay_and_fulfil
 
 T = TypeVar("T")
@@ -311,7 +311,7 @@ async def only_row(engine: AsyncEngine) -> OutboxRow:
 
 
 async def fulfilled_purchase(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, actor: Actor, course: str = "python-basics"
+    uow_factory: SqlUnitOfWorkFactory, actor: Actor, course: str = "python-basics"
 ) -> str:
     """Create a purchase as the buyer ``actor`` and fulfil it with a signed proof of
     payment (which writes its receipt row); return its id."""
@@ -320,7 +320,7 @@ async def fulfilled_purchase(
     return purchase.purchase_id
 
 
-async def more_courses(uow_factory: SqlAlchemyUnitOfWorkFactory, count: int) -> list[str]:
+async def more_courses(uow_factory: SqlUnitOfWorkFactory, count: int) -> list[str]:
     """Save ``count`` more courses and return their slugs: a buyer registered for a
     course cannot buy it again, so a test needing many receipts of one buyer buys many
     courses."""

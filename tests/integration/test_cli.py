@@ -28,7 +28,7 @@ from standardwebhooks import Webhook
 from rpc_server.demo import DEMO_PAYMENT_KEY
 from rpc_server.domain import services
 from rpc_server.domain.states import Scope
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import RpcCall, World
 from tests.payments import OTHER_PAYMENT_KEY, TEST_PAYMENT_KEY, proof_for
 from tests.processes import running_server, wait_until_healthy
@@ -201,7 +201,7 @@ async def test_create_token_issues_a_token_of_the_scope_asked_for(
     scope: Scope,
     db_env: dict[str, str],
     workdir: Path,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
 ) -> None:
     result = await cli("create-token", "carol@example.com", *flags, cwd=workdir, env=db_env)
     assert result.returncode == 0, result.stderr
@@ -253,7 +253,7 @@ async def test_staff_with_another_scope_exits_2_and_creates_nothing(
 async def test_a_buyer_token_for_a_staff_user_does_not_demote_their_staff_token(
     db_env: dict[str, str],
     workdir: Path,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     staff = await cli("create-token", "desk@example.com", "--staff", cwd=workdir, env=db_env)
@@ -355,7 +355,7 @@ async def test_sign_payment_for_an_unknown_purchase_exits_1(
 
 
 async def test_seed_demo_creates_the_demo_payments_token_once(
-    db_env: dict[str, str], workdir: Path, uow_factory: SqlAlchemyUnitOfWorkFactory
+    db_env: dict[str, str], workdir: Path, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     first = await cli("seed-demo", cwd=workdir, env=db_env)
     second = await cli("seed-demo", cwd=workdir, env=db_env)
@@ -505,7 +505,7 @@ async def test_create_token_expires_by_default_and_prints_when(
     db_env: dict[str, str],
     workdir: Path,
     engine: AsyncEngine,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("RPC_SERVER_TOKEN_TTL", raising=False)
@@ -541,7 +541,7 @@ async def test_create_token_expires_by_default_and_prints_when(
 
 
 async def test_demo_tokens_never_expire_and_seed_demo_says_so(
-    db_env: dict[str, str], workdir: Path, uow_factory: SqlAlchemyUnitOfWorkFactory
+    db_env: dict[str, str], workdir: Path, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     # A demo that silently broke after RPC_SERVER_TOKEN_TTL days would be no demo.
     env = {**db_env, "RPC_SERVER_TOKEN_TTL": "1"}

@@ -31,7 +31,7 @@ from rpc_server.domain.states import PurchaseState
 from rpc_server.mailer import PermanentMailError
 from rpc_server.migrate import migrate
 from rpc_server.payment_signatures import PaymentSignatures
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests import databases
 from tests.conftest import FRONTEND_URL, POSTGRES_ADMIN_URL, World, sqlite_url
 from tests.payments import TEST_PAYMENT_KEY
@@ -410,7 +410,7 @@ def test_a_bad_flag_is_one_line_naming_it(
 
 
 async def receipt_of_a_fulfilled_purchase(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     """Fulfil a purchase of alice's (the payment backend reports it): one pending receipt,
     which no deliverer sends (no server runs)."""
@@ -434,7 +434,7 @@ async def test_mail_retry_tells_a_missing_message_from_one_that_is_not_dead(
     database_url: str,
     workdir: Path,
     world: World,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     await receipt_of_a_fulfilled_purchase(uow_factory, world)
@@ -458,7 +458,7 @@ class RefusingMailer:
 
 
 async def test_mail_status_shows_when_a_dead_receipt_died(
-    database_url: str, workdir: Path, world: World, uow_factory: SqlAlchemyUnitOfWorkFactory
+    database_url: str, workdir: Path, world: World, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     await receipt_of_a_fulfilled_purchase(uow_factory, world)
     before = datetime.now(UTC).replace(microsecond=0)

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.domain import services
 from rpc_server.domain.states import PurchaseState
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.integration.paying import LINKS, VERIFIER, pay_and_fulfil, payment_for
 
@@ -30,7 +30,7 @@ async def events(engine: AsyncEngine) -> list[tuple[str | None, str, str | None]
 
 
 async def test_fifty_concurrent_fulfills_have_one_winner(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, engine: AsyncEngine, world: World
+    uow_factory: SqlUnitOfWorkFactory, engine: AsyncEngine, world: World
 ) -> None:
     """The buyer retries one payment's fulfil 25 times while the payment backend fulfils
     the same purchase 25 times (no proof needed): one change, the rest repeat it."""
@@ -65,7 +65,7 @@ async def test_fifty_concurrent_fulfills_have_one_winner(
 
 
 async def test_racing_outcomes_leave_one_consistent_state(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, engine: AsyncEngine, world: World
+    uow_factory: SqlUnitOfWorkFactory, engine: AsyncEngine, world: World
 ) -> None:
     """fulfilled (paid) and canceled requested at once: one wins, the other is a conflict."""
     purchase = await services.create_purchase(

@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.domain import services
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 
 PURCHASES = 100_000
@@ -41,7 +41,7 @@ def plan_nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.mark.backends("postgresql")
 async def test_paging_a_hundred_thousand_purchases(
-    engine: AsyncEngine, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    engine: AsyncEngine, uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     await insert_purchases(engine, world.alice.actor.user_id, world.python.pk, PURCHASES)
     await insert_purchases(engine, world.bob.actor.user_id, world.python.pk, 20_000)
@@ -81,7 +81,7 @@ async def test_paging_a_hundred_thousand_purchases(
 
 
 async def plan_of_page(
-    engine: AsyncEngine, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, cursor: int | None
+    engine: AsyncEngine, uow_factory: SqlUnitOfWorkFactory, world: World, cursor: int | None
 ) -> list[dict[str, Any]]:
     """The plan nodes of the one statement that reads alice's page before ``cursor``."""
     statements: list[tuple[str, tuple[Any, ...]]] = []

@@ -14,7 +14,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
 from models import Base
-from rpc_server.database import create_engine
+from rpc_server.db.stock_engine import stock_engine
 from rpc_server.migrate import migrate
 from rpc_server.schema_version import (
     SchemaNotCurrent,
@@ -35,7 +35,7 @@ from tests.unmigrated import (
 async def test_migrated_schema_matches_models(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "fresh.sqlite3")
     await migrate(url)
-    engine = create_engine(url)
+    engine = stock_engine(url)
     try:
         async with engine.connect() as connection:
             diff = await connection.run_sync(
@@ -54,7 +54,7 @@ async def test_migrate_twice_is_a_no_op(tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "twice.sqlite3")
     await migrate(url)
     await migrate(url)
-    engine = create_engine(url)
+    engine = stock_engine(url)
     try:
         async with engine.connect() as connection:
             version = (
@@ -95,7 +95,7 @@ def describe(sync: Connection) -> dict[str, Any]:
 
 
 async def describe_url(url: str) -> dict[str, Any]:
-    engine = create_engine(url)
+    engine = stock_engine(url)
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(describe)
@@ -126,7 +126,7 @@ def unmigrated_url(backend: str, tmp_path: Path) -> Iterator[str]:
 
 
 async def revision_of(url: str) -> str | None:
-    engine = create_engine(url)
+    engine = stock_engine(url)
     try:
         async with engine.connect() as connection:
             return await connection.run_sync(current_revision)
@@ -136,7 +136,7 @@ async def revision_of(url: str) -> str | None:
 
 async def schema_check(url: str) -> str | None:
     """What ``check_schema`` says of the database: None, or its SchemaNotCurrent message."""
-    engine = create_engine(url)
+    engine = stock_engine(url)
     try:
         await check_schema(engine)
     except SchemaNotCurrent as exc:

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from rpc_server.config import Settings
-from rpc_server.database import create_engine
+from rpc_server.db.stock_engine import stock_engine
 from rpc_server.domain import services
 from rpc_server.domain.states import PurchaseState
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import sqlite_url
 from tests.integration.paying import pay_and_fulfil
 from tests.integration.smtp_server import HOST, SmtpServer, free_port
@@ -190,9 +190,9 @@ def wait_for_files(operator: Operator, count: int, process: subprocess.Popen[str
 
 
 async def fulfill_alices_pending_purchase(database: Path) -> None:
-    engine = create_engine(sqlite_url(database))
+    engine = stock_engine(sqlite_url(database))
     try:
-        uow_factory = SqlAlchemyUnitOfWorkFactory(engine)
+        uow_factory = SqlUnitOfWorkFactory(engine)
         alice = await services.authenticate(uow_factory, "demo-alice")
         assert alice is not None
         page = await services.list_purchases(uow_factory, alice, state=PurchaseState.PENDING)

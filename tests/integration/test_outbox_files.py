@@ -18,7 +18,7 @@ from rpc_server.deliverer import build_deliverer
 from rpc_server.domain import services
 from rpc_server.mailer import FileMailer, TemporaryMailError, mailer_for
 from rpc_server.receipts import build_receipt, message_id_for
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import RpcCall, World
 from tests.integration.smtp_server import (
     OutboxRow,
@@ -50,7 +50,7 @@ def files_in(directory: Path) -> list[Path]:
 async def test_deliverer_writes_one_readable_eml_per_receipt(
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     assert settings.smtp_url is None
@@ -108,7 +108,7 @@ async def test_fulfillment_over_http_writes_the_receipt_file(
 async def test_resending_a_receipt_replaces_its_file(
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     """A deliverer wrote the file and died before recording it; after its lease another
@@ -141,7 +141,7 @@ async def test_resending_a_receipt_replaces_its_file(
 async def test_unwritable_mail_dir_is_a_temporary_failure(
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
     tmp_path: Path,
 ) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from rpc_server.config import Settings
-from rpc_server.database import create_engine
+from rpc_server.db.stock_engine import stock_engine
 from rpc_server.deliverer import build_deliverer
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.integration.smtp_server import SmtpServer, fulfilled_purchase, more_courses
 from tests.processes import RPC_SERVER
@@ -36,7 +36,7 @@ def smtp() -> Iterator[SmtpServer]:
     server.stop()
 
 
-async def make_receipts(uow_factory: SqlAlchemyUnitOfWorkFactory, world: World) -> set[str]:
+async def make_receipts(uow_factory: SqlUnitOfWorkFactory, world: World) -> set[str]:
     """Alice and bob each buy and pay for half as many courses as there are receipts."""
     courses = await more_courses(uow_factory, RECEIPTS // 2)
     return {
@@ -54,16 +54,16 @@ def assert_each_sent_once(smtp: SmtpServer, purchase_ids: set[str]) -> None:
 
 async def test_two_deliverers_racing_send_each_receipt_once(
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     smtp: SmtpServer,
 ) -> None:
     purchase_ids = await make_receipts(uow_factory, world)
     smtp_settings = dataclasses.replace(settings, smtp_url=smtp.url)
-    engines = [create_engine(settings.database_url) for _ in range(2)]
+    engines = [stock_engine(settings.database_url) for _ in range(2)]
     try:
         deliverers = [
-            build_deliverer(smtp_settings, SqlAlchemyUnitOfWorkFactory(engine))
+            build_deliverer(smtp_settings, SqlUnitOfWorkFactory(engine))
             for engine in engines
         ]
         for deliverer in deliverers:
@@ -80,7 +80,7 @@ async def test_two_deliverers_racing_send_each_receipt_once(
 @pytest.mark.backends("postgresql")
 async def test_deliverer_processes_racing_send_each_receipt_once(
     database_url: str,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     smtp: SmtpServer,
     tmp_path: Path,

@@ -28,7 +28,7 @@ from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain import services
 from rpc_server.mailer import NO_STARTTLS, NO_TLS_FOR_CREDENTIALS, SmtpMailer
 from rpc_server.receipts import build_receipt, message_id_for
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.integration.smtp_server import (
     HOST,
@@ -239,7 +239,7 @@ async def test_hanging_smtp_server_does_not_slow_fulfillment(
     open_shop: OpenShop,
     world: World,
     engine: AsyncEngine,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
 ) -> None:
     """A server that accepts connections and never greets holds the deliverer in a send
     (for up to the SMTP timeout); fulfillments meanwhile answer at once, because no
@@ -296,7 +296,7 @@ async def test_rejected_recipient_is_dead_and_the_rest_of_the_batch_is_sent(
     smtp: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     smtp.reject(ALICE)
@@ -327,7 +327,7 @@ async def test_temporary_failure_backs_off_then_delivers_once(
     smtp: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     smtp.fail_data(2)
@@ -359,7 +359,7 @@ async def test_temporary_failure_backs_off_then_delivers_once(
 async def test_message_is_dead_after_max_attempts_and_keeps_its_last_error(
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     closed = f"smtp://{HOST}:{free_port()}"
@@ -382,7 +382,7 @@ async def test_requeued_dead_message_is_delivered(
     smtp: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     smtp.reject(ALICE)
@@ -412,7 +412,7 @@ async def test_claim_of_a_crashed_deliverer_is_sent_once_its_lease_runs_out(
     smtp: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     purchase_id = await fulfilled_purchase(uow_factory, world.alice.actor)
@@ -447,7 +447,7 @@ async def test_deliverer_that_died_after_sending_causes_a_duplicate_with_the_sam
     smtp: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     """At worst a receipt is sent twice, with one Message-ID; it is never lost."""
@@ -509,7 +509,7 @@ def _with_ca(url: str, ca: LocalCa) -> str:
 
 
 async def _deliver_once(
-    url: str, settings: Settings, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    url: str, settings: Settings, uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     deliverer = build_deliverer(fast(settings, url), uow_factory)
     await fulfilled_purchase(uow_factory, world.alice.actor)
@@ -521,7 +521,7 @@ async def test_credentials_go_over_starttls(
     local_ca: LocalCa,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     """No ?starttls=1 needed: the server offers STARTTLS, so the connection is upgraded
@@ -539,7 +539,7 @@ async def test_without_credentials_the_connection_is_upgraded_when_offered(
     local_ca: LocalCa,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
 ) -> None:
     await _deliver_once(
         _with_ca(f"smtp://{HOST}:{smtp_with_starttls.port}", local_ca),
@@ -553,7 +553,7 @@ async def test_credentials_are_never_sent_to_a_server_without_starttls(
     smtp_with_login: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     """The server would take AUTH in plain text: the deliverer refuses to send it, and
@@ -571,7 +571,7 @@ async def test_starttls_1_requires_it(
     smtp: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     await _deliver_once(f"{smtp.url}?starttls=1", settings, uow_factory, world)
@@ -585,7 +585,7 @@ async def test_plain_text_without_credentials_when_no_starttls_is_offered_or_wit
     smtp_with_starttls: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
 ) -> None:
     await _deliver_once(smtp.url, settings, uow_factory, world)
     [received] = smtp.received
@@ -605,7 +605,7 @@ async def test_an_untrusted_certificate_is_refused_before_anything_is_sent(
     smtp_with_starttls: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     """Without ?cafile= the test CA is not trusted: no login, no message, a clear error."""
@@ -625,7 +625,7 @@ async def test_wrong_password_is_retried_not_dead(
     local_ca: LocalCa,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     """Wrong credentials are the operator's to fix; receipts wait meanwhile."""
@@ -656,7 +656,7 @@ async def test_stop_during_a_send_finishes_it_returns_promptly_and_releases_the_
     smtp: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     for course in ("python-basics", "sql-fundamentals", *await more_courses(uow_factory, 1)):
@@ -689,7 +689,7 @@ async def test_stop_during_a_send_finishes_it_returns_promptly_and_releases_the_
 
 
 async def test_stop_while_idle_returns_at_once(
-    smtp: SmtpServer, settings: Settings, uow_factory: SqlAlchemyUnitOfWorkFactory
+    smtp: SmtpServer, settings: Settings, uow_factory: SqlUnitOfWorkFactory
 ) -> None:
     deliverer = build_deliverer(fast(settings, smtp.url, mail_poll_interval=30.0), uow_factory)
     task = asyncio.create_task(deliverer.run())
@@ -717,7 +717,7 @@ async def test_receipt_that_cannot_be_built_is_dead_and_does_not_block_the_batch
     smtp: SmtpServer,
     world: World,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     engine: AsyncEngine,
 ) -> None:
     """A course title with a line break (``create-course --title`` accepts one) cannot

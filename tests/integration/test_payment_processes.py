@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.config import Settings
 from rpc_server.domain import services
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.integration.smtp_server import SmtpServer, assert_is_receipt, eventually
 from tests.payments import TEST_PAYMENT_KEY, proof_for, webhook_request
@@ -71,7 +71,7 @@ async def by_proof(
 async def test_fifty_webhooks_and_fifty_proofs_of_one_payment_over_two_processes_apply_once(
     database_url: str,
     engine: AsyncEngine,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     smtp: SmtpServer,
     tmp_path: Path,

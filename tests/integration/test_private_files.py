@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from rpc_server.database import create_engine
+from rpc_server.db.stock_engine import stock_engine
 from rpc_server.mailer import FileMailer
 from rpc_server.migrate import migrate
 from rpc_server.receipts import Receipt, build_receipt
@@ -44,7 +44,7 @@ async def test_the_database_file_and_its_wal_and_shm_are_private(
     await migrate(sqlite_url(path))
     assert mode(path) == 0o600
 
-    engine = create_engine(sqlite_url(path))
+    engine = stock_engine(sqlite_url(path))
     try:
         async with engine.begin() as connection:
             await connection.execute(

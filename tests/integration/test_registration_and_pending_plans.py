@@ -20,7 +20,7 @@ from sqlalchemy.sql import Executable
 
 from rpc_server import repositories
 from rpc_server.domain import services
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 
 NUMBERS = "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < :count) "
@@ -76,7 +76,7 @@ async def plan(engine: AsyncEngine, statement: Executable, values: dict[str, Any
 
 
 async def test_a_page_of_registrations_reads_the_user_id_id_index_in_order(
-    engine: AsyncEngine, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    engine: AsyncEngine, uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     alice, bob = world.alice.actor.user_id, world.bob.actor.user_id
     await add_purchases(engine, alice, world.python.pk, 300, "fulfilled")

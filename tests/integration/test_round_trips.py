@@ -24,7 +24,7 @@ from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.records import Purchase
 from rpc_server.domain.states import PurchaseState
 from rpc_server.sqlite_driver import OneHopConnection
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import FRONTEND_URL, World
 from tests.integration.paying import VERIFIER
 
@@ -72,14 +72,14 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 @pytest.fixture
-async def purchase(uow_factory: SqlAlchemyUnitOfWorkFactory, world: World) -> Purchase:
+async def purchase(uow_factory: SqlUnitOfWorkFactory, world: World) -> Purchase:
     """A pending purchase of alice's (made before the counting starts)."""
     return await services.create_purchase(uow_factory, world.alice.actor, course="python-basics")
 
 
 @pytest.mark.backends("sqlite")
 async def test_a_read_is_one_trip_on_sqlite(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, purchase: Purchase, trips: Counter[str]
+    uow_factory: SqlUnitOfWorkFactory, world: World, purchase: Purchase, trips: Counter[str]
 ) -> None:
     found = await services.get_purchase(
         uow_factory, world.alice.actor, purchase_id=purchase.purchase_id
@@ -90,7 +90,7 @@ async def test_a_read_is_one_trip_on_sqlite(
 
 @pytest.mark.backends("sqlite")
 async def test_a_fulfillment_is_its_statements_in_one_transaction_on_sqlite(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, purchase: Purchase, trips: Counter[str]
+    uow_factory: SqlUnitOfWorkFactory, world: World, purchase: Purchase, trips: Counter[str]
 ) -> None:
     # The payment backend's call (a payments-scope token: no proof to check).
     await services.fulfill_purchase(
@@ -107,7 +107,7 @@ async def test_a_fulfillment_is_its_statements_in_one_transaction_on_sqlite(
 
 @pytest.mark.backends("sqlite")
 async def test_a_failed_write_rolls_back_in_one_trip(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, trips: Counter[str]
+    uow_factory: SqlUnitOfWorkFactory, world: World, trips: Counter[str]
 ) -> None:
     with pytest.raises(NotFound):
         await services.create_purchase(uow_factory, world.alice.actor, course="no-such-course")
@@ -115,7 +115,7 @@ async def test_a_failed_write_rolls_back_in_one_trip(
 
 
 async def test_reads_run_outside_transactions_and_writes_inside_one(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, statements: list[str]
+    uow_factory: SqlUnitOfWorkFactory, world: World, statements: list[str]
 ) -> None:
     async with uow_factory() as uow:
         await uow.courses.list_all()
@@ -142,11 +142,11 @@ def test_pre_ping_is_a_setting_for_postgresql_only() -> None:
 
 @pytest.mark.backends("postgresql")
 async def test_pre_ping_engine_serves_calls(database_url: str, world: World) -> None:
-    from rpc_server.database import create_engine
+    from rpc_server.db.stock_engine import stock_engine
 
-    engine = create_engine(database_url, pool_pre_ping=True)
+    engine = stock_engine(database_url, pool_pre_ping=True)
     try:
-        actor = await services.authenticate(SqlAlchemyUnitOfWorkFactory(engine), world.bob.token)
+        actor = await services.authenticate(SqlUnitOfWorkFactory(engine), world.bob.token)
         async with engine.connect() as connection:
             assert (await connection.execute(text("SELECT 1"))).scalar() == 1
     finally:
@@ -157,7 +157,7 @@ async def test_pre_ping_engine_serves_calls(database_url: str, world: World) -> 
 async def test_a_batch_of_gets_reads_one_statement_per_round_of_its_lanes(
     client: Any,
     settings: Settings,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     statements: list[str],
 ) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.database import SQLITE_BUSY_TIMEOUT_MS
 from rpc_server.domain import services
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 
 
@@ -26,7 +26,7 @@ async def test_pragmas(engine: AsyncEngine) -> None:
 
 
 async def test_uncommitted_unit_of_work_rolls_back(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, engine: AsyncEngine
+    uow_factory: SqlUnitOfWorkFactory, engine: AsyncEngine
 ) -> None:
     async with uow_factory(write=True) as uow:
         await uow.courses.save(slug="temp", title="T", price=Decimal("1.00"), currency="USD")
@@ -36,7 +36,7 @@ async def test_uncommitted_unit_of_work_rolls_back(
 
 
 async def test_database_refuses_a_second_registration(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     purchase = await services.create_purchase(
         uow_factory, world.alice.actor, course="python-basics"
@@ -50,7 +50,7 @@ async def test_database_refuses_a_second_registration(
 
 
 async def test_concurrent_read_then_write_transactions_do_not_lock(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     """50 concurrent read-then-write units of work: BEGIN IMMEDIATE serializes them."""
     purchases = await asyncio.gather(

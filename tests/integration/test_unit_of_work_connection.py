@@ -22,10 +22,10 @@ from sqlalchemy.pool import QueuePool
 
 from models import User as UserRow
 from rpc_server.connection_pool import PoolGate
-from rpc_server.database import create_engine
+from rpc_server.db.stock_engine import stock_engine
 from rpc_server.domain import services
 from rpc_server.drivers import AsyncpgDriver, SqliteDriver
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 
 
@@ -35,13 +35,13 @@ def checked_out(engine: AsyncEngine) -> int:
     return pool.checkedout()
 
 
-async def count_users(uow_factory: SqlAlchemyUnitOfWorkFactory) -> int:
+async def count_users(uow_factory: SqlUnitOfWorkFactory) -> int:
     async with uow_factory() as uow:
         return int(await uow.connection.scalar(select(func.count()).select_from(UserRow)))
 
 
 async def test_a_duplicate_is_sqlalchemys_integrity_error_and_nothing_is_kept(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     users = await count_users(uow_factory)
     now = datetime.now(UTC)
@@ -58,7 +58,7 @@ async def test_a_duplicate_is_sqlalchemys_integrity_error_and_nothing_is_kept(
 
 
 async def test_values_come_back_as_python_values(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> None:
     """SQLite keeps decimals, datetimes and booleans as text, floats and integers: they
     come back as Python's, as SQLAlchemy's result processing made them."""
@@ -79,7 +79,7 @@ async def test_values_come_back_as_python_values(
 @pytest.mark.parametrize("where", ["rollback", "statement"])
 async def test_a_call_cancelled_mid_unit_of_work_gives_its_connection_back(
     where: str,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -124,8 +124,8 @@ async def test_a_call_cancelled_mid_unit_of_work_gives_its_connection_back(
 async def test_units_of_work_beyond_the_pool_wait_their_turn(database_url: str) -> None:
     """Twenty units of work on two connections: each waits for one to come back (not for
     the pool timeout), and every connection is back at the end."""
-    engine = create_engine(database_url, pool_size=2, max_overflow=0, pool_timeout=5)
-    uow_factory = SqlAlchemyUnitOfWorkFactory(engine)
+    engine = stock_engine(database_url, pool_size=2, max_overflow=0, pool_timeout=5)
+    uow_factory = SqlUnitOfWorkFactory(engine)
     in_use = {"now": 0, "most": 0}
 
     async def call() -> None:
@@ -148,7 +148,7 @@ async def test_units_of_work_beyond_the_pool_wait_their_turn(database_url: str) 
 
 
 async def test_waiting_for_a_connection_times_out_as_the_pool_does(database_url: str) -> None:
-    engine = create_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
+    engine = stock_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
     gate = PoolGate(engine)
     try:
         held = await gate.checkout()
@@ -169,7 +169,7 @@ async def test_a_waiter_cancelled_as_it_is_woken_passes_the_connection_on(
 ) -> None:
     """The connection that came back for a call that was cancelled at that moment (its
     timeout) goes to the next waiting call, rather than idling until that one times out."""
-    engine = create_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=5)
+    engine = stock_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=5)
     gate = PoolGate(engine)
     try:
         held = await gate.checkout()

@@ -39,7 +39,7 @@ from sqlalchemy.pool import NullPool
 
 from rpc_server.app import create_app
 from rpc_server.config import Settings
-from rpc_server.database import create_engine
+from rpc_server.db.stock_engine import stock_engine
 from rpc_server.domain.tokens import hash_token, new_token
 from rpc_server.migrate import alembic_config, migrate
 from tests import databases
@@ -251,7 +251,7 @@ async def test_a_database_of_the_previous_release_upgrades_intact_and_works(
 ) -> None:
     url = empty_database_url
     await migrate(url, PREVIOUS_RELEASE)
-    engine = create_engine(url, poolclass=NullPool)
+    engine = stock_engine(url, poolclass=NullPool)
     try:
         old = await fill_previous_release(engine)
         before = await snapshot(engine)

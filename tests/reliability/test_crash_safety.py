@@ -33,7 +33,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.domain import services
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.integration.paying import serialized
 from tests.reliability.load import (
@@ -78,7 +78,7 @@ def fulfill_params(exchange: Exchange) -> dict[str, Any] | None:
 async def test_kill_9_under_concurrent_fulfills_loses_and_duplicates_nothing(
     database_url: str,
     engine: AsyncEngine,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     tmp_path: Path,
 ) -> None:

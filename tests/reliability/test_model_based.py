@@ -98,7 +98,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from rpc_server.database import SQLITE_IMMEDIATE
 from rpc_server.domain import services
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import FRONTEND_URL, World
 from tests.payments import TEST_PAYMENT_KEY, webhook_request
 from tests.processes import running_server
@@ -1351,7 +1351,7 @@ async def test_random_call_sequences_agree_with_the_model(
     backend: str,
     database_url: str,
     engine: AsyncEngine,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     tmp_path: Path,
 ) -> None:

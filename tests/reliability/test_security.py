@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server.domain import services
 from rpc_server.domain.tokens import hash_token
 from rpc_server.methods import REGISTRY
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.processes import RPC_SERVER
 
@@ -58,7 +58,7 @@ def params_for(method: str, purchase_id: str) -> dict[str, Any]:
 
 @pytest.fixture
 async def dead_tokens(
-    database_url: str, uow_factory: SqlAlchemyUnitOfWorkFactory, world: World
+    database_url: str, uow_factory: SqlUnitOfWorkFactory, world: World
 ) -> dict[str, str]:
     """Tokens that must no longer work: expired, revoked one by one, revoked per user."""
     long_ago = datetime(2020, 1, 1, tzinfo=UTC)
@@ -82,7 +82,7 @@ async def dead_tokens(
 async def test_object_level_authorization_for_every_method(
     client: TestClient[Any, Any],
     engine: AsyncEngine,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     dead_tokens: dict[str, str],
 ) -> None:

@@ -48,7 +48,7 @@ from rpc_server.errors import (
     METHOD_NOT_FOUND,
     NOT_FOUND,
 )
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.reliability.load import (
     RpcLoad,
@@ -207,7 +207,7 @@ async def sample_rss(server: ServerProcess, samples: list[tuple[float, int]], un
 async def test_mixed_frontend_load_soaks_without_errors_or_memory_growth(
     database_url: str,
     engine: AsyncEngine,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     tmp_path: Path,
 ) -> None:

@@ -1,0 +1,109 @@
+"""The audit trail of purchase state changes (``purchase_events``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import bindparam, insert, select, update
+
+from models import EventSequence as EventSequenceRow
+from models import Purchase as PurchaseRow
+from models import PurchaseEvent as PurchaseEventRow
+from models import User as UserRow
+from rpc_server.db.repositories.rows import UnitOfWorkConnection, as_utc
+from rpc_server.domain.records import (
+    Backing,
+    NewPurchaseEvent,
+    PurchaseEventRecord,
+    Source,
+)
+from rpc_server.domain.states import PurchaseState, Scope
+
+# The next sequence number; its row lock is held until the transaction ends, which is
+# what makes numbers follow commit order (models.EventSequence).
+_NEXT_SEQ = (
+    update(EventSequenceRow)
+    .where(EventSequenceRow.id == 1)
+    .values(last_seq=EventSequenceRow.last_seq + 1)
+    .returning(EventSequenceRow.last_seq)
+)
+_INSERT_EVENT = insert(PurchaseEventRow)
+_EVENTS_OF_PURCHASE = (
+    select(
+        PurchaseEventRow.seq,
+        PurchaseRow.purchase_id,
+        PurchaseEventRow.from_state,
+        PurchaseEventRow.to_state,
+        PurchaseEventRow.actor_user_id,
+        UserRow.email,
+        PurchaseEventRow.actor_scope,
+        PurchaseEventRow.source,
+        PurchaseEventRow.evidence,
+        PurchaseEventRow.payment_ref,
+        PurchaseEventRow.error_msg,
+        PurchaseEventRow.created_at,
+    )
+    .join(PurchaseRow, PurchaseRow.id == PurchaseEventRow.purchase_id)
+    .outerjoin(UserRow, UserRow.id == PurchaseEventRow.actor_user_id)
+    .where(PurchaseEventRow.purchase_id == bindparam("purchase_pk"))
+    .order_by(PurchaseEventRow.seq)
+)
+_EVENT_OF_PAYMENT = (
+    select(PurchaseEventRow.seq)
+    .where(PurchaseEventRow.payment_event_id == bindparam("event_id"))
+    .limit(1)
+)
+
+
+class SqlPurchaseEventRepository:
+    """The audit trail of purchase state changes (``purchase_events``)."""
+
+    def __init__(self, connection: UnitOfWorkConnection):
+        self.connection = connection
+
+    async def append(self, event: NewPurchaseEvent, *, now: datetime) -> int:
+        seq = await self.connection.scalar(_NEXT_SEQ)
+        assert seq is not None, "event_sequence has no row: run rpc-server migrate"
+        await self.connection.execute(
+            _INSERT_EVENT,
+            {
+                "seq": seq,
+                "purchase_id": event.purchase_pk,
+                "from_state": None if event.from_state is None else event.from_state.value,
+                "to_state": event.to_state.value,
+                "actor_user_id": event.actor.user_id,
+                "actor_scope": None if event.actor.scope is None else event.actor.scope.value,
+                "source": event.source.value,
+                "evidence": None if event.backing is None else event.backing.value,
+                "payment_event_id": event.payment_event_id,
+                "payment_ref": event.payment_ref,
+                "error_msg": event.error_msg,
+                "created_at": now,
+            },
+        )
+        return int(seq)
+
+    async def list_for(self, purchase_pk: int) -> list[PurchaseEventRecord]:
+        rows = await self.connection.execute(_EVENTS_OF_PURCHASE, {"purchase_pk": purchase_pk})
+        return [
+            PurchaseEventRecord(
+                seq=seq,
+                purchase_id=purchase_id,
+                from_state=None if from_state is None else PurchaseState(from_state),
+                to_state=PurchaseState(to_state),
+                actor_user_id=actor_user_id,
+                actor_email=email,
+                actor_scope=None if scope is None else Scope(scope),
+                source=Source(source),
+                backing=None if evidence is None else Backing(evidence),
+                payment_ref=payment_ref,
+                error_msg=error_msg,
+                created_at=as_utc(created_at),
+            )
+            for (seq, purchase_id, from_state, to_state, actor_user_id, email, scope, source,
+                 evidence, payment_ref, error_msg, created_at) in rows
+        ]  # fmt: skip
+
+    async def payment_event_applied(self, event_id: str) -> bool:
+        found = await self.connection.scalar(_EVENT_OF_PAYMENT, {"event_id": event_id})
+        return found is not None

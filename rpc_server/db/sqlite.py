@@ -1,0 +1,160 @@
+"""SQLite: plain aiosqlite connections in a small pool of our own.
+
+SQLite is tuned for a server: WAL (readers never block the writer), a busy timeout,
+foreign keys on, ``synchronous=NORMAL``, and the sqlite3 module leaving BEGIN to us
+(``isolation_level=None``). A unit of work that will write starts with ``BEGIN
+IMMEDIATE``: a deferred transaction that reads and then writes fails at once with
+"database is locked" whatever the busy timeout, because SQLite cannot upgrade its read
+lock while another writer holds the database.
+
+Each aiosqlite connection owns a thread, and every call is one trip to it (a thread
+switch and an event-loop wake-up); a statement is one trip here (``execute_fetchall``),
+and a commit or rollback costs none when SQLite has no transaction open
+(``in_transaction``). Only aiosqlite's public API is used.
+
+``SqlitePool`` keeps up to ``size`` idle connections and lets ``size + overflow`` be out
+at once; a caller beyond that waits up to ``timeout`` seconds (then the pool's
+``TimeoutError``, -32000). A connection given back beyond ``size`` is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import aiosqlite
+from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
+from sqlalchemy.engine import URL
+
+from rpc_server.db.compile import StatementCache
+from rpc_server.db.errors import pool_timeout, sqlalchemy_error
+from rpc_server.private_files import create_private_file
+
+BUSY_TIMEOUT_MS = 30_000
+SETUP = (
+    "PRAGMA journal_mode=WAL;"
+    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS};"
+    "PRAGMA foreign_keys=ON;"
+    "PRAGMA synchronous=NORMAL;"
+)
+
+
+def sqlite_dialect() -> SQLiteDialect_aiosqlite:
+    """The dialect statements are compiled for (and that reads the URL's options)."""
+    return SQLiteDialect_aiosqlite(dbapi=SQLiteDialect_aiosqlite.import_dbapi())
+
+
+class SqliteEngine:
+    """The SQLite side of ``rpc_server.db.connection.Engine``."""
+
+    dialect_name = "sqlite"
+    begin_sql = "BEGIN IMMEDIATE"
+
+    def __init__(
+        self,
+        url: URL,
+        *,
+        size: int,
+        overflow: int,
+        timeout: float,
+        private_file: Path | None = None,
+    ):
+        dialect = sqlite_dialect()
+        # The same file name and sqlite3 arguments SQLAlchemy would use for this URL.
+        self._args, kwargs = dialect.create_connect_args(url)
+        self._kwargs = {**kwargs, "isolation_level": None}
+        self._private_file = private_file
+        # SQLite hands back decimals and datetimes as floats and text: results processed.
+        self.statements = StatementCache(dialect, process_results=True)
+        self._size, self._timeout = size, timeout
+        self._slots = asyncio.Semaphore(size + overflow)
+        self._idle: list[aiosqlite.Connection] = []
+        self._closed = False
+
+    async def connect(self) -> aiosqlite.Connection:
+        """A new connection, tuned (also what the CLI's tools use)."""
+        if self._private_file is not None:
+            # A database file the server creates is its user's alone; SQLite gives its
+            # -wal and -shm files the same mode. Where the file cannot be made (no such
+            # directory), SQLite reports that in its own words.
+            with contextlib.suppress(OSError):
+                create_private_file(self._private_file)
+        connection = aiosqlite.connect(*self._args, **self._kwargs)
+        await connection
+        try:
+            await connection.executescript(SETUP)
+        except BaseException:
+            await connection.close()
+            raise
+        return connection
+
+    async def acquire(self) -> aiosqlite.Connection:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise pool_timeout(self._size, self._timeout) from None
+        try:
+            if self._idle:
+                return self._idle.pop()
+            return await self.connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def release(self, connection: aiosqlite.Connection) -> None:
+        try:
+            if self._closed or len(self._idle) >= self._size:
+                await connection.close()
+            else:
+                self._idle.append(connection)
+        finally:
+            self._slots.release()
+
+    def discard(self, connection: aiosqlite.Connection) -> None:
+        connection.stop()  # closes the sqlite3 connection on its thread, then ends it
+        self._slots.release()
+
+    async def fetch(
+        self, connection: aiosqlite.Connection, sql: str, arguments: Sequence[Any]
+    ) -> Sequence[Any]:
+        # A list of tuples (aiosqlite annotates it as an iterable of rows).
+        return cast(Sequence[Any], await connection.execute_fetchall(sql, arguments))
+
+    async def begin_and_fetch(
+        self, connection: aiosqlite.Connection, sql: str, arguments: Sequence[Any]
+    ) -> Sequence[Any]:
+        await connection.execute_fetchall(self.begin_sql)
+        return cast(Sequence[Any], await connection.execute_fetchall(sql, arguments))
+
+    async def commit(self, connection: aiosqlite.Connection) -> None:
+        if connection.in_transaction:
+            await connection.commit()
+
+    async def rollback(self, connection: aiosqlite.Connection) -> None:
+        if connection.in_transaction:
+            await connection.rollback()
+
+    def is_gone(self, connection: aiosqlite.Connection, error: BaseException) -> bool:
+        return False  # a file: nothing goes away between statements
+
+    def translate(self, error: Exception, sql: str, invalidated: bool) -> Exception | None:
+        if not isinstance(error, sqlite3.Error):
+            return None
+        return sqlalchemy_error(
+            error,
+            sql,
+            invalidated,
+            integrity=isinstance(error, sqlite3.IntegrityError),
+            unavailable=isinstance(error, sqlite3.OperationalError),
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.close()
