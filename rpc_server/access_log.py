@@ -32,8 +32,7 @@ import logging
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.log import access_logger
-from aiohttp.web_request import BaseRequest
-from aiohttp.web_response import StreamResponse
+from aiohttp.web import BaseRequest, StreamResponse
 
 from rpc_server.log_output import escape
 from rpc_server.request_id import HEADER as REQUEST_ID_HEADER

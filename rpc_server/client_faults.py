@@ -1,7 +1,7 @@
 """A client's faults are not the server's: one INFO line each, never an ERROR or a 500.
 
 Where it sits: ``read_body`` (``rpc_server.app``) reads every request body inside
-``receiving_body``, and ``serve`` (``rpc_server.workers``) gives aiohttp
+``receiving_body``, and ``start_serving`` (``rpc_server.serving``) gives aiohttp
 ``server_logger()`` as the logger of its HTTP protocol.
 
 - A body that stops arriving: at the request's read deadline (``RPC_SERVER_READ_TIMEOUT``,

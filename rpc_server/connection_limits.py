@@ -1,10 +1,11 @@
 """Connection limits: a cap on open connections, and a deadline for every request to arrive.
 
-This sits between the listening socket and aiohttp. ``serve`` (``rpc_server.workers``)
-creates its asyncio server with ``ConnectionGuard.protocol`` as the protocol factory;
-each accepted connection is a ``GuardedConnection``, which hands every byte on to the
-protocol aiohttp makes for it (``AppRunner.server``, aiohttp's public protocol factory)
-and keeps two limits aiohttp does not have:
+This sits between the listening socket and aiohttp. ``start_serving``
+(``rpc_server.serving``, in one process or in each gunicorn worker) creates its asyncio
+servers with ``ConnectionGuard.protocol`` as the protocol factory; each accepted
+connection is a ``GuardedConnection``, which hands every byte on to the protocol aiohttp
+makes for it (``AppRunner.server``, aiohttp's public protocol factory) and keeps two
+limits aiohttp does not have:
 
 - **The cap** (``RPC_SERVER_MAX_CONNECTIONS``, per process). A connection past it is
   answered at once with HTTP 503 and a JSON-RPC error (``Retry-After: 1``, then

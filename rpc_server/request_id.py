@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import re
 import secrets
 from contextvars import ContextVar
@@ -27,6 +28,16 @@ current_request_id: ContextVar[str] = ContextVar("request_id", default="-")
 # which reads the system's random source every time.
 _PREFIX = secrets.token_hex(8)
 _counter = itertools.count(1)
+
+
+def _start_afresh() -> None:
+    """A forked process (a gunicorn worker) is a new process: its own prefix, count from 1."""
+    global _PREFIX, _counter
+    _PREFIX = secrets.token_hex(8)
+    _counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_start_afresh)
 
 
 def new_request_id() -> str:

@@ -39,9 +39,11 @@ import aiosqlite
 import asyncpg
 from sqlalchemy import make_url
 
-from rpc_server import repositories
 from rpc_server.context import RpcContext
+from rpc_server.db.engines import open_engine
+from rpc_server.db.repositories import purchases
 from rpc_server.db.stock_engine import stock_engine
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.envelope import answer
@@ -49,7 +51,6 @@ from rpc_server.json_codec import Fragment
 from rpc_server.methods import REGISTRY
 from rpc_server.payment_signatures import PaymentSignatures
 from rpc_server.token_cache import ActorCache
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.benchmarks.seed import create_database, drop_database
 
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -70,8 +71,9 @@ async def cpu_per_call(step: Callable[[], Awaitable[Any]], calls: int) -> float:
 
 
 async def measure(engine_name: str, url: str, calls: int) -> list[tuple[str, float]]:
-    engine = stock_engine(url)
-    uow_factory = SqlUnitOfWorkFactory(engine)
+    engine = stock_engine(url)  # SQLAlchemy's own execution, for reference
+    db_engine = open_engine(url)
+    uow_factory = SqlUnitOfWorkFactory(db_engine)
     try:
         await services.save_course(
             uow_factory, slug="c", title="Course", price=Decimal("9.50"),
@@ -81,7 +83,7 @@ async def measure(engine_name: str, url: str, calls: int) -> list[tuple[str, flo
         actor = await services.authenticate(uow_factory, token)
         assert actor is not None
         purchase = await services.create_purchase(uow_factory, actor, course="c")
-        statement = repositories._OWN_PURCHASE_BY_ID
+        statement = purchases._OWN_PURCHASE_BY_ID
         params = {"purchase_id": purchase.purchase_id, "owner_id": actor.user_id}
         compiled = statement.compile(dialect=engine.dialect)
         sql = str(compiled)
@@ -161,6 +163,7 @@ async def measure(engine_name: str, url: str, calls: int) -> list[tuple[str, flo
         return results
     finally:
         await engine.dispose()
+        await db_engine.close()
 
 
 async def main() -> None:

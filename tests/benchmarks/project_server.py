@@ -2,7 +2,7 @@
 
 Measured runs start the project exactly as deployed (``rpc-server serve``). This launcher
 starts the same thing (settings from ``RPC_SERVER_*``, the CLI's logging,
-``rpc_server.workers.run_server``) with the app that ``create_app`` builds wrapped by
+``rpc_server.serving.run_server``) with the app that ``create_app`` builds wrapped by
 ``instrumentation.attach`` (``--count-to``, ``--profile-to``).
 
     python -m tests.benchmarks.project_server --port P [--count-to PATH] [--profile-to PREFIX]
@@ -14,9 +14,9 @@ import argparse
 
 from aiohttp import web
 
-from rpc_server import workers
-from rpc_server.cli import configure_logging
+from rpc_server import serving
 from rpc_server.config import Settings
+from rpc_server.log_output import configure_logging
 from tests.benchmarks import instrumentation
 
 
@@ -29,15 +29,15 @@ def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level)
     # run_server builds its app with the create_app it imported: wrap that one.
-    create_app = getattr(workers, "create_app")  # noqa: B009
+    create_app = getattr(serving, "create_app")  # noqa: B009
 
     def create_instrumented_app(settings: Settings) -> web.Application:
         app: web.Application = create_app(settings)
         instrumentation.attach(app, args)
         return app
 
-    setattr(workers, "create_app", create_instrumented_app)  # noqa: B010
-    workers.run_server(settings, args.host, args.port)
+    setattr(serving, "create_app", create_instrumented_app)  # noqa: B010
+    serving.run_server(settings, args.host, args.port)
 
 
 if __name__ == "__main__":

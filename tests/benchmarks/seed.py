@@ -28,12 +28,12 @@ from typing import Protocol
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from rpc_server.db.stock_engine import stock_engine
+from rpc_server.db.engines import open_engine
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.records import Course
 from rpc_server.domain.states import Scope
 from rpc_server.migrate import migrate
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests import databases
 
 
@@ -319,9 +319,9 @@ async def seed(engine: str, url: str, sizes: Sizes, rng: random.Random) -> Datas
     """Users with tokens, two courses, and the purchases every workload needs."""
     loop = asyncio.get_running_loop()
     started = loop.time()
-    sa_engine = stock_engine(url)
+    db_engine = open_engine(url)
     try:
-        uow = SqlUnitOfWorkFactory(sa_engine)
+        uow = SqlUnitOfWorkFactory(db_engine)
 
         async def user(email: str, scope: Scope = Scope.BUYER) -> BenchUser:
             token = await services.issue_token(uow, email, scope=scope)
@@ -353,7 +353,7 @@ async def seed(engine: str, url: str, sizes: Sizes, rng: random.Random) -> Datas
         crowd = await user("crowd@bench.example")
         mixed_users = [await user(f"mixed{i}@bench.example") for i in range(sizes.mixed_users)]
     finally:
-        await sa_engine.dispose()
+        await db_engine.close()
 
     bulk: Bulk
     if engine == "sqlite":

@@ -1,4 +1,4 @@
-"""Connections as ``rpc-server serve`` serves them (``workers.start_serving``, in this
+"""Connections as ``rpc-server serve`` serves them (``serving.start_serving``, in this
 process so a test can hold a call open): the read deadline, the keep-alive timeout, the
 connection cap, and what a client's faults log (one INFO line; never an ERROR, a
 traceback or a 500).
@@ -22,9 +22,10 @@ from rpc_server.app import create_app
 from rpc_server.config import Settings
 from rpc_server.context import RpcContext
 from rpc_server.domain.records import Actor
+from rpc_server.listening import bind_listeners
 from rpc_server.methods import REGISTRY
 from rpc_server.registry import MethodRegistry, RpcMethod
-from rpc_server.workers import Serving, start_serving
+from rpc_server.serving import Serving, start_serving
 from schemas.base import Out, Params
 from tests.e2e.conftest import INVALID_REQUEST, SERVICE_UNAVAILABLE
 
@@ -118,7 +119,7 @@ async def start(settings: Settings) -> AsyncIterator[StartServer]:
             settings, **{"read_timeout": READ_TIMEOUT, "mail_in_serve": False, **changes}
         )
         app = create_app(tuned, MethodRegistry(methods))
-        serving = await start_serving(app, tuned, "127.0.0.1", 0)
+        serving = await start_serving(app, tuned, bind_listeners("127.0.0.1", 0))
         started.append(serving)
         return serving
 

@@ -1,6 +1,6 @@
 """Graceful shutdown: SIGTERM under load finishes what is in flight and exits 0 in time.
 
-A real ``rpc-server serve`` process (one, and ``--workers 2``) takes a load of slow
+A real ``rpc-server serve`` process (one, and ``--workers 2``: gunicorn) takes a load of slow
 calls (batches of 100 ``purchase.get`` and of 50 ``purchase.list`` of 100, fulfills,
 creates), each over a new connection, while its deliverer sends a backlog of receipts
 to an SMTP server that holds every DATA for a while. SIGTERM comes when a receipt is in
@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.records import Purchase
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
 from tests.conftest import World
 from tests.integration.paying import pay_and_fulfil, serialized
 from tests.reliability.load import (
@@ -67,7 +67,7 @@ HELD_SHUTDOWN_TIMEOUT = 5.0
 
 
 async def seed(
-    uow_factory: SqlAlchemyUnitOfWorkFactory, world: World, *, purchases: int, fulfilled: int
+    uow_factory: SqlUnitOfWorkFactory, world: World, *, purchases: int, fulfilled: int
 ) -> list[Purchase]:
     """``purchases`` pending purchases of alice's, the first ``fulfilled`` of them paid
     for and fulfilled (all created first: once registered, alice cannot buy the course
@@ -117,7 +117,7 @@ async def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(
     workers: int,
     database_url: str,
     engine: AsyncEngine,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     tmp_path: Path,
 ) -> None:
@@ -244,13 +244,15 @@ async def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(
     assert shutdown_seconds <= SHUTDOWN_TIMEOUT + EXIT_SLACK
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_sigterm_waits_for_a_call_whose_body_is_still_arriving(
-    database_url: str, engine: AsyncEngine, world: World, tmp_path: Path
+    workers: int, database_url: str, engine: AsyncEngine, world: World, tmp_path: Path
 ) -> None:
     """A call in flight at SIGTERM whose body is still arriving (a slow client, a large
-    batch) is read to its end and answered; the process exits once it is answered."""
+    batch) is read to its end and answered; the process exits once it is answered (with
+    ``--workers``, the worker that has the call, and then gunicorn's arbiter)."""
     env = server_env(database_url, tmp_path, shutdown_timeout=HELD_SHUTDOWN_TIMEOUT)
-    server = ServerProcess(env, tmp_path / "server.log")
+    server = ServerProcess(env, tmp_path / "server.log", "--workers", str(workers))
     release = asyncio.Event()
     async with RpcLoad(server.url) as load, started(server):
         request = load.request("purchase.create", {"course": "python-basics"})
@@ -275,10 +277,10 @@ async def test_sigterm_waits_for_a_call_whose_body_is_still_arriving(
     purchases = (await database_snapshot(engine)).purchases
 
     print(
-        f"\n[held call {database_url.split(':')[0]}] body completed {HELD_CALL_SECONDS}s after "
-        f"SIGTERM; new connection refused: {refused}; the call: HTTP {exchange.status} "
-        f"{exchange.error or ''} after {answered_after:.2f}s; exit {exit_code} after "
-        f"{shutdown_seconds:.2f}s (timeout {HELD_SHUTDOWN_TIMEOUT}s)"
+        f"\n[held call {database_url.split(':')[0]} workers={workers}] body completed "
+        f"{HELD_CALL_SECONDS}s after SIGTERM; new connection refused: {refused}; the call: "
+        f"HTTP {exchange.status} {exchange.error or ''} after {answered_after:.2f}s; "
+        f"exit {exit_code} after {shutdown_seconds:.2f}s (timeout {HELD_SHUTDOWN_TIMEOUT}s)"
     )
     assert refused
     assert exit_code == 0, server.tail()
@@ -295,7 +297,7 @@ HUNG_SMTP_SECONDS = 10.0
 async def test_sigterm_while_the_mail_server_hangs_still_exits_within_the_timeout(
     database_url: str,
     engine: AsyncEngine,
-    uow_factory: SqlAlchemyUnitOfWorkFactory,
+    uow_factory: SqlUnitOfWorkFactory,
     world: World,
     tmp_path: Path,
 ) -> None:

@@ -33,7 +33,7 @@ _TOKEN_BY_HASH = select(TokenRow.id).where(TokenRow.token_hash == bindparam("tok
 _INSERT_TOKEN = insert(TokenRow)
 _REVOKE_TOKEN = (
     update(TokenRow)
-    .where(TokenRow.token_hash == bindparam("token_hash"), TokenRow.revoked_at.is_(None))
+    .where(TokenRow.token_hash == bindparam("revoked_hash"), TokenRow.revoked_at.is_(None))
     .values(revoked_at=bindparam("now"))
     .returning(TokenRow.id)
 )
@@ -95,7 +95,7 @@ class SqlUserRepository:
 
     async def revoke_token(self, token_hash: str, *, now: datetime) -> bool:
         result = await self.connection.execute(
-            _REVOKE_TOKEN, {"token_hash": token_hash, "now": now}
+            _REVOKE_TOKEN, {"revoked_hash": token_hash, "now": now}
         )
         return result.first() is not None
 
