@@ -28,7 +28,7 @@ from typing import Any, NoReturn, TypeVar
 
 from marshmallow import ValidationError
 
-from rpc_server import __version__, log_output
+from rpc_server import __version__
 from rpc_server.cli_errors import (
     USAGE,
     CommandError,
@@ -46,31 +46,32 @@ from rpc_server.cli_input import (
     token_lifetime,
     worker_count,
 )
-from rpc_server.config import ConfigError, Settings
-from rpc_server.database import create_engine, engine_options, is_sqlite
+from rpc_server.config import ConfigError, Settings, unknown_variables
+from rpc_server.db.engines import engine_from_settings, is_sqlite
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.deliverer import build_deliverer
 from rpc_server.demo import DEMO_PAYMENT_KEY, DemoUser, live_demo_tokens, seed_demo
 from rpc_server.domain import services
+from rpc_server.domain.errors import NotFound
 from rpc_server.domain.links import FrontendLinks
+from rpc_server.domain.outbox import OutboxStatus
+from rpc_server.domain.ports import UnitOfWorkFactory
 from rpc_server.domain.records import PaymentOutcome
 from rpc_server.domain.states import Scope
 from rpc_server.listening import listen_problem
-from rpc_server.log_output import LoopBatchedStreamHandler
+from rpc_server.log_output import configure_logging
 from rpc_server.migrate import migrate
 from rpc_server.payment_signatures import sign
-from rpc_server.request_id import RequestIdFilter
 from rpc_server.schema_version import check_schema, head_revision, quiet_alembic_context_lines
-from rpc_server.unit_of_work import SqlAlchemyUnitOfWorkFactory
-from rpc_server.workers import run_server, supervise
+from rpc_server.serving import run_server
+from rpc_server.worker_pool import run_workers
 from schemas import CourseSaveParams
 
 T = TypeVar("T")
 log = logging.getLogger("rpc_server")
 
 
-def with_database(
-    settings: Settings, work: Callable[[SqlAlchemyUnitOfWorkFactory], Awaitable[T]]
-) -> T:
+def with_database(settings: Settings, work: Callable[[SqlUnitOfWorkFactory], Awaitable[T]]) -> T:
     """Run ``work`` with a unit-of-work factory on the configured database.
 
     The database must exist and be at the latest migration (``CommandError`` or
@@ -80,12 +81,12 @@ def with_database(
     require_database_file(settings.database_url)
 
     async def run() -> T:
-        engine = create_engine(settings.database_url, **engine_options(settings))
+        engine = engine_from_settings(settings)
         try:
             await check_schema(engine)
-            return await work(SqlAlchemyUnitOfWorkFactory(engine))
+            return await work(SqlUnitOfWorkFactory(engine))
         finally:
-            await engine.dispose()
+            await engine.close()
 
     return asyncio.run(run())
 
@@ -198,7 +199,7 @@ def cmd_sign_payment(settings: Settings, args: argparse.Namespace) -> int:
         print("error: no payment key: set RPC_SERVER_PAYMENT_KEYS", file=sys.stderr)
         return 2
 
-    async def work(uow_factory: SqlAlchemyUnitOfWorkFactory) -> Any:
+    async def work(uow_factory: SqlUnitOfWorkFactory) -> Any:
         async with uow_factory() as uow:
             return await uow.purchases.get(args.purchase_id, owner_id=None)
 
@@ -230,8 +231,8 @@ def cmd_sign_payment(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_send_mail(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(uow: SqlAlchemyUnitOfWorkFactory) -> int:
-        deliverer = build_deliverer(settings, uow)
+    async def work(uow_factory: UnitOfWorkFactory) -> int:
+        deliverer = build_deliverer(settings, uow_factory)
         if args.once:
             return await deliverer.deliver_all()
         loop = asyncio.get_running_loop()
@@ -247,42 +248,35 @@ def cmd_send_mail(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_mail_status(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(uow_factory: SqlAlchemyUnitOfWorkFactory) -> tuple[Any, Any]:
-        async with uow_factory() as uow:
-            return await uow.receipts.counts(), await uow.receipts.overview(limit=args.limit)
-
-    counts, entries = with_database(settings, work)
-    print("  ".join(f"{status}: {counts.get(status, 0)}" for status in ("pending", "sent", "dead")))
-    for entry in entries:
+    overview = with_database(
+        settings, lambda uow_factory: services.outbox_overview(uow_factory, limit=args.limit)
+    )
+    print("  ".join(f"{status}: {overview.counts[status]}" for status in OutboxStatus))
+    for entry in overview.entries:
         # Sent: when it went; dead: when it died (recorded then); pending: when it is due.
         when = entry.sent_at if entry.sent_at is not None else entry.next_attempt_at
-        label = {"sent": "sent", "dead": "died"}.get(entry.status, "due")
+        label = {OutboxStatus.SENT: "sent", OutboxStatus.DEAD: "died"}.get(entry.status, "due")
         line = (
             f"{entry.outbox_id:>6}  {entry.status:<7}  attempts={entry.attempts}  "
             f"{label} {when:%Y-%m-%d %H:%M:%S} UTC  purchase={entry.purchase_id}  "
             f"to={entry.recipient}"
         )
-        if entry.status != "sent" and entry.last_error:
+        if entry.status is not OutboxStatus.SENT and entry.last_error:
             line += f"  last_error={entry.last_error}"
         print(line)
     return 0
 
 
 def cmd_mail_retry(settings: Settings, args: argparse.Namespace) -> int:
-    async def work(uow_factory: SqlAlchemyUnitOfWorkFactory) -> str | None:
-        """None once requeued; else the status that kept it ("" for no such message)."""
-        async with uow_factory(write=True) as uow:
-            if await uow.receipts.requeue(args.id, now=services.utcnow()):
-                await uow.commit()
-                return None
-            return await uow.receipts.status_of(args.id) or ""
-
-    refused = with_database(settings, work)
-    if refused == "":
-        raise CommandError(f"no message {args.id} (see rpc-server mail-status)")
-    if refused is not None:
+    try:
+        kept = with_database(
+            settings, lambda uow_factory: services.requeue_receipt(uow_factory, args.id)
+        )
+    except NotFound:
+        raise CommandError(f"no message {args.id} (see rpc-server mail-status)") from None
+    if kept is not None:
         raise CommandError(
-            f"message {args.id} is not dead, it is {refused}: only dead messages are requeued"
+            f"message {args.id} is not dead, it is {kept}: only dead messages are requeued"
         )
     print(f"message {args.id} requeued")
     return 0
@@ -335,26 +329,19 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         )
     workers = args.workers or settings.workers
     try:
-        if workers == 1:
-            run_server(settings, host, port)
-            return 0
-        return supervise(settings, host, port, workers)
+        if workers > 1:
+            # gunicorn's arbiter and N workers (rpc_server.worker_pool). One process is
+            # served right here, not under gunicorn: the same serving code and drain
+            # (rpc_server.serving), without an arbiter process and its heartbeat beside
+            # it, and with the port bound before the app starts (an error is one line).
+            return run_workers(settings, host, port, workers)
+        run_server(settings, host, port)
+        return 0
     except OSError as exc:
         if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise
         # Taken between listen_problem and the server's own bind.
         raise CommandError(f"cannot listen on {host}:{port}: {os.strerror(exc.errno)}") from exc
-
-
-def configure_logging(level: str, log_format: str = "text") -> None:
-    """Log to stderr, each line stamped with the id of the request it belongs to, as
-    escaped text or JSON (written a loop iteration's lines at a time; the formats:
-    ``rpc_server.log_output``)."""
-    handler = LoopBatchedStreamHandler(sys.stderr)
-    handler.setFormatter(log_output.formatter(log_format))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
-    for installed in logging.getLogger().handlers:
-        installed.addFilter(RequestIdFilter())
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -466,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for unknown in unknown_variables():  # a typo'd name would otherwise do nothing
+        print(f"warning: unknown variable {unknown}", file=sys.stderr)
     configure_logging(settings.log_level, settings.log_format)
     quiet_alembic_context_lines()
     run: Callable[[Settings, argparse.Namespace], int] = args.run

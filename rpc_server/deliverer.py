@@ -9,6 +9,9 @@ sent twice, with the same Message-ID, never lost.
 
 Retry timing is stored in the row (``next_attempt_at``), so it survives restarts; that
 is why it is computed here rather than by an in-process retry library.
+
+It works through the ports alone (``UnitOfWorkFactory``, ``ReceiptOutboxRepository``,
+``Mailer``): nothing here knows which database holds the outbox.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from rpc_server.config import Settings
-from rpc_server.db.repositories import ReceiptJob
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain.outbox import OutboxStatus, ReceiptJob
+from rpc_server.domain.ports import UnitOfWorkFactory
 from rpc_server.domain.services import Clock, utcnow
 from rpc_server.mailer import Mailer, PermanentMailError, TemporaryMailError, mailer_for
 from rpc_server.receipts import build_receipt
@@ -49,7 +52,7 @@ class RetryPolicy:
 class ReceiptDeliverer:
     def __init__(
         self,
-        uow_factory: SqlUnitOfWorkFactory,
+        uow_factory: UnitOfWorkFactory,
         mailer: Mailer,
         *,
         mail_from: str,
@@ -122,25 +125,27 @@ class ReceiptDeliverer:
         return total
 
     async def _deliver(self, job: ReceiptJob, token: str) -> None:
-        status, retry_at, error = "sent", None, None
+        status: OutboxStatus = OutboxStatus.SENT
+        retry_at: datetime | None = None
+        error: str | None = None
         try:
             message = build_receipt(job.receipt, mail_from=self.mail_from)
         except ValueError as exc:  # e.g. an address the email library refuses
-            status, error = "dead", f"cannot build the receipt: {exc}"
+            status, error = OutboxStatus.DEAD, f"cannot build the receipt: {exc}"
         else:
             try:
                 await self.mailer.send(message)
             except PermanentMailError as exc:
-                status, error = "dead", str(exc)
+                status, error = OutboxStatus.DEAD, str(exc)
             except TemporaryMailError as exc:
-                status, error = "pending", str(exc)
+                status, error = OutboxStatus.PENDING, str(exc)
             except Exception as exc:  # a bug in a mailer must not stop the deliverer
                 log.exception("unexpected error sending receipt %s", job.outbox_id)
-                status, error = "pending", f"unexpected error: {type(exc).__name__}"
+                status, error = OutboxStatus.PENDING, f"unexpected error: {type(exc).__name__}"
         now = self.clock()
-        if status == "pending":
+        if status is OutboxStatus.PENDING:
             if job.attempts >= self.retry.max_attempts:
-                status = "dead"
+                status = OutboxStatus.DEAD
             else:
                 retry_at = now + timedelta(seconds=self.retry.delay_after(job.attempts))
         self._log(job, status, error, retry_at)
@@ -154,11 +159,13 @@ class ReceiptDeliverer:
             log.warning("receipt %s: lease expired before the outcome was recorded", job.outbox_id)
 
     @staticmethod
-    def _log(job: ReceiptJob, status: str, error: str | None, retry_at: datetime | None) -> None:
+    def _log(
+        job: ReceiptJob, status: OutboxStatus, error: str | None, retry_at: datetime | None
+    ) -> None:
         purchase = job.receipt.purchase_id
-        if status == "sent":
+        if status is OutboxStatus.SENT:
             log.info("receipt for purchase %s sent (attempt %d)", purchase, job.attempts)
-        elif status == "dead":
+        elif status is OutboxStatus.DEAD:
             log.error("receipt for purchase %s is dead after %d attempts: %s",
                       purchase, job.attempts, error)  # fmt: skip
         else:
@@ -166,9 +173,7 @@ class ReceiptDeliverer:
                         purchase, job.attempts, retry_at, error)  # fmt: skip
 
 
-def build_deliverer(
-    settings: Settings, uow_factory: SqlUnitOfWorkFactory
-) -> ReceiptDeliverer:
+def build_deliverer(settings: Settings, uow_factory: UnitOfWorkFactory) -> ReceiptDeliverer:
     """The deliverer the settings describe (mailer, retries, lease, poll interval)."""
     return ReceiptDeliverer(
         uow_factory,

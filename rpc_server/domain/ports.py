@@ -1,7 +1,8 @@
 """What the domain needs from storage, as Protocols.
 
-The SQLAlchemy implementation lives in ``rpc_server.unit_of_work``; unit tests use
-in-memory fakes. Repositories never commit: the unit of work does, once.
+The SQL implementation lives in ``rpc_server.db`` (``unit_of_work``, ``repositories``);
+unit tests use in-memory fakes of the same shape (``tests/unit/fakes.py``).
+Repositories never commit: the unit of work does, once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Protocol, Self
 
+from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptJob
 from rpc_server.domain.records import (
     Actor,
     Course,
@@ -109,7 +111,70 @@ class RegistrationRepository(Protocol):
 
 
 class ReceiptOutboxRepository(Protocol):
-    async def add(self, purchase: Purchase, *, now: datetime) -> None: ...
+    """The receipt outbox (``rpc_server.domain.outbox``): rows written with
+    fulfilments, claimed under a lease and settled by deliverers, inspected and requeued
+    by the operator. Every write here is one conditional statement, so two deliverers
+    (or a deliverer and the operator) never both win a row."""
+
+    async def add(self, purchase: Purchase, *, now: datetime) -> None:
+        """Queue the purchase's receipt, due ``now``, in the fulfilment's transaction.
+
+        At most one receipt per purchase (UNIQUE in the database).
+        """
+        ...
+
+    async def claim_due(
+        self, *, now: datetime, lease_until: datetime, token: str, limit: int
+    ) -> list[ReceiptJob]:
+        """Claim up to ``limit`` pending messages due by ``now``, oldest due first,
+        leasing them to ``token`` (a new one per claim) until ``lease_until``.
+
+        Each claimed message counts one more attempt and is not due again before
+        ``lease_until``: a deliverer that dies mid-send leaves it to be retried, never
+        lost. Messages another claim holds are skipped.
+        """
+        ...
+
+    async def settle(
+        self,
+        outbox_id: int,
+        *,
+        token: str,
+        status: OutboxStatus,
+        now: datetime,
+        next_attempt_at: datetime | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Record how a claimed send went and end the claim; False (nothing changed) if
+        the claim under ``token`` is no longer the message's.
+
+        ``sent`` records ``now`` as the sending time; ``pending`` is due again at
+        ``next_attempt_at``; ``dead`` is never due again (``now`` is kept as when it
+        died). ``error`` (cut to 2000 characters) replaces the last error when given.
+        """
+        ...
+
+    async def release(self, token: str, *, now: datetime) -> None:
+        """Give back messages claimed under ``token`` but not attempted (a deliverer
+        stopping): due ``now``, their claimed attempt not counted."""
+        ...
+
+    async def requeue(self, outbox_id: int, *, now: datetime) -> bool:
+        """Put a dead message back in the queue, due ``now`` with fresh attempts; False
+        (nothing changed) if it is not dead or does not exist."""
+        ...
+
+    async def status_of(self, outbox_id: int) -> OutboxStatus | None:
+        """The message's status; None if there is no such message."""
+        ...
+
+    async def overview(self, *, limit: int) -> list[OutboxEntry]:
+        """The newest ``limit`` messages, whatever their status, newest first."""
+        ...
+
+    async def counts(self) -> dict[OutboxStatus, int]:
+        """How many messages are in each status (statuses with none are left out)."""
+        ...
 
 
 class PurchaseEventRepository(Protocol):

@@ -23,6 +23,7 @@ from rpc_server.domain.errors import (
     TooManyPendingPurchases,
 )
 from rpc_server.domain.links import FrontendLinks
+from rpc_server.domain.outbox import OutboxOverview, OutboxStatus
 from rpc_server.domain.ports import PaymentVerifier, UnitOfWork, UnitOfWorkFactory
 from rpc_server.domain.records import (
     WEBHOOK_ACTOR,
@@ -501,3 +502,36 @@ async def list_registrations(
     items = rows[:limit]
     next_before = items[-1].pk if len(rows) > limit else None
     return RegistrationPage(items=items, next_before=next_before)
+
+
+# --- the receipt outbox, for the operator (rpc-server mail-status, mail-retry) ----------
+
+
+async def outbox_overview(uow_factory: UnitOfWorkFactory, *, limit: int) -> OutboxOverview:
+    """How many receipts are in each status, and the newest ``limit`` of them."""
+    # A read unit of work: the counts and the list are two snapshots, which may differ
+    # by a message settled in between; an overview does not need to hold the write lock.
+    async with uow_factory() as uow:
+        counts = await uow.receipts.counts()
+        entries = await uow.receipts.overview(limit=limit)
+    return OutboxOverview(
+        counts={status: counts.get(status, 0) for status in OutboxStatus}, entries=entries
+    )
+
+
+async def requeue_receipt(
+    uow_factory: UnitOfWorkFactory, outbox_id: int, *, clock: Clock = utcnow
+) -> OutboxStatus | None:
+    """Put a dead receipt back in the queue, due now with fresh attempts.
+
+    Returns None once requeued; otherwise the status that kept it as it was (only dead
+    messages are requeued). Raises ``NotFound`` if there is no such message.
+    """
+    async with uow_factory(write=True) as uow:
+        if await uow.receipts.requeue(outbox_id, now=clock()):
+            await uow.commit()
+            return None
+        status = await uow.receipts.status_of(outbox_id)
+    if status is None:
+        raise NotFound("No such message", {"outbox_id": outbox_id})
+    return status

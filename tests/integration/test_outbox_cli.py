@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from rpc_server.config import Settings
-from rpc_server.db.stock_engine import stock_engine
+from rpc_server.db.engines import open_engine
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.states import PurchaseState
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import sqlite_url
 from tests.integration.paying import pay_and_fulfil
 from tests.integration.smtp_server import HOST, SmtpServer, free_port
@@ -190,7 +190,7 @@ def wait_for_files(operator: Operator, count: int, process: subprocess.Popen[str
 
 
 async def fulfill_alices_pending_purchase(database: Path) -> None:
-    engine = stock_engine(sqlite_url(database))
+    engine = open_engine(sqlite_url(database))
     try:
         uow_factory = SqlUnitOfWorkFactory(engine)
         alice = await services.authenticate(uow_factory, "demo-alice")
@@ -199,4 +199,4 @@ async def fulfill_alices_pending_purchase(database: Path) -> None:
         [purchase] = page.items
         await pay_and_fulfil(uow_factory, alice, purchase)
     finally:
-        await engine.dispose()
+        await engine.close()

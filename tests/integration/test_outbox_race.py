@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from rpc_server.config import Settings
-from rpc_server.db.stock_engine import stock_engine
-from rpc_server.deliverer import build_deliverer
+from rpc_server.db.engines import open_engine
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.deliverer import build_deliverer
 from tests.conftest import World
 from tests.integration.smtp_server import SmtpServer, fulfilled_purchase, more_courses
 from tests.processes import RPC_SERVER
@@ -60,18 +60,17 @@ async def test_two_deliverers_racing_send_each_receipt_once(
 ) -> None:
     purchase_ids = await make_receipts(uow_factory, world)
     smtp_settings = dataclasses.replace(settings, smtp_url=smtp.url)
-    engines = [stock_engine(settings.database_url) for _ in range(2)]
+    engines = [open_engine(settings.database_url) for _ in range(2)]
     try:
         deliverers = [
-            build_deliverer(smtp_settings, SqlUnitOfWorkFactory(engine))
-            for engine in engines
+            build_deliverer(smtp_settings, SqlUnitOfWorkFactory(engine)) for engine in engines
         ]
         for deliverer in deliverers:
             deliverer.batch_size = 3  # small claims, so the two interleave
         handled = await asyncio.gather(*(d.deliver_all() for d in deliverers))
     finally:
         for engine in engines:
-            await engine.dispose()
+            await engine.close()
     assert sum(handled) == RECEIPTS
     assert all(count > 0 for count in handled), handled  # both took part
     assert_each_sent_once(smtp, purchase_ids)

@@ -24,11 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.app import DELIVERER, create_app
 from rpc_server.config import Settings
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain import services
+from rpc_server.domain.outbox import OutboxStatus
 from rpc_server.mailer import NO_STARTTLS, NO_TLS_FOR_CREDENTIALS, SmtpMailer
 from rpc_server.receipts import build_receipt, message_id_for
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.integration.smtp_server import (
     HOST,
@@ -435,7 +436,7 @@ async def test_claim_of_a_crashed_deliverer_is_sent_once_its_lease_runs_out(
 
     async with uow_factory(write=True) as uow:  # the dead one's claim counts no more
         settled = await uow.receipts.settle(
-            job.outbox_id, token="crashed", status="pending", now=services.utcnow(),
+            job.outbox_id, token="crashed", status=OutboxStatus.PENDING, now=services.utcnow(),
             error="late",
         )  # fmt: skip
         await uow.commit()

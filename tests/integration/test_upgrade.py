@@ -11,7 +11,8 @@ operator runs it.
 Checked: every row is still there with the same values; tokens of staff users got the
 staff scope and all others the buyer scope; each purchase got exactly one audit event
 (from nothing to its state, source ``migration``, ``seq`` its row id) and the event
-sequence continues after the largest; and the upgraded database works: old tokens
+sequence continues after the largest; the outbox's statuses read back as ``OutboxStatus``
+through the port and its CHECK still refuses any other; and the upgraded database works: old tokens
 authenticate over HTTP (and expired and revoked ones still do not), old registrations
 and idempotency keys count, new changes get the next seqs, and the pending receipt is
 delivered.
@@ -34,12 +35,17 @@ from aiohttp.test_utils import TestClient
 from alembic.script import ScriptDirectory
 from sqlalchemy import Boolean, DateTime, Float, Integer, Numeric, bindparam, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
 from rpc_server.app import create_app
 from rpc_server.config import Settings
+from rpc_server.db.engines import open_engine
 from rpc_server.db.stock_engine import stock_engine
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain import services
+from rpc_server.domain.outbox import OutboxStatus
 from rpc_server.domain.tokens import hash_token, new_token
 from rpc_server.migrate import alembic_config, migrate
 from tests import databases
@@ -263,6 +269,7 @@ async def test_a_database_of_the_previous_release_upgrades_intact_and_works(
         head = ScriptDirectory.from_config(alembic_config()).get_current_head()
         assert await rows(engine, "SELECT version_num FROM alembic_version") == [(head,)]
         await assert_upgraded_intact(engine, old, before)
+        await assert_outbox_statuses_hold(engine, old, url)
         await assert_upgraded_database_works(engine, old, url, tmp_path, aiohttp_client)
     finally:
         await engine.dispose()
@@ -310,6 +317,27 @@ async def assert_upgraded_intact(
     assert await rows(engine, "SELECT id, last_seq FROM event_sequence") == [
         (1, max(old.purchases))
     ]
+
+
+async def assert_outbox_statuses_hold(engine: AsyncEngine, old: PreviousRelease, url: str) -> None:
+    """The old rows' statuses are ``OutboxStatus`` values to the port (``mail-status``),
+    and the CHECK constraint on them came through every migration."""
+    db_engine = open_engine(url)
+    try:
+        overview = await services.outbox_overview(SqlUnitOfWorkFactory(db_engine), limit=10)
+    finally:
+        await db_engine.close()
+    assert dict(overview.counts) == {
+        OutboxStatus.PENDING: 1, OutboxStatus.SENT: 1, OutboxStatus.DEAD: 1
+    }  # fmt: skip
+    assert {(e.purchase_id, e.status, e.attempts) for e in overview.entries} == {
+        (old.purchases[105].purchase_id, OutboxStatus.SENT, 1),
+        (old.purchases[106].purchase_id, OutboxStatus.PENDING, 2),
+        (old.purchases[110].purchase_id, OutboxStatus.DEAD, 8),
+    }
+    with pytest.raises(IntegrityError, match="ck_receipt_outbox_status_known"):
+        async with engine.begin() as connection:
+            await connection.execute(text("UPDATE receipt_outbox SET status = 'bounced'"))
 
 
 async def assert_upgraded_database_works(

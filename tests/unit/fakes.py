@@ -6,10 +6,11 @@ leaving without a commit discards it, like a rolled-back transaction. Read-only 
 of work (``factory()``) refuse to write, so a service that forgets ``write=True`` fails.
 
 The database guarantees the SQL schema gives are enforced here too: one registration
-and one receipt per purchase, one purchase per owner and idempotency key, one purchase
-per ``payment_ref`` (``purchases.payment_ref`` is UNIQUE: the repository turns that
-violation into ``PaymentNotVerified("reused")`` as the SQL one does), and events that
-name an existing purchase and user. Event sequence numbers are handed out in append
+and one receipt per purchase, a receipt status among ``OutboxStatus`` (the CHECK), one
+purchase per owner and idempotency key, one purchase per ``payment_ref``
+(``purchases.payment_ref`` is UNIQUE: the repository turns that violation into
+``PaymentNotVerified("reused")`` as the SQL one does), and events that name an existing
+purchase and user. Event sequence numbers are handed out in append
 order, one more than the last; a rolled-back number is given out again (no gaps).
 
 To act out concurrency, ``FakeUnitOfWorkFactory.interleave`` runs another writer's
@@ -27,6 +28,8 @@ from types import TracebackType
 from typing import Self
 
 from rpc_server.domain.errors import PaymentNotVerified
+from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptJob
+from rpc_server.domain.ports import UnitOfWorkFactory
 from rpc_server.domain.records import (
     WEBHOOK_ACTOR,
     Actor,
@@ -41,6 +44,7 @@ from rpc_server.domain.records import (
 )
 from rpc_server.domain.states import PurchaseState, Scope
 from rpc_server.domain.tokens import hash_token
+from rpc_server.receipts import Receipt
 
 
 class UniqueViolation(Exception):
@@ -49,6 +53,10 @@ class UniqueViolation(Exception):
 
 class ForeignKeyViolation(Exception):
     """What the database's foreign keys would raise."""
+
+
+class CheckViolation(Exception):
+    """What the database's CHECK constraints would raise."""
 
 
 class ReadOnlyUnitOfWork(AssertionError):
@@ -112,10 +120,23 @@ class RegistrationRow:
 
 @dataclass(frozen=True)
 class ReceiptRow:
+    """One ``receipt_outbox`` row."""
+
     pk: int
     purchase_pk: int
     recipient: str
     created_at: datetime
+    next_attempt_at: datetime
+    status: OutboxStatus = OutboxStatus.PENDING
+    attempts: int = 0
+    last_error: str | None = None
+    claim_token: str | None = None
+    sent_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        # The CHECK constraint on receipt_outbox.status.
+        if not isinstance(self.status, OutboxStatus):
+            raise CheckViolation(f"receipt status {self.status!r} is not an OutboxStatus")
 
 
 @dataclass(frozen=True)
@@ -239,8 +260,21 @@ class FakeStore:
                 purchase_pk=purchase.pk,
                 recipient=purchase.owner_email,
                 created_at=now,
+                next_attempt_at=now,
             )
         )
+
+    def change_receipts(
+        self, rows: Callable[[ReceiptRow], bool], change: Callable[[ReceiptRow], ReceiptRow]
+    ) -> list[int]:
+        """One UPDATE of receipt_outbox: ``change`` each row ``rows`` selects; return the
+        pks changed."""
+        changed = []
+        for index, row in enumerate(self.receipts):
+            if rows(row):
+                self.receipts[index] = change(row)
+                changed.append(row.pk)
+        return changed
 
     def add_purchase(
         self,
@@ -590,11 +624,135 @@ class FakeRegistrationRepository:
 
 
 class FakeReceiptOutboxRepository:
+    """The outbox port in memory, statement for statement as ``SqlReceiptOutboxRepository``
+    (``tests/unit/outbox_contract.py`` holds both to the same behaviour)."""
+
     def __init__(self, uow: FakeUnitOfWork):
         self._uow = uow
 
     async def add(self, purchase: Purchase, *, now: datetime) -> None:
         self._uow.writable().add_receipt(purchase, now=now)
+
+    async def claim_due(
+        self, *, now: datetime, lease_until: datetime, token: str, limit: int
+    ) -> list[ReceiptJob]:
+        store = self._uow.writable()
+        due = sorted(
+            (
+                row
+                for row in store.receipts
+                if row.status is OutboxStatus.PENDING and row.next_attempt_at <= now
+            ),
+            key=lambda row: (row.next_attempt_at, row.pk),
+        )[:limit]
+        chosen = {row.pk for row in due}
+        store.change_receipts(
+            lambda row: row.pk in chosen,
+            lambda row: replace(
+                row, claim_token=token, next_attempt_at=lease_until, attempts=row.attempts + 1
+            ),
+        )
+        claimed = sorted(
+            (row for row in store.receipts if row.claim_token == token), key=lambda row: row.pk
+        )
+        return [self._job(store, row) for row in claimed]
+
+    @staticmethod
+    def _job(store: FakeStore, row: ReceiptRow) -> ReceiptJob:
+        purchase = store.purchases[row.purchase_pk].purchase
+        return ReceiptJob(
+            outbox_id=row.pk,
+            attempts=row.attempts,
+            receipt=Receipt(
+                purchase_id=purchase.purchase_id,
+                recipient=row.recipient,
+                course_title=purchase.course_title,
+                amount=purchase.amount,
+                currency=purchase.currency,
+                fulfilled_at=purchase.fulfilled_at or purchase.updated_at,
+            ),
+        )
+
+    async def settle(
+        self,
+        outbox_id: int,
+        *,
+        token: str,
+        status: OutboxStatus,
+        now: datetime,
+        next_attempt_at: datetime | None = None,
+        error: str | None = None,
+    ) -> bool:
+        store = self._uow.writable()
+        status = OutboxStatus(status)
+        if status is OutboxStatus.DEAD:
+            next_attempt_at = now
+        return bool(
+            store.change_receipts(
+                lambda row: row.pk == outbox_id and row.claim_token == token,
+                lambda row: replace(
+                    row,
+                    status=status,
+                    claim_token=None,
+                    sent_at=now if status is OutboxStatus.SENT else row.sent_at,
+                    next_attempt_at=(
+                        row.next_attempt_at if next_attempt_at is None else next_attempt_at
+                    ),
+                    last_error=row.last_error if error is None else error[:2000],
+                ),
+            )
+        )
+
+    async def release(self, token: str, *, now: datetime) -> None:
+        self._uow.writable().change_receipts(
+            lambda row: row.claim_token == token and row.status is OutboxStatus.PENDING,
+            lambda row: replace(
+                row, claim_token=None, next_attempt_at=now, attempts=row.attempts - 1
+            ),
+        )
+
+    async def requeue(self, outbox_id: int, *, now: datetime) -> bool:
+        return bool(
+            self._uow.writable().change_receipts(
+                lambda row: row.pk == outbox_id and row.status is OutboxStatus.DEAD,
+                lambda row: replace(
+                    row,
+                    status=OutboxStatus.PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    claim_token=None,
+                ),
+            )
+        )
+
+    async def status_of(self, outbox_id: int) -> OutboxStatus | None:
+        for row in self._uow.store.receipts:
+            if row.pk == outbox_id:
+                return row.status
+        return None
+
+    async def overview(self, *, limit: int) -> list[OutboxEntry]:
+        store = self._uow.store
+        newest = sorted(store.receipts, key=lambda row: row.pk, reverse=True)[:limit]
+        return [
+            OutboxEntry(
+                outbox_id=row.pk,
+                purchase_id=store.purchases[row.purchase_pk].purchase.purchase_id,
+                recipient=row.recipient,
+                status=row.status,
+                attempts=row.attempts,
+                next_attempt_at=row.next_attempt_at,
+                sent_at=row.sent_at,
+                last_error=row.last_error,
+            )
+            for row in newest
+        ]
+
+    async def counts(self) -> dict[OutboxStatus, int]:
+        counts: dict[OutboxStatus, int] = {}
+        for row in self._uow.store.receipts:
+            counts[row.status] = counts.get(row.status, 0) + 1
+        return counts
 
 
 class FakePurchaseEventRepository:
@@ -787,3 +945,10 @@ class FakeUnitOfWorkFactory:
     @property
     def users(self) -> dict[int, UserRow]:
         return dict(self.committed.users)
+
+
+def as_port(factory: FakeUnitOfWorkFactory) -> UnitOfWorkFactory:
+    """The fake factory as the port it stands in for. Nothing needs to call it: mypy
+    checking this file checks that every fake has its port's whole shape
+    (``test_outbox_port.test_the_fakes_type_check_as_the_ports`` runs it)."""
+    return factory

@@ -7,7 +7,7 @@ map, no objects loaded only to be copied into records. They never commit.
 
 from rpc_server.db.repositories.courses import SqlCourseRepository
 from rpc_server.db.repositories.events import SqlPurchaseEventRepository
-from rpc_server.db.repositories.outbox import OutboxEntry, ReceiptJob, SqlReceiptOutboxRepository
+from rpc_server.db.repositories.outbox import SqlReceiptOutboxRepository
 from rpc_server.db.repositories.purchases import SqlPurchaseRepository
 from rpc_server.db.repositories.registrations import (
     SqlRegistrationRepository,
@@ -16,8 +16,6 @@ from rpc_server.db.repositories.registrations import (
 from rpc_server.db.repositories.users import SqlUserRepository
 
 __all__ = [
-    "OutboxEntry",
-    "ReceiptJob",
     "SqlCourseRepository",
     "SqlPurchaseEventRepository",
     "SqlPurchaseRepository",

@@ -1,8 +1,11 @@
-"""The receipt outbox: rows written with fulfillments, claimed and settled by deliverers."""
+"""The receipt outbox port on SQL (``ports.ReceiptOutboxRepository``): rows written
+with fulfillments, claimed and settled by deliverers, listed and requeued by the operator.
+
+Statuses are ``OutboxStatus`` values; the column's CHECK constraint refuses any other.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import bindparam, func, insert, select, update
@@ -11,15 +14,19 @@ from models import Course as CourseRow
 from models import Purchase as PurchaseRow
 from models import ReceiptOutbox as ReceiptRow
 from rpc_server.db.repositories.rows import UnitOfWorkConnection, as_utc
+from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptJob
 from rpc_server.domain.records import Purchase
 from rpc_server.receipts import Receipt
+
+# The values as stored, bound into the statements below.
+_PENDING, _DEAD = OutboxStatus.PENDING.value, OutboxStatus.DEAD.value
 
 _INSERT_RECEIPT = insert(ReceiptRow)
 # One statement claims: the due rows (skipping those another deliverer's claim has
 # locked, on PostgreSQL) get this claim's token and lease; the next reads them back.
 _DUE = (
     select(ReceiptRow.id)
-    .where(ReceiptRow.status == "pending", ReceiptRow.next_attempt_at <= bindparam("now"))
+    .where(ReceiptRow.status == _PENDING, ReceiptRow.next_attempt_at <= bindparam("now"))
     .order_by(ReceiptRow.next_attempt_at, ReceiptRow.id)
     .limit(bindparam("limit"))
     .with_for_update(skip_locked=True)
@@ -71,13 +78,13 @@ _SETTLE = (
 )
 _RELEASE = (
     update(ReceiptRow)
-    .where(ReceiptRow.claim_token == bindparam("token"), ReceiptRow.status == "pending")
+    .where(ReceiptRow.claim_token == bindparam("token"), ReceiptRow.status == _PENDING)
     .values(claim_token=None, next_attempt_at=bindparam("now"), attempts=ReceiptRow.attempts - 1)
 )
 _REQUEUE = (
     update(ReceiptRow)
-    .where(ReceiptRow.id == bindparam("outbox_id"), ReceiptRow.status == "dead")
-    .values(status="pending", attempts=0, next_attempt_at=bindparam("now"), claim_token=None)
+    .where(ReceiptRow.id == bindparam("outbox_id"), ReceiptRow.status == _DEAD)
+    .values(status=_PENDING, attempts=0, next_attempt_at=bindparam("now"), claim_token=None)
     .returning(ReceiptRow.id)
 )
 _STATUS_OF = select(ReceiptRow.status).where(ReceiptRow.id == bindparam("outbox_id"))
@@ -100,7 +107,11 @@ _COUNTS = select(ReceiptRow.status, func.count()).group_by(ReceiptRow.status)
 
 
 class SqlReceiptOutboxRepository:
-    """The outbox: rows written with fulfillments, claimed and settled by deliverers."""
+    """The outbox: rows written with fulfillments, claimed and settled by deliverers.
+
+    ``added`` counts the receipts this unit of work queued: after its commit the unit of
+    work wakes the deliverer if there are any.
+    """
 
     def __init__(self, connection: UnitOfWorkConnection):
         self.connection = connection
@@ -113,7 +124,7 @@ class SqlReceiptOutboxRepository:
             {
                 "purchase_id": purchase.pk,
                 "recipient": purchase.owner_email,
-                "status": "pending",
+                "status": _PENDING,
                 "attempts": 0,
                 "next_attempt_at": now,
                 "created_at": now,
@@ -158,20 +169,21 @@ class SqlReceiptOutboxRepository:
         outbox_id: int,
         *,
         token: str,
-        status: str,
+        status: OutboxStatus,
         now: datetime,
         next_attempt_at: datetime | None = None,
         error: str | None = None,
     ) -> bool:
         """Record the outcome of a claimed send; False if the claim is no longer ours."""
-        if status == "dead":
+        status = OutboxStatus(status)  # a bad value fails here, before the CHECK would
+        if status is OutboxStatus.DEAD:
             # Never attempted again: next_attempt_at keeps when it died (mail-status).
             next_attempt_at = now
         params = {
             "outbox_id": outbox_id,
             "token": token,
-            "new_status": status,
-            "sent": now if status == "sent" else None,
+            "new_status": status.value,
+            "sent": now if status is OutboxStatus.SENT else None,
             "next_attempt": next_attempt_at,
             "error": None if error is None else error[:2000],
         }
@@ -187,10 +199,10 @@ class SqlReceiptOutboxRepository:
         result = await self.connection.execute(_REQUEUE, {"outbox_id": outbox_id, "now": now})
         return result.first() is not None
 
-    async def status_of(self, outbox_id: int) -> str | None:
+    async def status_of(self, outbox_id: int) -> OutboxStatus | None:
         """The message's status; None if there is no such message."""
         status = await self.connection.scalar(_STATUS_OF, {"outbox_id": outbox_id})
-        return None if status is None else str(status)
+        return None if status is None else OutboxStatus(status)
 
     async def overview(self, *, limit: int) -> list[OutboxEntry]:
         """The newest ``limit`` messages, whatever their status."""
@@ -200,7 +212,7 @@ class SqlReceiptOutboxRepository:
                 outbox_id=outbox_id,
                 purchase_id=purchase_id,
                 recipient=recipient,
-                status=status,
+                status=OutboxStatus(status),
                 attempts=attempts,
                 next_attempt_at=as_utc(next_attempt_at),
                 sent_at=None if sent_at is None else as_utc(sent_at),
@@ -210,27 +222,7 @@ class SqlReceiptOutboxRepository:
                  last_error) in rows
         ]  # fmt: skip
 
-    async def counts(self) -> dict[str, int]:
+    async def counts(self) -> dict[OutboxStatus, int]:
+        """How many messages are in each status (statuses with none are left out)."""
         rows = await self.connection.execute(_COUNTS)
-        return {status: int(count) for status, count in rows}
-
-
-@dataclass(frozen=True, slots=True)
-class ReceiptJob:
-    """A claimed outbox row: which row, how many attempts so far, and what to send."""
-
-    outbox_id: int
-    attempts: int
-    receipt: Receipt
-
-
-@dataclass(frozen=True, slots=True)
-class OutboxEntry:
-    outbox_id: int
-    purchase_id: str
-    recipient: str
-    status: str
-    attempts: int
-    next_attempt_at: datetime
-    sent_at: datetime | None
-    last_error: str | None
+        return {OutboxStatus(status): int(count) for status, count in rows}
