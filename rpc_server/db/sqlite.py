@@ -73,10 +73,11 @@ class SqliteEngine:
         self._size, self._timeout = size, timeout
         self._slots = asyncio.Semaphore(size + overflow)
         self._idle: list[aiosqlite.Connection] = []
+        self._open: set[aiosqlite.Connection] = set()  # every connection not yet closed
         self._closed = False
 
     async def connect(self) -> aiosqlite.Connection:
-        """A new connection, tuned (also what the CLI's tools use)."""
+        """A new connection, tuned."""
         if self._private_file is not None:
             # A database file the server creates is its user's alone; SQLite gives its
             # -wal and -shm files the same mode. Where the file cannot be made (no such
@@ -84,12 +85,16 @@ class SqliteEngine:
             with contextlib.suppress(OSError):
                 create_private_file(self._private_file)
         connection = aiosqlite.connect(*self._args, **self._kwargs)
-        await connection
         try:
+            await connection
             await connection.executescript(SETUP)
         except BaseException:
-            await connection.close()
+            # Failed, or cancelled while its thread was connecting: end the thread too
+            # (aiosqlite's threads are not daemons: one left running keeps the process
+            # from exiting).
+            connection.stop()
             raise
+        self._open.add(connection)
         return connection
 
     async def acquire(self) -> aiosqlite.Connection:
@@ -108,7 +113,10 @@ class SqliteEngine:
 
     async def release(self, connection: aiosqlite.Connection) -> None:
         try:
+            if connection not in self._open:
+                return  # stopped by ``close`` meanwhile: closing again would never end
             if self._closed or len(self._idle) >= self._size:
+                self._open.discard(connection)
                 await connection.close()
             else:
                 self._idle.append(connection)
@@ -116,6 +124,7 @@ class SqliteEngine:
             self._slots.release()
 
     def discard(self, connection: aiosqlite.Connection) -> None:
+        self._open.discard(connection)
         connection.stop()  # closes the sqlite3 connection on its thread, then ends it
         self._slots.release()
 
@@ -154,7 +163,13 @@ class SqliteEngine:
         )
 
     async def close(self) -> None:
+        """Close the idle connections, and stop any still checked out (a unit of work
+        that outlived the server's drain), so that no connection thread outlives it."""
         self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
+            self._open.discard(connection)
             await connection.close()
+        for connection in list(self._open):
+            self._open.discard(connection)
+            connection.stop()
