@@ -20,6 +20,7 @@ checkout for networks where connections die silently.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -114,7 +115,10 @@ class PostgresEngine:
         await self._pool.release(connection)  # shielded by asyncpg against cancellation
 
     def discard(self, connection: Any) -> None:
-        connection.terminate()  # asyncpg frees its place in the pool
+        # asyncpg frees its place in the pool. A connection the server closed has been
+        # taken back by the pool already (its proxy detached): nothing left to do.
+        with contextlib.suppress(asyncpg.InterfaceError):
+            connection.terminate()
 
     async def fetch(self, connection: Any, sql: str, arguments: Sequence[Any]) -> Sequence[Any]:
         return await connection.fetch(sql, *arguments)  # type: ignore[no-any-return]
@@ -129,12 +133,21 @@ class PostgresEngine:
         await connection.execute("COMMIT")
 
     async def rollback(self, connection: Any) -> None:
-        if connection.is_in_transaction():
+        try:
+            in_transaction = connection.is_in_transaction()
+        except asyncpg.InterfaceError:
+            return  # closed by the server and taken back by the pool: nothing to undo
+        if in_transaction:
             await connection.execute("ROLLBACK")
 
     def is_gone(self, connection: Any, error: BaseException) -> bool:
-        if connection.is_closed() or isinstance(error, _BROKEN):
+        if isinstance(error, _BROKEN):
             return True
+        try:
+            if connection.is_closed():
+                return True
+        except asyncpg.InterfaceError:
+            return True  # closed, and its proxy already detached by the pool
         sqlstate = getattr(error, "sqlstate", None)
         return isinstance(sqlstate, str) and sqlstate.startswith(GONE_SQLSTATE_PREFIXES)
 

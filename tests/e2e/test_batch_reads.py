@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rpc_server.domain import services
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain import services
 from tests.conftest import RpcCall, World
 
 

@@ -22,9 +22,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server.app import create_app
 from rpc_server.buckets import DatabaseBuckets, Limit
 from rpc_server.config import Settings
+from rpc_server.db.connection import Engine
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.tokens import hash_token
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.e2e.conftest import SERVICE_UNAVAILABLE
 from tests.tcp_proxy import TcpProxy
@@ -296,9 +297,11 @@ async def add_bucket(engine: AsyncEngine, key: str, tokens: float, idle_seconds:
 
 
 @pytest.mark.backends("postgresql")
-async def test_idle_buckets_are_purged_and_busy_ones_kept(engine: AsyncEngine) -> None:
+async def test_idle_buckets_are_purged_and_busy_ones_kept(
+    engine: AsyncEngine, db_engine: Engine
+) -> None:
     # Limits refilling in at most 10 s: a bucket idle longer is full, the same as none.
-    buckets = DatabaseBuckets(engine, idle_after=10.0, purge_interval=3600.0)
+    buckets = DatabaseBuckets(db_engine, idle_after=10.0, purge_interval=3600.0)
     await add_bucket(engine, "ip:198.51.100.1", 0.0, idle_seconds=11)  # full again
     await add_bucket(engine, "user:1", 0.0, idle_seconds=9)  # still refilling
     await add_bucket(engine, hash_token("rpcs_old-release")[:32], 480.0, idle_seconds=3600)
@@ -308,13 +311,13 @@ async def test_idle_buckets_are_purged_and_busy_ones_kept(engine: AsyncEngine) -
 
 
 @pytest.mark.backends("postgresql")
-async def test_a_take_purges_now_and_then(engine: AsyncEngine) -> None:
-    buckets = DatabaseBuckets(engine, idle_after=10.0, purge_interval=0.0)
+async def test_a_take_purges_now_and_then(engine: AsyncEngine, db_engine: Engine) -> None:
+    buckets = DatabaseBuckets(db_engine, idle_after=10.0, purge_interval=0.0)
     await add_bucket(engine, "ip:198.51.100.1", 0.0, idle_seconds=60)
     grant = await buckets.take("ip:198.51.100.2", 3, Limit(1.0, 10))
     assert (grant.granted, grant.tokens_left) == (3, 7.0)
     assert await bucket_keys(engine) == {"ip:198.51.100.2"}
-    later = DatabaseBuckets(engine, idle_after=10.0, purge_interval=3600.0)
+    later = DatabaseBuckets(db_engine, idle_after=10.0, purge_interval=3600.0)
     await add_bucket(engine, "ip:198.51.100.3", 0.0, idle_seconds=60)
     await later.take("ip:198.51.100.2", 1, Limit(1.0, 10))
     assert "ip:198.51.100.3" in await bucket_keys(engine)  # not yet: once per interval

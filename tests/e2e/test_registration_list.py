@@ -10,17 +10,15 @@ from typing import Any
 
 import pytest
 
-from rpc_server.domain import services
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain import services
 from tests.conftest import RpcCall, World
 from tests.integration.paying import pay_and_fulfil
 
 INVALID_PARAMS = -32602
 
 
-async def registered(
-    uow_factory: SqlUnitOfWorkFactory, world: World, count: int
-) -> list[str]:
+async def registered(uow_factory: SqlUnitOfWorkFactory, world: World, count: int) -> list[str]:
     """Register alice for ``count`` new courses (bought and paid); return the purchase
     ids, oldest first. Bob gets one registration too, never listed for alice."""
     purchase_ids = []

@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestClient
 
 from rpc_server.app import ACTORS, create_app
 from rpc_server.config import Settings
-from rpc_server.domain import services
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain import services
 from tests.conftest import World
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]

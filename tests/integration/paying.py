@@ -12,12 +12,12 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.records import Actor, Fulfillment, Purchase, SignedPayment
 from rpc_server.domain.states import PurchaseState
 from rpc_server.payment_signatures import PaymentSignatures
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import FRONTEND_URL
 from tests.payments import TEST_PAYMENT_KEY, proof_for
 

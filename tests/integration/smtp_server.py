@@ -40,11 +40,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from models import ReceiptOutbox
 from rpc_server.config import Settings
+from rpc_server.db.repositories.rows import as_utc
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.records import Actor
 from rpc_server.receipts import message_id_for
-from rpc_server.db.repositories.rows import as_utc
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.integration.paying import pay_and_fulfil
 
 T = TypeVar("T")

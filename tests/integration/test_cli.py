@@ -25,10 +25,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.demo import DEMO_PAYMENT_KEY
 from rpc_server.domain import services
 from rpc_server.domain.states import Scope
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import RpcCall, World
 from tests.payments import OTHER_PAYMENT_KEY, TEST_PAYMENT_KEY, proof_for
 from tests.processes import running_server, wait_until_healthy

@@ -24,6 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.deliverer import ReceiptDeliverer
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
@@ -31,7 +32,6 @@ from rpc_server.domain.states import PurchaseState
 from rpc_server.mailer import PermanentMailError
 from rpc_server.migrate import migrate
 from rpc_server.payment_signatures import PaymentSignatures
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests import databases
 from tests.conftest import FRONTEND_URL, POSTGRES_ADMIN_URL, World, sqlite_url
 from tests.payments import TEST_PAYMENT_KEY
@@ -409,9 +409,7 @@ def test_a_bad_flag_is_one_line_naming_it(
     assert list(workdir.iterdir()) == []
 
 
-async def receipt_of_a_fulfilled_purchase(
-    uow_factory: SqlUnitOfWorkFactory, world: World
-) -> None:
+async def receipt_of_a_fulfilled_purchase(uow_factory: SqlUnitOfWorkFactory, world: World) -> None:
     """Fulfil a purchase of alice's (the payment backend reports it): one pending receipt,
     which no deliverer sends (no server runs)."""
     purchase = await services.create_purchase(

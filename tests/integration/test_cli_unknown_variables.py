@@ -10,14 +10,11 @@ __all__ = ["workdir"]  # the fixture, used by name
 
 
 def test_a_misspelt_variable_is_named_and_the_command_still_runs(workdir: Path) -> None:
-    result = run(
-        "migrate", cwd=workdir, env={"RPC_SERVER_DATABSE_URL": "postgresql+asyncpg://x/y"}
-    )
+    result = run("migrate", cwd=workdir, env={"RPC_SERVER_DATABSE_URL": "postgresql+asyncpg://x/y"})
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert warnings == [
-        "warning: unknown variable RPC_SERVER_DATABSE_URL "
-        "(did you mean RPC_SERVER_DATABASE_URL?)"
+        "warning: unknown variable RPC_SERVER_DATABSE_URL (did you mean RPC_SERVER_DATABASE_URL?)"
     ]
     assert (workdir / "rpc_server.sqlite3").exists()  # the default database, as the typo says
 

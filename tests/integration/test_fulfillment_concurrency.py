@@ -8,9 +8,9 @@ import asyncio
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.states import PurchaseState
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.integration.paying import LINKS, VERIFIER, pay_and_fulfil, payment_for
 

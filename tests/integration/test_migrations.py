@@ -14,6 +14,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
 from models import Base
+from rpc_server.db.engines import autocommit, open_engine
 from rpc_server.db.stock_engine import stock_engine
 from rpc_server.migrate import migrate
 from rpc_server.schema_version import (
@@ -126,23 +127,23 @@ def unmigrated_url(backend: str, tmp_path: Path) -> Iterator[str]:
 
 
 async def revision_of(url: str) -> str | None:
-    engine = stock_engine(url)
+    engine = open_engine(url)
     try:
-        async with engine.connect() as connection:
-            return await connection.run_sync(current_revision)
+        async with autocommit(engine) as connection:
+            return await current_revision(connection, engine.dialect_name)
     finally:
-        await engine.dispose()
+        await engine.close()
 
 
 async def schema_check(url: str) -> str | None:
     """What ``check_schema`` says of the database: None, or its SchemaNotCurrent message."""
-    engine = stock_engine(url)
+    engine = open_engine(url)
     try:
         await check_schema(engine)
     except SchemaNotCurrent as exc:
         return str(exc)
     finally:
-        await engine.dispose()
+        await engine.close()
     return None
 
 

@@ -23,8 +23,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.config import Settings
-from rpc_server.domain import services
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain import services
 from tests.conftest import World
 from tests.integration.smtp_server import SmtpServer, assert_is_receipt, eventually
 from tests.payments import TEST_PAYMENT_KEY, proof_for, webhook_request

@@ -18,9 +18,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql import Executable
 
-from rpc_server import repositories
-from rpc_server.domain import services
+from rpc_server.db.repositories import registration_page_query
+from rpc_server.db.repositories.purchases import _PENDING_OF_OWNER
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain import services
 from tests.conftest import World
 
 NUMBERS = "WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < :count) "
@@ -94,7 +95,7 @@ async def test_a_page_of_registrations_reads_the_user_id_id_index_in_order(
         (None, {"ix_course_registrations_user_id_id"}),
         (page.next_before, {"ix_course_registrations_user_id_id", "pk_course_registrations"}),
     ):
-        statement = repositories.registration_page_query(before=before is not None)
+        statement = registration_page_query(before=before is not None)
         values = {"user_id": alice, "limit": 21, "before": before}
         described = await plan(engine, statement, values)
         if engine.dialect.name == "sqlite":
@@ -124,5 +125,5 @@ async def test_counting_open_purchases_reads_only_the_pending_index(
     await add_purchases(engine, alice, world.python.pk, 3, "pending")
     await analyze(engine)
 
-    described = await plan(engine, repositories._PENDING_OF_OWNER, {"owner_id": alice})
+    described = await plan(engine, _PENDING_OF_OWNER, {"owner_id": alice})
     assert "ix_purchases_owner_id_pending" in described, described

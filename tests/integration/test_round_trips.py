@@ -1,74 +1,104 @@
 """What a unit of work costs the database: its statements and nothing else.
 
-On SQLite every trip to aiosqlite's thread is counted (``OneHopConnection.run`` and its
-commit/rollback): a read is one trip, with no BEGIN and no rollback; a fulfillment is
-its seven statements (the first one with BEGIN IMMEDIATE, in the same trip) and COMMIT.
-On both engines a read runs outside any transaction and a write inside one, as the
-statements the driver is given show.
+On SQLite every trip to aiosqlite's thread is counted (each of ``aiosqlite.Connection``'s
+coroutine methods is one): a statement is one trip, a read is one trip, with no BEGIN
+and no rollback; a fulfillment is BEGIN IMMEDIATE, its seven statements and COMMIT. On
+both engines a read runs outside any transaction and a write inside one, and a
+connection goes back to the pool without a statement of its own (no rollback after a
+read, no reset query), as the statements the driver is given show.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+import aiosqlite
 import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.config import Settings
-from rpc_server.database import engine_options
+from rpc_server.db.engines import engine_from_settings, open_engine
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.errors import NotFound
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.records import Purchase
 from rpc_server.domain.states import PurchaseState
-from rpc_server.sqlite_driver import OneHopConnection
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import FRONTEND_URL, World
 from tests.integration.paying import VERIFIER
+
+# aiosqlite.Connection's coroutine methods that a unit of work may use, with SQL or
+# without: each call is one trip to the connection's thread. (A new connection's setup,
+# one ``executescript``, is the pool's cost, not a unit of work's.)
+SQLITE_SQL_METHODS = ("execute", "execute_fetchall", "execute_insert", "executemany")
+SQLITE_OTHER_METHODS = ("commit", "rollback", "cursor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sent:
+    """One statement given to a driver, and whether its connection was inside a
+    transaction when it was given."""
+
+    sql: str
+    in_transaction: bool
+
+    @property
+    def word(self) -> str:
+        return self.sql.split()[0].upper()
+
+
+def record_sqlite(monkeypatch: pytest.MonkeyPatch, record: Callable[[Sent], None]) -> None:
+    """Record every trip to aiosqlite's threads: the SQL, or the method's name."""
+    for name in SQLITE_SQL_METHODS + SQLITE_OTHER_METHODS:
+        original = getattr(aiosqlite.Connection, name)
+
+        async def recorded(
+            self: aiosqlite.Connection,
+            *args: Any,
+            _original: Any = original,
+            _name: str = name,
+            **kwargs: Any,
+        ) -> Any:
+            sql = args[0] if _name in SQLITE_SQL_METHODS else _name
+            record(Sent(sql, self.in_transaction))
+            return await _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(aiosqlite.Connection, name, recorded)
 
 
 @pytest.fixture
 def trips(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Counts trips to aiosqlite's threads, by kind (a statement's first word)."""
+    """Counts trips to aiosqlite's threads, by kind (a statement's first word, or the
+    method: COMMIT for ``commit()``)."""
     counted: Counter[str] = Counter()
-    original_execute = OneHopConnection._execute
-
-    async def execute(self: OneHopConnection, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        # run(fn, conn, sql, params) or run(fn, conn, begin, sql, params)
-        words = [arg.split()[0].upper() for arg in args[1:3] if isinstance(arg, str)]
-        counted["+".join(words) or getattr(fn, "__name__", "call")] += 1
-        return await original_execute(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(OneHopConnection, "_execute", execute)
+    record_sqlite(monkeypatch, lambda sent: counted.update([sent.word]))
     return counted
 
 
 @pytest.fixture
-def statements(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The first word of every SQL statement given to a driver (aiosqlite's thread or
-    asyncpg), commits and rollbacks included, in order."""
-    sent: list[str] = []
-    original_execute = OneHopConnection._execute
-
-    async def sqlite_execute(self: OneHopConnection, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        sql = [arg for arg in args[1:3] if isinstance(arg, str)]
-        sent.extend(s.split()[0].upper() for s in sql)
-        if not sql and self._in_transaction():
-            sent.append(fn.__name__.upper())  # sqlite3's commit() or rollback()
-        return await original_execute(self, fn, *args, **kwargs)
-
-    monkeypatch.setattr(OneHopConnection, "_execute", sqlite_execute)
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[Sent]:
+    """Every SQL statement given to a driver (aiosqlite's thread or asyncpg), commits
+    and rollbacks included, in order."""
+    sent: list[Sent] = []
+    record_sqlite(monkeypatch, sent.append)
     for name in ("fetch", "execute"):
         original = getattr(asyncpg.Connection, name)
 
         async def recorded(self: Any, sql: str, *args: Any, _original: Any = original) -> Any:
-            sent.append(sql.split()[0].upper())
+            sent.append(Sent(sql, self.is_in_transaction()))
             return await _original(self, sql, *args)
 
         monkeypatch.setattr(asyncpg.Connection, name, recorded)
     return sent
+
+
+def words(sent: list[Sent]) -> list[str]:
+    return [s.word for s in sent]
 
 
 @pytest.fixture
@@ -98,11 +128,10 @@ async def test_a_fulfillment_is_its_statements_in_one_transaction_on_sqlite(
         purchase_id=purchase.purchase_id, purchase_state=PurchaseState.FULFILLED,
         verifier=VERIFIER,
     )  # fmt: skip
-    # BEGIN IMMEDIATE with the read; conditional UPDATE; read back; registration;
-    # receipt; the audit event's seq (UPDATE event_sequence … RETURNING) and its row;
-    # COMMIT. (The last two trips came with the audit trail: one UPDATE and one INSERT
-    # more than before.)
-    assert trips == Counter({"BEGIN+SELECT": 1, "UPDATE": 2, "SELECT": 1, "INSERT": 3, "commit": 1})
+    # BEGIN IMMEDIATE; the read; conditional UPDATE; read back; registration; receipt;
+    # the audit event's seq (UPDATE event_sequence … RETURNING) and its row; COMMIT:
+    # one trip each.
+    assert trips == Counter({"BEGIN": 1, "SELECT": 2, "UPDATE": 2, "INSERT": 3, "COMMIT": 1})
 
 
 @pytest.mark.backends("sqlite")
@@ -111,47 +140,69 @@ async def test_a_failed_write_rolls_back_in_one_trip(
 ) -> None:
     with pytest.raises(NotFound):
         await services.create_purchase(uow_factory, world.alice.actor, course="no-such-course")
-    assert trips == Counter({"BEGIN+SELECT": 1, "rollback": 1})
+    assert trips == Counter({"BEGIN": 1, "SELECT": 1, "ROLLBACK": 1})
 
 
 async def test_reads_run_outside_transactions_and_writes_inside_one(
-    uow_factory: SqlUnitOfWorkFactory, world: World, statements: list[str]
+    uow_factory: SqlUnitOfWorkFactory, world: World, statements: list[Sent]
 ) -> None:
     async with uow_factory() as uow:
         await uow.courses.list_all()
-        read_in_transaction = in_transaction(uow.connection)
     async with uow_factory(write=True) as uow:
         await uow.courses.list_all()
-        write_in_transaction = in_transaction(uow.connection)
-    assert (read_in_transaction, write_in_transaction) == (False, True)
-    assert statements == ["SELECT", "BEGIN", "SELECT", "ROLLBACK"]
+    # The read: one SELECT outside a transaction, and nothing when its connection goes
+    # back (no rollback, no reset query). The write: BEGIN, its SELECT inside the
+    # transaction, and the rollback of what it did not commit.
+    assert [(s.word, s.in_transaction) for s in statements] == [
+        ("SELECT", False),
+        ("BEGIN", False),
+        ("SELECT", True),
+        ("ROLLBACK", True),
+    ]
 
 
-def in_transaction(connection: Any) -> bool:
-    """Whether the driver's connection is inside a transaction right now."""
-    return bool(connection._driver.in_transaction(connection._driver_connection))
+@pytest.mark.parametrize("pre_ping", [False, True])
+async def test_pre_ping_is_a_setting_for_postgresql_only(
+    pre_ping: bool, settings: Settings, world: World, statements: list[Sent]
+) -> None:
+    """``RPC_SERVER_DB_PRE_PING`` adds a ``SELECT 1`` at each checkout on PostgreSQL;
+    on SQLite (a file: nothing goes away) it changes nothing."""
+    engine = engine_from_settings(dataclasses.replace(settings, db_pre_ping=pre_ping))
+    try:
+        actor = await services.authenticate(SqlUnitOfWorkFactory(engine), world.bob.token)
+    finally:
+        await engine.close()
+    assert actor == world.bob.actor
+    pinged = pre_ping and engine.dialect_name == "postgresql"
+    assert [s.sql for s in statements if s.sql == "SELECT 1"] == (["SELECT 1"] if pinged else [])
+    assert words(statements)[int(pinged) :] == ["SELECT"]  # the token's lookup
 
 
-def test_pre_ping_is_a_setting_for_postgresql_only() -> None:
+def test_pre_ping_is_read_from_the_environment() -> None:
     postgres = "postgresql+asyncpg://app@db/shop"
-    assert engine_options(Settings(database_url=postgres))["pool_pre_ping"] is False
+    assert Settings(database_url=postgres).db_pre_ping is False
     pinged = Settings.from_env({"RPC_SERVER_DATABASE_URL": postgres, "RPC_SERVER_DB_PRE_PING": "1"})
-    assert engine_options(pinged)["pool_pre_ping"] is True
-    assert "pool_pre_ping" not in engine_options(Settings(database_url="sqlite+aiosqlite:///x"))
+    assert pinged.db_pre_ping is True
 
 
 @pytest.mark.backends("postgresql")
-async def test_pre_ping_engine_serves_calls(database_url: str, world: World) -> None:
-    from rpc_server.db.stock_engine import stock_engine
-
-    engine = stock_engine(database_url, pool_pre_ping=True)
+async def test_pre_ping_engine_serves_calls_after_its_connection_died(
+    database_url: str, engine: AsyncEngine, world: World
+) -> None:
+    db_engine = open_engine(database_url, pre_ping=True)
+    uow_factory = SqlUnitOfWorkFactory(db_engine)
     try:
-        actor = await services.authenticate(SqlUnitOfWorkFactory(engine), world.bob.token)
-        async with engine.connect() as connection:
-            assert (await connection.execute(text("SELECT 1"))).scalar() == 1
+        assert await services.authenticate(uow_factory, world.alice.token) == world.alice.actor
+        async with engine.connect() as connection:  # the pooled connection is closed
+            await connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+        assert await services.authenticate(uow_factory, world.bob.token) == world.bob.actor
     finally:
-        await engine.dispose()
-    assert actor == world.bob.actor
+        await db_engine.close()
 
 
 async def test_a_batch_of_gets_reads_one_statement_per_round_of_its_lanes(
@@ -159,7 +210,7 @@ async def test_a_batch_of_gets_reads_one_statement_per_round_of_its_lanes(
     settings: Settings,
     uow_factory: SqlUnitOfWorkFactory,
     world: World,
-    statements: list[str],
+    statements: list[Sent],
 ) -> None:
     made = [
         await services.create_purchase(uow_factory, world.alice.actor, course="python-basics")
@@ -178,4 +229,4 @@ async def test_a_batch_of_gets_reads_one_statement_per_round_of_its_lanes(
     # The items run in as many lanes as the pool has connections; the lookups of one
     # round of lanes are read together (rpc_server.coalescing).
     rounds = -(-len(made) // settings.db_pool_size)
-    assert (rounds, statements) == (3, ["SELECT"] * rounds)
+    assert (rounds, words(statements)) == (3, ["SELECT"] * rounds)

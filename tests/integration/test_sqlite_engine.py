@@ -10,19 +10,26 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rpc_server.database import SQLITE_BUSY_TIMEOUT_MS
-from rpc_server.domain import services
+from rpc_server.db.connection import Engine
+from rpc_server.db.sqlite import BUSY_TIMEOUT_MS
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain import services
 from tests.conftest import World
 
 
 @pytest.mark.backends("sqlite")
-async def test_pragmas(engine: AsyncEngine) -> None:
-    async with engine.connect() as connection:
-        journal = (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar()
-        timeout = (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar()
-        foreign_keys = (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar()
-    assert (journal, timeout, foreign_keys) == ("wal", SQLITE_BUSY_TIMEOUT_MS, 1)
+async def test_pragmas(db_engine: Engine, engine: AsyncEngine) -> None:
+    """The server's connections and the stock engine (Alembic's) are tuned alike."""
+    pragmas = ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
+    connection = await db_engine.acquire()
+    try:
+        server = [(await db_engine.fetch(connection, f"PRAGMA {p}", ()))[0][0] for p in pragmas]
+    finally:
+        await db_engine.release(connection)
+    async with engine.connect() as stock:
+        alembic = [(await stock.exec_driver_sql(f"PRAGMA {p}")).scalar() for p in pragmas]
+    normal = 1  # synchronous=NORMAL
+    assert server == alembic == ["wal", BUSY_TIMEOUT_MS, 1, normal]
 
 
 async def test_uncommitted_unit_of_work_rolls_back(

@@ -26,29 +26,35 @@ def pool(path: Path, *, size: int, overflow: int = 0, timeout: float = 5.0) -> S
     )
 
 
-async def threads_back_to(count: int) -> None:
+def started_since(before: set[threading.Thread]) -> set[threading.Thread]:
+    """The threads running now that were not running at ``before`` (other tests' threads
+    may end meanwhile: only the new ones are counted)."""
+    return set(threading.enumerate()) - before
+
+
+async def threads_back_to(before: set[threading.Thread], extra: int = 0) -> None:
     async with asyncio.timeout(5):
-        while threading.active_count() > count:
+        while len(started_since(before)) > extra:
             await asyncio.sleep(0.01)
 
 
 async def test_connections_beyond_the_pool_size_are_closed_when_given_back(
     tmp_path: Path,
 ) -> None:
-    before = threading.active_count()
+    before = set(threading.enumerate())
     engine = pool(tmp_path / "db.sqlite3", size=1, overflow=2)
     connections = [await engine.acquire() for _ in range(3)]
-    assert threading.active_count() == before + 3
+    assert len(started_since(before)) == 3
     for connection in connections:
         await engine.release(connection)
-    await threads_back_to(before + 1)  # one kept idle for the next unit of work
-    assert threading.active_count() == before + 1
+    await threads_back_to(before, extra=1)  # one kept idle for the next unit of work
+    assert len(started_since(before)) == 1
     await engine.close()
     await threads_back_to(before)
 
 
 async def test_closing_stops_connections_still_checked_out(tmp_path: Path) -> None:
-    before = threading.active_count()
+    before = set(threading.enumerate())
     engine = pool(tmp_path / "db.sqlite3", size=2)
     idle, busy = await engine.acquire(), await engine.acquire()
     await engine.release(idle)
@@ -60,7 +66,7 @@ async def test_closing_stops_connections_still_checked_out(tmp_path: Path) -> No
 
 
 async def test_a_connect_cancelled_midway_leaves_no_thread(tmp_path: Path) -> None:
-    before = threading.active_count()
+    before = set(threading.enumerate())
     engine = pool(tmp_path / "db.sqlite3", size=1)
     acquiring = asyncio.ensure_future(engine.acquire())
     await asyncio.sleep(0)  # the connection's thread has started connecting

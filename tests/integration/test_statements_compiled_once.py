@@ -49,7 +49,7 @@ async def walk_every_path(uow_factory: SqlUnitOfWorkFactory, world: World, round
         uow_factory, buyer, course=world.sql.slug, max_pending=10
     )
     for actor in (buyer, world.staff.actor):
-        assert (await services.get_purchase(uow_factory, actor, purchase_id=keyed.purchase_id))
+        assert await services.get_purchase(uow_factory, actor, purchase_id=keyed.purchase_id)
         for state in (None, PurchaseState.PENDING):
             page = await services.list_purchases(uow_factory, actor, state=state, limit=1)
             await services.list_purchases(
@@ -73,9 +73,7 @@ async def walk_every_path(uow_factory: SqlUnitOfWorkFactory, world: World, round
         purchase_state=PurchaseState.FULFILLED,
         verifier=VERIFIER,
     )
-    assert await services.list_purchase_events(
-        uow_factory, buyer, purchase_id=keyed.purchase_id
-    )
+    assert await services.list_purchase_events(uow_factory, buyer, purchase_id=keyed.purchase_id)
     page = await services.list_registrations(uow_factory, buyer, limit=1)
     await services.list_registrations(uow_factory, buyer, limit=1, cursor=page.next_before)
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiosqlite
 import asyncpg
 import pytest
 from aiohttp import web
@@ -31,7 +32,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server.app import ACTORS, LIMITER, create_app
 from rpc_server.config import Settings
 from rpc_server.domain.tokens import hash_token
-from rpc_server.sqlite_driver import OneHopConnection
 from rpc_server.token_cache import UNKNOWN_SECONDS
 from tests.conftest import World
 
@@ -103,15 +103,17 @@ def token_lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The SQL statements reading api_tokens that reach a driver (aiosqlite's thread or
     asyncpg), as the database sees them: every token lookup is one."""
     seen: list[str] = []
-    original_execute = OneHopConnection._execute
+    for name in ("execute", "execute_fetchall"):
+        original_sqlite = getattr(aiosqlite.Connection, name)
 
-    async def sqlite_execute(self: OneHopConnection, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        seen.extend(
-            a for a in args[1:3] if isinstance(a, str) and "FROM users JOIN api_tokens" in a
-        )
-        return await original_execute(self, fn, *args, **kwargs)
+        async def sqlite_recorded(
+            self: aiosqlite.Connection, sql: str, *args: Any, _original: Any = original_sqlite
+        ) -> Any:
+            if "FROM users JOIN api_tokens" in sql:
+                seen.append(sql)
+            return await _original(self, sql, *args)
 
-    monkeypatch.setattr(OneHopConnection, "_execute", sqlite_execute)
+        monkeypatch.setattr(aiosqlite.Connection, name, sqlite_recorded)
     for name in ("fetch", "execute"):
         original = getattr(asyncpg.Connection, name)
 

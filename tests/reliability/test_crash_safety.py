@@ -32,8 +32,8 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rpc_server.domain import services
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain import services
 from tests.conftest import World
 from tests.integration.paying import serialized
 from tests.reliability.load import (

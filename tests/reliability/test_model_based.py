@@ -96,9 +96,8 @@ from hypothesis.stateful import (
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from rpc_server.database import SQLITE_IMMEDIATE
-from rpc_server.domain import services
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.domain import services
 from tests.conftest import FRONTEND_URL, World
 from tests.payments import TEST_PAYMENT_KEY, webhook_request
 from tests.processes import running_server
@@ -450,8 +449,9 @@ class Database:
         the last seq handed out so far."""
 
         async def delete() -> int:
-            writer = self.engine.execution_options(**{SQLITE_IMMEDIATE: True})
-            async with writer.begin() as connection:
+            # The first statement writes: on SQLite the deferred BEGIN takes the write
+            # lock there (waiting out the busy timeout), never upgrading a read lock.
+            async with self.engine.begin() as connection:
                 for table in (
                     "purchase_events", "receipt_outbox", "course_registrations", "purchases"
                 ):  # fmt: skip

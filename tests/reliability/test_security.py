@@ -15,10 +15,10 @@ from aiohttp.test_utils import TestClient
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.tokens import hash_token
 from rpc_server.methods import REGISTRY
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.processes import RPC_SERVER
 

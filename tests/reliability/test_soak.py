@@ -41,6 +41,7 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.errors import (
     CONFLICT,
@@ -48,7 +49,6 @@ from rpc_server.errors import (
     METHOD_NOT_FOUND,
     NOT_FOUND,
 )
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from tests.conftest import World
 from tests.reliability.load import (
     RpcLoad,
