@@ -59,7 +59,7 @@ from standardwebhooks import Webhook
 # The PUBLIC demo key (rpc-server seed-demo): anyone can sign with it, so the server
 # accepts it only while the demo data is live. A real payment backend reads its own
 # secret from its configuration, and the server lists it in RPC_SERVER_PAYMENT_KEYS.
-from rpc_server.demo import DEMO_PAYMENT_KEY
+from rpc_server.cli.demo import DEMO_PAYMENT_KEY
 
 # A card number that is always declined (the one Stripe's test mode uses for it).
 DECLINED_CARD = "4000000000000002"

@@ -1,7 +1,7 @@
 """SQLAlchemy 2 declarative models: the tables behind the purchase service.
 
 The models are persistence only. The domain layer never sees them: repositories in
-``rpc_server.repositories`` turn rows into the domain's frozen records. Guarantees that
+``rpc_server.db.repositories`` turn rows into the domain's frozen records. Guarantees that
 must hold under concurrency live here, in the database: one registration per purchase,
 one receipt per purchase, one purchase per (owner, idempotency key).
 """

@@ -15,39 +15,39 @@ from typing import Any
 
 from aiohttp import web
 
-from rpc_server import (
-    content_encoding,
-    cors,
-    docs_page,
-    http_errors,
-    json_codec,
-    security_headers,
-    webhooks,
-)
-from rpc_server.batch_deadline import BatchDeadline
-from rpc_server.client_address import ClientAddresses
-from rpc_server.client_faults import receiving_body
 from rpc_server.config import Settings
-from rpc_server.context import RpcContext, failed_logins_log
-from rpc_server.credentials import read_credentials
 from rpc_server.db.connection import Engine
 from rpc_server.db.engines import engine_from_settings
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
-from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain import services
 from rpc_server.domain.errors import PaymentNotVerified
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.envelope import ParseError, answer, invalid_request, parse, parse_error
-from rpc_server.errors import database_unavailable
+from rpc_server.http import (
+    content_encoding,
+    cors,
+    docs_page,
+    security_headers,
+    webhooks,
+)
+from rpc_server.http import errors as http_errors
+from rpc_server.http.client_address import ClientAddresses
+from rpc_server.http.readiness import Readiness
+from rpc_server.http.request_id import request_id_middleware
+from rpc_server.jsonrpc import json_codec
+from rpc_server.jsonrpc.batch_deadline import BatchDeadline
+from rpc_server.jsonrpc.context import RpcContext, failed_logins_log
+from rpc_server.jsonrpc.credentials import read_credentials
+from rpc_server.jsonrpc.envelope import ParseError, answer, invalid_request, parse, parse_error
+from rpc_server.jsonrpc.errors import database_unavailable
+from rpc_server.jsonrpc.openrpc import build_document
+from rpc_server.jsonrpc.rate_limit import RateLimits, build_rate_limits
+from rpc_server.jsonrpc.registry import MethodRegistry
+from rpc_server.jsonrpc.token_cache import ActorCache
 from rpc_server.log_throttle import ThrottledLog
+from rpc_server.mail.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.methods import REGISTRY
-from rpc_server.openrpc import build_document
 from rpc_server.payment_signatures import PaymentSignatures
-from rpc_server.rate_limit import RateLimits, build_rate_limits
-from rpc_server.readiness import Readiness
-from rpc_server.registry import MethodRegistry
-from rpc_server.request_id import request_id_middleware
-from rpc_server.token_cache import ActorCache
+from rpc_server.server.client_faults import receiving_body
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,12 @@ def json_response(payload: Any, *, status: int = 200) -> web.Response:
 async def read_body(request: web.Request, limit: int) -> bytes | None:
     """Return the body, or None (after discarding it) when it is larger than ``limit``.
 
-    A body sent with a Content-Encoding is decoded (``rpc_server.content_encoding``);
+    A body sent with a Content-Encoding is decoded (``rpc_server.http.content_encoding``);
     the limit holds as sent and as decoded. Raises RequestRefused (415, 400) for a
     coding other than gzip or deflate, or a body that does not decode.
 
     The body must arrive within ``RPC_SERVER_READ_TIMEOUT``; a client's fault on the way
-    (too slow, gone, broken framing) raises an HTTP answer (``rpc_server.client_faults``).
+    (too slow, gone, broken framing) raises an HTTP answer (``rpc_server.server.client_faults``).
     """
     async with receiving_body(request, request.app[SETTINGS].read_timeout):
         return await _read_body(request, limit)
@@ -175,7 +175,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     uow_factory = request.app[UOW_FACTORY]
     credentials = read_credentials(request.headers)
     ctx = RpcContext(
-        # A batch's calls read purchases by id together (rpc_server.coalescing).
+        # A batch's calls read purchases by id together (rpc_server.jsonrpc.coalescing).
         uow=uow_factory.for_batch() if isinstance(payload, list) else uow_factory,
         links=request.app[LINKS],
         payments=request.app[PAYMENTS],
@@ -206,7 +206,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
 
 
 async def handle_payment_webhook(request: web.Request) -> web.StreamResponse:
-    """POST /webhooks/payments: a signed payment event (``rpc_server.webhooks``)."""
+    """POST /webhooks/payments: a signed payment event (``rpc_server.http.webhooks``)."""
     body = await read_body(request, webhooks.MAX_BODY_BYTES)
     if body is None:
         return json_response(
@@ -256,7 +256,7 @@ async def handle_docs(request: web.Request) -> web.Response:
 
 async def handle_readyz(request: web.Request) -> web.Response:
     """GET /readyz: 200 when the database answers and its schema is at the latest
-    migration, 503 otherwise (readiness: ``rpc_server.readiness``)."""
+    migration, 503 otherwise (readiness: ``rpc_server.http.readiness``)."""
     readiness = request.app[READINESS]
     try:
         async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
@@ -274,7 +274,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = engine_from_settings(settings)
     app[ENGINE] = engine
     app[UOW_FACTORY] = SqlUnitOfWorkFactory(engine)
-    # Per user, and per client address without a valid token (rpc_server.rate_limit).
+    # Per user, and per client address without a valid token (rpc_server.jsonrpc.rate_limit).
     if (limits := build_rate_limits(settings, engine)) is not None:
         app[LIMITER] = limits
     yield
@@ -305,7 +305,7 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app = web.Application(
         # Refusals (404, 405, 415, ...) as JSON-RPC errors, inside the request id.
         middlewares=[request_id_middleware, http_errors.error_middleware],
-        # Bodies with a Content-Encoding are decoded by rpc_server.content_encoding,
+        # Bodies with a Content-Encoding are decoded by rpc_server.http.content_encoding,
         # bounded, not by aiohttp (whose parser answers br/zstd itself, in text).
         handler_args={"auto_decompress": False},
     )
@@ -318,7 +318,7 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app[PAYMENTS] = PaymentSignatures(
         settings.payment_keys, tolerance_seconds=settings.payment_tolerance
     )
-    # Always: it also remembers unknown tokens (rpc_server.token_cache).
+    # Always: it also remembers unknown tokens (rpc_server.jsonrpc.token_cache).
     app[ACTORS] = ActorCache(settings.token_cache_seconds)
     app[CLIENTS] = ClientAddresses(settings.trusted_proxies)
     app[FAILED_LOGINS] = failed_logins_log()

@@ -193,7 +193,7 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"RPC_SERVER_{name.upper()} must be a positive number")
         if self.smtp_url:
-            from rpc_server.mailer import SmtpMailer  # the URL's one parser
+            from rpc_server.mail.mailer import SmtpMailer  # the URL's one parser
 
             try:
                 SmtpMailer.from_url(self.smtp_url)
@@ -217,7 +217,7 @@ class Settings:
             raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")
         if self.public_url is not None:
             _check_public_url(self.public_url)
-        from rpc_server.cors import origins_problem  # the origins' one checker
+        from rpc_server.http.cors import origins_problem  # the origins' one checker
 
         if (problem := origins_problem(self.cors_origins)) is not None:
             raise ConfigError(f"RPC_SERVER_CORS_ORIGINS: {problem}")

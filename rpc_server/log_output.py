@@ -29,7 +29,7 @@ from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
-from rpc_server.request_id import RequestIdFilter
+from rpc_server.http.request_id import RequestIdFilter
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 # The fields every JSON line starts with; a record's extra fields follow (the access

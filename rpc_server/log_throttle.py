@@ -3,7 +3,7 @@
 A client that floods the server with bad requests must not flood the log too: the first
 line for a key is written, the next ones within ``interval`` seconds are only counted,
 and the next line written says how many were left out. Used for failed authentications
-(``rpc_server.context``), keyed by client address. Bounded: the least recently used keys
+(``rpc_server.jsonrpc.context``), keyed by client address. Bounded: the least recently used keys
 are forgotten beyond ``max_keys``.
 """
 

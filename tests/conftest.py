@@ -25,12 +25,12 @@ from rpc_server.app import create_app
 from rpc_server.config import Settings
 from rpc_server.db.connection import Engine
 from rpc_server.db.engines import open_engine
+from rpc_server.db.migrate import migrate
 from rpc_server.db.stock_engine import stock_engine
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.records import Actor, Course
 from rpc_server.domain.states import Scope
-from rpc_server.migrate import migrate
 from tests import databases
 from tests.payments import TEST_PAYMENT_KEY
 

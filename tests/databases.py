@@ -15,7 +15,7 @@ import uuid
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from rpc_server.migrate import migrate
+from rpc_server.db.migrate import migrate
 
 TEST_DATABASE_URL_VARIABLE = "RPC_SERVER_TEST_DATABASE_URL"
 

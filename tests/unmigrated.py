@@ -24,7 +24,9 @@ OLDER_REVISION = "0003"
 # The newest migration shipped, read from the files (not from the code under test).
 LATEST_REVISION = max(
     path.name.split("_")[0]
-    for path in (Path(rpc_server.__file__).parent / "migrations" / "versions").glob("[0-9]*_*.py")
+    for path in (Path(rpc_server.__file__).parent / "db" / "migrations" / "versions").glob(
+        "[0-9]*_*.py"
+    )
 )
 
 

@@ -17,7 +17,7 @@ things that are not repeated blindly.
 
 Driver errors are raised as SQLAlchemy's exception classes (``IntegrityError``,
 ``OperationalError``, ``InterfaceError``, ``DBAPIError``, the pool's ``TimeoutError``),
-which the error table in ``rpc_server.errors`` maps to JSON-RPC codes.
+which the error table in ``rpc_server.jsonrpc.errors`` maps to JSON-RPC codes.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Driver errors as SQLAlchemy's exception classes, which ``rpc_server.errors`` maps."""
+"""Driver errors as SQLAlchemy's exception classes, which ``rpc_server.jsonrpc.errors`` maps."""
 
 from __future__ import annotations
 

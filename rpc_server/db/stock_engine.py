@@ -26,7 +26,7 @@ from rpc_server.private_files import create_private_file
 
 def stock_engine(url: str, *, foreign_keys: bool = True, **engine_kwargs: Any) -> AsyncEngine:
     """An ``AsyncEngine`` for ``url``; on SQLite ``foreign_keys=False`` leaves SQLite's
-    foreign keys off (for migrations: ``rpc_server.migrate``)."""
+    foreign keys off (for migrations: ``rpc_server.db.migrate``)."""
     if not is_sqlite(url):
         return create_async_engine(url, **engine_kwargs)
     if (path := sqlite_path(url)) is not None:

@@ -2,7 +2,7 @@
 outbox port (``ports.ReceiptOutboxRepository``) hands out.
 
 A receipt is written ``pending`` in the fulfilment's own transaction, then claimed by a
-deliverer (``rpc_server.deliverer``) and settled:
+deliverer (``rpc_server.mail.deliverer``) and settled:
 
 | status  | means                                   | next                                  |
 |---|---|---|
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from rpc_server.receipts import Receipt
+from rpc_server.mail.receipts import Receipt
 
 
 class OutboxStatus(StrEnum):

@@ -4,9 +4,9 @@ Handlers are thin: they get loaded params and the caller, make one domain servic
 and return a record; the registry dumps it through the result schema.
 """
 
-from rpc_server.errors import CONFLICT, NOT_FOUND, PAYMENT_NOT_VERIFIED, UNAUTHENTICATED
+from rpc_server.jsonrpc.errors import CONFLICT, NOT_FOUND, PAYMENT_NOT_VERIFIED, UNAUTHENTICATED
+from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod
 from rpc_server.methods import courses, discovery, examples, purchases, registrations
-from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas import (
     CourseListParams,
     CourseOut,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rpc_server.context import RpcContext
 from rpc_server.domain import services
 from rpc_server.domain.records import Actor, Course
+from rpc_server.jsonrpc.context import RpcContext
 
 
 async def list_courses(ctx: RpcContext, actor: Actor | None) -> list[Course]:

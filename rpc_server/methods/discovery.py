@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from rpc_server.context import RpcContext
 from rpc_server.domain.records import Actor
+from rpc_server.jsonrpc.context import RpcContext
 
 # The schema OpenRPC gives for the result of rpc.discover: its own meta-schema.
 META_SCHEMA_URL = "https://raw.githubusercontent.com/open-rpc/meta-schema/master/schema.json"

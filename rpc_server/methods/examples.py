@@ -23,7 +23,7 @@ from rpc_server.domain.records import (
     Source,
 )
 from rpc_server.domain.states import PurchaseState, Scope
-from rpc_server.registry import Example
+from rpc_server.jsonrpc.registry import Example
 
 _CREATED = datetime(2026, 11, 27, 9, 30, tzinfo=UTC)
 _FULFILLED = datetime(2026, 11, 27, 9, 31, tzinfo=UTC)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from rpc_server.context import RpcContext
 from rpc_server.domain import services
 from rpc_server.domain.records import (
     Actor,
@@ -13,6 +12,7 @@ from rpc_server.domain.records import (
     SignedPayment,
 )
 from rpc_server.domain.states import PurchaseState
+from rpc_server.jsonrpc.context import RpcContext
 
 
 async def create_purchase(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rpc_server.context import RpcContext
 from rpc_server.domain import services
 from rpc_server.domain.records import Actor, Registration, RegistrationPage
+from rpc_server.jsonrpc.context import RpcContext
 from schemas.registration import BARE_LIST_LIMIT
 
 

@@ -120,26 +120,32 @@ def _count_socket_writes(db_port: int) -> None:
 
 def _count_asyncpg_connects() -> None:
     import asyncpg
+    import asyncpg.connection
 
-    connect = asyncpg.connect
+    connect = asyncpg.connection.connect
 
     async def counted_connect(*args: Any, **kwargs: Any) -> Any:
         COUNTS["connections_opened"] += 1
         return await connect(*args, **kwargs)
 
+    # asyncpg.connect for the baselines, asyncpg.connection.connect for pools made after
+    # this (create_pool reads it when the pool is made).
     asyncpg.connect = counted_connect
+    asyncpg.connection.connect = counted_connect  # type: ignore[assignment]
 
 
 def _count_statements() -> None:
     """The project's statements, as its units of work give them to the driver."""
-    from sqlalchemy import event
-    from sqlalchemy.pool import Pool
+    from rpc_server.db.postgres import PostgresEngine
+    from rpc_server.db.sqlite import SqliteEngine
 
-    from rpc_server import drivers
+    def in_transaction(connection: Any) -> bool:
+        flag = getattr(connection, "is_in_transaction", None)  # asyncpg's, else aiosqlite's
+        return bool(flag() if flag is not None else connection.in_transaction)
 
-    for driver in (drivers.SqliteDriver, drivers.AsyncpgDriver):
-        fetch, begin_and_fetch = driver.fetch, driver.begin_and_fetch
-        commit, rollback = driver.commit, driver.rollback
+    for engine in (SqliteEngine, PostgresEngine):
+        fetch, begin_and_fetch = engine.fetch, engine.begin_and_fetch
+        commit, rollback, acquire = engine.commit, engine.rollback, engine.acquire
 
         async def counted_fetch(self: Any, connection: Any, *args: Any, _f: Any = fetch) -> Any:
             COUNTS["sql_statements"] += 1
@@ -158,16 +164,20 @@ def _count_statements() -> None:
             return await _f(self, connection)
 
         async def counted_rollback(self: Any, connection: Any, _f: Any = rollback) -> Any:
-            if self.in_transaction(connection):  # otherwise nothing is sent
+            if in_transaction(connection):  # otherwise nothing is sent
                 COUNTS["sql_statements"] += 1
                 COUNTS["sql_rollback"] += 1
             return await _f(self, connection)
 
-        driver.fetch = counted_fetch  # type: ignore[method-assign, assignment]
-        driver.begin_and_fetch = counted_begin_and_fetch  # type: ignore[method-assign, assignment]
-        driver.commit = counted_commit  # type: ignore[method-assign, assignment]
-        driver.rollback = counted_rollback  # type: ignore[method-assign, assignment]
-    event.listen(Pool, "checkout", lambda *args: COUNTS.update(["pool_checkouts"]))
+        async def counted_acquire(self: Any, _f: Any = acquire) -> Any:
+            COUNTS["pool_checkouts"] += 1
+            return await _f(self)
+
+        engine.fetch = counted_fetch  # type: ignore[method-assign]
+        engine.begin_and_fetch = counted_begin_and_fetch  # type: ignore[method-assign]
+        engine.commit = counted_commit  # type: ignore[method-assign]
+        engine.rollback = counted_rollback  # type: ignore[method-assign]
+        engine.acquire = counted_acquire  # type: ignore[method-assign]
 
 
 def count(name: str, increment: int = 1) -> None:

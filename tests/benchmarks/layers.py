@@ -39,18 +39,18 @@ import aiosqlite
 import asyncpg
 from sqlalchemy import make_url
 
-from rpc_server.context import RpcContext
 from rpc_server.db.engines import open_engine
 from rpc_server.db.repositories import purchases
 from rpc_server.db.stock_engine import stock_engine
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.envelope import answer
-from rpc_server.json_codec import Fragment
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.envelope import answer
+from rpc_server.jsonrpc.json_codec import Fragment
+from rpc_server.jsonrpc.token_cache import ActorCache
 from rpc_server.methods import REGISTRY
 from rpc_server.payment_signatures import PaymentSignatures
-from rpc_server.token_cache import ActorCache
 from tests.benchmarks.seed import create_database, drop_database
 
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"

@@ -2,7 +2,7 @@
 
 Measured runs start the project exactly as deployed (``rpc-server serve``). This launcher
 starts the same thing (settings from ``RPC_SERVER_*``, the CLI's logging,
-``rpc_server.serving.run_server``) with the app that ``create_app`` builds wrapped by
+``rpc_server.server.serving.run_server``) with the app that ``create_app`` builds wrapped by
 ``instrumentation.attach`` (``--count-to``, ``--profile-to``).
 
     python -m tests.benchmarks.project_server --port P [--count-to PATH] [--profile-to PREFIX]
@@ -14,9 +14,9 @@ import argparse
 
 from aiohttp import web
 
-from rpc_server import serving
 from rpc_server.config import Settings
 from rpc_server.log_output import configure_logging
+from rpc_server.server import serving
 from tests.benchmarks import instrumentation
 
 

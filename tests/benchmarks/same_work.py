@@ -57,7 +57,7 @@ from tests.benchmarks import instrumentation
 Row = Sequence[Any]
 JsonObject = dict[str, Any]
 
-# --- the SQL the project emits (rpc_server/repositories.py), "?" placeholders ----------
+# --- the SQL the project emits (rpc_server/db/repositories/), "?" placeholders ----------
 
 TOKEN_SQL = (
     "SELECT users.id, users.email, api_tokens.scope FROM users "
@@ -500,7 +500,7 @@ class Service:
         error_msg: str | None,
         stamp: Any,
     ) -> None:
-        """The audit event of a change, in its transaction (rpc_server/repositories.py)."""
+        """The audit event of a change, in its transaction (rpc_server/db/repositories/)."""
         [[seq]] = await connection.fetch(self.next_seq_sql, 1, 1)
         await connection.execute(
             self.insert_event_sql, seq, purchase_pk, from_state, to_state, actor.user_id,

@@ -29,11 +29,11 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from rpc_server.db.engines import open_engine
+from rpc_server.db.migrate import migrate
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.records import Course
 from rpc_server.domain.states import Scope
-from rpc_server.migrate import migrate
 from tests import databases
 
 

@@ -19,8 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.app import create_app
 from rpc_server.config import Settings
+from rpc_server.jsonrpc.registry import MethodRegistry
 from rpc_server.methods import REGISTRY
-from rpc_server.registry import MethodRegistry
 from tests.conftest import RpcCall, World
 from tests.payments import proof_for
 

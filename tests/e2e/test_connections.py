@@ -20,12 +20,12 @@ import pytest
 
 from rpc_server.app import create_app
 from rpc_server.config import Settings
-from rpc_server.context import RpcContext
 from rpc_server.domain.records import Actor
-from rpc_server.listening import bind_listeners
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod
 from rpc_server.methods import REGISTRY
-from rpc_server.registry import MethodRegistry, RpcMethod
-from rpc_server.serving import Serving, start_serving
+from rpc_server.server.listening import bind_listeners
+from rpc_server.server.serving import Serving, start_serving
 from schemas.base import Out, Params
 from tests.e2e.conftest import INVALID_REQUEST, SERVICE_UNAVAILABLE
 

@@ -24,11 +24,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from rpc_server.config import Settings
-from rpc_server.context import RpcContext
 from rpc_server.domain.records import Actor
 from rpc_server.domain.services import new_purchase_id, utcnow
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod
 from rpc_server.methods import REGISTRY
-from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas.base import Out, Params
 from tests.conftest import RpcCall, World
 from tests.e2e.conftest import (

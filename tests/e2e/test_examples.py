@@ -38,7 +38,7 @@ import pytest
 from playwright.sync_api import Request, expect, sync_playwright
 from standardwebhooks import Webhook
 
-from rpc_server.demo import DEMO_PAYMENT_KEY
+from rpc_server.cli.demo import DEMO_PAYMENT_KEY
 from tests.conftest import FRONTEND_URL
 from tests.node_packages import EXAMPLES, in_ci, install_node_dependencies, require_node
 from tests.processes import RPC_SERVER, free_port, running_server

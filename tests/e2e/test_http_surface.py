@@ -24,10 +24,10 @@ from aiohttp.test_utils import TestClient
 
 from rpc_server.app import create_app
 from rpc_server.config import Settings
-from rpc_server.context import RpcContext
 from rpc_server.domain.records import Actor
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod
 from rpc_server.methods import REGISTRY
-from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas.base import Out, Params
 from tests.conftest import World
 from tests.e2e.conftest import AppClientFactory, notification_object, request_object

@@ -21,8 +21,8 @@ from referencing.exceptions import NoSuchResource
 from referencing.jsonschema import DRAFT7, DRAFT202012
 
 from rpc_server.config import ConfigError, Settings
+from rpc_server.jsonrpc.openrpc import build_document
 from rpc_server.methods import REGISTRY
-from rpc_server.openrpc import build_document
 from tests.conftest import RpcCall, World, sqlite_url
 from tests.e2e.conftest import AppClientFactory, assert_error
 from tests.node_packages import EXAMPLES, install_node_dependencies, require_node

@@ -20,12 +20,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.app import create_app
-from rpc_server.buckets import DatabaseBuckets, Limit
 from rpc_server.config import Settings
 from rpc_server.db.connection import Engine
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.tokens import hash_token
+from rpc_server.jsonrpc.buckets import DatabaseBuckets, Limit
 from tests.conftest import World
 from tests.e2e.conftest import SERVICE_UNAVAILABLE
 from tests.tcp_proxy import TcpProxy

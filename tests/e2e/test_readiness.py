@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from sqlalchemy.engine import make_url
 
 from rpc_server.config import Settings
-from rpc_server.migrate import migrate
+from rpc_server.db.migrate import migrate
 from tests.e2e.conftest import AppClientFactory
 from tests.tcp_proxy import TcpProxy
 from tests.unmigrated import LATEST_REVISION, OLDER_REVISION, set_revision, unmigrated_database

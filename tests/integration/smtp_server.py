@@ -44,7 +44,7 @@ from rpc_server.db.repositories.rows import as_utc
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.records import Actor
-from rpc_server.receipts import message_id_for
+from rpc_server.mail.receipts import message_id_for
 from tests.integration.paying import pay_and_fulfil
 
 T = TypeVar("T")

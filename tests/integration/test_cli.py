@@ -25,8 +25,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks import Webhook
 
+from rpc_server.cli.demo import DEMO_PAYMENT_KEY
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
-from rpc_server.demo import DEMO_PAYMENT_KEY
 from rpc_server.domain import services
 from rpc_server.domain.states import Scope
 from tests.conftest import RpcCall, World

@@ -24,13 +24,13 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rpc_server.db.migrate import migrate
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
-from rpc_server.deliverer import ReceiptDeliverer
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.states import PurchaseState
-from rpc_server.mailer import PermanentMailError
-from rpc_server.migrate import migrate
+from rpc_server.mail.deliverer import ReceiptDeliverer
+from rpc_server.mail.mailer import PermanentMailError
 from rpc_server.payment_signatures import PaymentSignatures
 from tests import databases
 from tests.conftest import FRONTEND_URL, POSTGRES_ADMIN_URL, World, sqlite_url

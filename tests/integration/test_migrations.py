@@ -15,14 +15,14 @@ from sqlalchemy.engine import Connection
 
 from models import Base
 from rpc_server.db.engines import autocommit, open_engine
-from rpc_server.db.stock_engine import stock_engine
-from rpc_server.migrate import migrate
-from rpc_server.schema_version import (
+from rpc_server.db.migrate import migrate
+from rpc_server.db.schema_version import (
     SchemaNotCurrent,
     check_schema,
     current_revision,
     head_revision,
 )
+from rpc_server.db.stock_engine import stock_engine
 from tests import databases
 from tests.conftest import POSTGRES_ADMIN_URL, sqlite_url
 from tests.unmigrated import (
@@ -117,7 +117,7 @@ def test_sqlite_and_postgresql_get_the_same_schema(
     assert {"purchases", "receipt_outbox", "alembic_version"} <= set(on_sqlite)
 
 
-# --- where a database's schema stands (rpc_server.schema_version) -------------------------
+# --- where a database's schema stands (rpc_server.db.schema_version) -------------------------
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.config import Settings
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
-from rpc_server.deliverer import build_deliverer
 from rpc_server.domain import services
-from rpc_server.mailer import FileMailer, TemporaryMailError, mailer_for
-from rpc_server.receipts import build_receipt, message_id_for
+from rpc_server.mail.deliverer import build_deliverer
+from rpc_server.mail.mailer import FileMailer, TemporaryMailError, mailer_for
+from rpc_server.mail.receipts import build_receipt, message_id_for
 from tests.conftest import RpcCall, World
 from tests.integration.smtp_server import (
     OutboxRow,

@@ -20,7 +20,7 @@ import pytest
 from rpc_server.config import Settings
 from rpc_server.db.engines import open_engine
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
-from rpc_server.deliverer import build_deliverer
+from rpc_server.mail.deliverer import build_deliverer
 from tests.conftest import World
 from tests.integration.smtp_server import SmtpServer, fulfilled_purchase, more_courses
 from tests.processes import RPC_SERVER

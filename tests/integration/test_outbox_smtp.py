@@ -25,11 +25,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server.app import DELIVERER, create_app
 from rpc_server.config import Settings
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
-from rpc_server.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.domain import services
 from rpc_server.domain.outbox import OutboxStatus
-from rpc_server.mailer import NO_STARTTLS, NO_TLS_FOR_CREDENTIALS, SmtpMailer
-from rpc_server.receipts import build_receipt, message_id_for
+from rpc_server.mail.deliverer import ReceiptDeliverer, build_deliverer
+from rpc_server.mail.mailer import NO_STARTTLS, NO_TLS_FOR_CREDENTIALS, SmtpMailer
+from rpc_server.mail.receipts import build_receipt, message_id_for
 from tests.conftest import World
 from tests.integration.smtp_server import (
     HOST,

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from rpc_server.app import create_app
 from rpc_server.config import Settings
-from rpc_server.errors import SERVICE_UNAVAILABLE
+from rpc_server.jsonrpc.errors import SERVICE_UNAVAILABLE
 from tests.conftest import World
 from tests.tcp_proxy import TcpProxy
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from rpc_server.db.migrate import migrate
 from rpc_server.db.stock_engine import stock_engine
-from rpc_server.mailer import FileMailer
-from rpc_server.migrate import migrate
-from rpc_server.receipts import Receipt, build_receipt
+from rpc_server.mail.mailer import FileMailer
+from rpc_server.mail.receipts import Receipt, build_receipt
 from tests.conftest import sqlite_url
 
 

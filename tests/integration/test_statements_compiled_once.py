@@ -19,9 +19,9 @@ from rpc_server.config import Settings
 from rpc_server.db.connection import Engine
 from rpc_server.db.engines import autocommit
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
-from rpc_server.deliverer import build_deliverer
 from rpc_server.domain import services
 from rpc_server.domain.states import PurchaseState, Scope
+from rpc_server.mail.deliverer import build_deliverer
 from tests.conftest import World
 from tests.integration.paying import LINKS, VERIFIER, pay_and_fulfil, payment_for
 

@@ -31,7 +31,7 @@ from rpc_server.db.connection import Engine
 from rpc_server.db.engines import open_engine
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
-from rpc_server.errors import SERVICE_UNAVAILABLE
+from rpc_server.jsonrpc.errors import SERVICE_UNAVAILABLE
 from tests.conftest import World
 from tests.unit.test_errors import error_of
 

@@ -42,12 +42,12 @@ from sqlalchemy.pool import NullPool
 from rpc_server.app import create_app
 from rpc_server.config import Settings
 from rpc_server.db.engines import open_engine
+from rpc_server.db.migrate import alembic_config, migrate
 from rpc_server.db.stock_engine import stock_engine
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.outbox import OutboxStatus
 from rpc_server.domain.tokens import hash_token, new_token
-from rpc_server.migrate import alembic_config, migrate
 from tests import databases
 from tests.conftest import FRONTEND_URL, POSTGRES_ADMIN_URL, sqlite_url
 from tests.integration.smtp_server import eventually

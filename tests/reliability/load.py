@@ -41,7 +41,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.config import Settings
-from rpc_server.receipts import message_id_for
+from rpc_server.mail.receipts import message_id_for
 from tests.integration.smtp_server import RecordingHandler, SmtpServer
 from tests.payments import TEST_PAYMENT_KEY, proof_for
 from tests.processes import RPC_SERVER, free_port

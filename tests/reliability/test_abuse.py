@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rpc_server.app import ACTORS, LIMITER, create_app
 from rpc_server.config import Settings
 from rpc_server.domain.tokens import hash_token
-from rpc_server.token_cache import UNKNOWN_SECONDS
+from rpc_server.jsonrpc.token_cache import UNKNOWN_SECONDS
 from tests.conftest import World
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]

@@ -30,7 +30,7 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rpc_server.errors import SERVICE_UNAVAILABLE
+from rpc_server.jsonrpc.errors import SERVICE_UNAVAILABLE
 from tests.conftest import World
 from tests.reliability.load import (
     RpcLoad,

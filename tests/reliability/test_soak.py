@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
-from rpc_server.errors import (
+from rpc_server.jsonrpc.errors import (
     CONFLICT,
     INVALID_PARAMS,
     METHOD_NOT_FOUND,

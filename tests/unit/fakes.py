@@ -44,7 +44,7 @@ from rpc_server.domain.records import (
 )
 from rpc_server.domain.states import PurchaseState, Scope
 from rpc_server.domain.tokens import hash_token
-from rpc_server.receipts import Receipt
+from rpc_server.mail.receipts import Receipt
 
 
 class UniqueViolation(Exception):

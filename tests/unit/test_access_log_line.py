@@ -14,9 +14,9 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from aiohttp.web_log import AccessLogger as AiohttpAccessLogger
 
-from rpc_server.access_log import FORMAT, JSON_FORMAT, AccessLogger, log_format_for
+from rpc_server.http.access_log import FORMAT, JSON_FORMAT, AccessLogger, log_format_for
+from rpc_server.http.request_id import RequestIdFilter
 from rpc_server.log_output import formatter
-from rpc_server.request_id import RequestIdFilter
 
 
 class Lines(logging.Handler):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine
 
-from rpc_server.client_faults import ClientFaultFilter, server_logger
+from rpc_server.server.client_faults import ClientFaultFilter, server_logger
 
 
 @pytest.fixture(autouse=True)

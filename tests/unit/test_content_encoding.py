@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from rpc_server.content_encoding import (
+from rpc_server.http.content_encoding import (
     DEFLATE,
     GZIP,
     BodyTooLarge,
@@ -20,7 +20,7 @@ from rpc_server.content_encoding import (
     coding_of,
     read_decoded,
 )
-from rpc_server.http_errors import RequestRefused
+from rpc_server.http.errors import RequestRefused
 
 BODY = b'{"jsonrpc": "2.0", "method": "course.list", "id": 1}' + b" " * 5000
 

@@ -15,7 +15,7 @@ from rpc_server.db.connection import Engine
 from rpc_server.db.errors import pool_timeout
 from rpc_server.db.postgres import PostgresEngine
 from rpc_server.db.sqlite import SqliteEngine
-from rpc_server.errors import INTERNAL_ERROR, SERVICE_UNAVAILABLE
+from rpc_server.jsonrpc.errors import INTERNAL_ERROR, SERVICE_UNAVAILABLE
 from tests.unit.test_errors import error_of
 
 

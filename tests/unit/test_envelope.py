@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from rpc_server.context import RpcContext
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.envelope import (
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.envelope import (
     ParseError,
     answer,
     error_object,
@@ -18,8 +18,8 @@ from rpc_server.envelope import (
     parse_error,
     problem_with,
 )
-from rpc_server.errors import INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
-from rpc_server.json_codec import ExactNumber
+from rpc_server.jsonrpc.errors import INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
+from rpc_server.jsonrpc.json_codec import ExactNumber
 from rpc_server.methods import REGISTRY
 from rpc_server.payment_signatures import PaymentSignatures
 from tests.unit.conftest import FRONTEND_URL, FakeWorld
@@ -142,7 +142,7 @@ def test_deep_nesting_is_a_parse_error_not_a_recursion_error(body: bytes) -> Non
 def test_big_integers_are_exact() -> None:
     assert parse(str(2**70).encode()) == 2**70
     assert parse(b'{"params": [1180591620717411303424]}')["params"] == [2**70]
-    # An id keeps its text, digit for digit (rpc_server.json_codec.ExactNumber).
+    # An id keeps its text, digit for digit (rpc_server.jsonrpc.json_codec.ExactNumber).
     assert parse(b'{"id": 1180591620717411303424}')["id"] == ExactNumber(str(2**70))
 
 

@@ -23,7 +23,7 @@ from rpc_server.domain.errors import (
     Unauthenticated,
 )
 from rpc_server.domain.states import PurchaseState
-from rpc_server.errors import (
+from rpc_server.jsonrpc.errors import (
     CONFLICT,
     INTERNAL_ERROR,
     NOT_FOUND,
@@ -123,7 +123,7 @@ def test_a_dbapi_error_on_a_live_connection_is_internal() -> None:
 def test_any_other_exception_is_internal_with_only_an_error_id(
     exc: Exception, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="rpc_server.errors"):
+    with caplog.at_level(logging.ERROR, logger="rpc_server.jsonrpc.errors"):
         try:
             raise exc
         except Exception as raised:

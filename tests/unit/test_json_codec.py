@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rpc_server.json_codec import MAX_NUMBER_LENGTH, ExactNumber, ParseError, dumps, loads
+from rpc_server.jsonrpc.json_codec import MAX_NUMBER_LENGTH, ExactNumber, ParseError, dumps, loads
 
 
 def echo_id(raw_id: str) -> bytes:

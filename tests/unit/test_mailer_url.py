@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rpc_server.deliverer import RetryPolicy
-from rpc_server.mailer import FileMailer, SmtpMailer, mailer_for
+from rpc_server.mail.deliverer import RetryPolicy
+from rpc_server.mail.mailer import FileMailer, SmtpMailer, mailer_for
 
 
 def test_plain_smtp_with_a_port() -> None:

@@ -17,12 +17,12 @@ from mypy import api as mypy
 
 from models import ReceiptOutbox
 from models.tables import OUTBOX_STATUSES
-from rpc_server.deliverer import ReceiptDeliverer, RetryPolicy
 from rpc_server.domain import services
 from rpc_server.domain.errors import NotFound
 from rpc_server.domain.outbox import OutboxStatus
-from rpc_server.mailer import PermanentMailError, TemporaryMailError
-from rpc_server.receipts import message_id_for
+from rpc_server.mail.deliverer import ReceiptDeliverer, RetryPolicy
+from rpc_server.mail.mailer import PermanentMailError, TemporaryMailError
+from rpc_server.mail.receipts import message_id_for
 from tests.unit.conftest import FakeWorld
 from tests.unit.fakes import CheckViolation, FixedClock, ReceiptRow
 from tests.unit.outbox_contract import (
@@ -217,7 +217,7 @@ def test_the_deliverer_loads_nothing_of_the_database_layer() -> None:
     """It depends on the ports: importing it loads neither ``rpc_server.db`` nor
     SQLAlchemy nor the models."""
     probe = (
-        "import sys, rpc_server.deliverer; "
+        "import sys, rpc_server.mail.deliverer; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'models')"
         " or m.startswith('rpc_server.db')))"
     )

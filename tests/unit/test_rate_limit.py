@@ -1,4 +1,4 @@
-"""Who pays for a request's calls and what they cost (rpc_server.rate_limit), on in-memory
+"""Who pays for a request's calls and what they cost (rpc_server.jsonrpc.rate_limit), on in-memory
 buckets with a clock that only moves when told to; tokens are looked up in the fake
 database, whose units of work are counted (one per token lookup)."""
 
@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from rpc_server.buckets import FallbackBuckets, Grant, Limit, MemoryBuckets
-from rpc_server.context import RpcContext
 from rpc_server.domain.links import FrontendLinks
+from rpc_server.jsonrpc.buckets import FallbackBuckets, Grant, Limit, MemoryBuckets
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.rate_limit import CALL_COSTS, RateLimits, cost_of
+from rpc_server.jsonrpc.token_cache import ActorCache
 from rpc_server.payment_signatures import PaymentSignatures
-from rpc_server.rate_limit import CALL_COSTS, RateLimits, cost_of
-from rpc_server.token_cache import ActorCache
 from tests.unit.conftest import FakeWorld
 
 ATTACKER = "203.0.113.7"
@@ -277,7 +277,7 @@ async def test_while_the_store_is_down_this_process_counts_and_tries_the_store_n
     store = FlakyStore()
     buckets = FallbackBuckets(store, MemoryBuckets(clock=ticks), retry_store_after=5.0, clock=ticks)
     limit = Limit(rate=1.0, burst=3)
-    with caplog.at_level(logging.INFO, logger="rpc_server.rate_limit"):
+    with caplog.at_level(logging.INFO, logger="rpc_server.jsonrpc.rate_limit"):
         grants = [await buckets.take("ip:203.0.113.7", 1, limit) for _ in range(5)]
         assert [g.granted for g in grants] == [1, 1, 1, 0, 0]  # limited, not open or closed
         assert store.attempts == 1 and buckets.store_down

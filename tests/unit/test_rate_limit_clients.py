@@ -9,8 +9,8 @@ import logging
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from rpc_server.client_address import ClientAddresses, client_label, parse_address
-from rpc_server.credentials import Credentials, read_credentials
+from rpc_server.http.client_address import ClientAddresses, client_label, parse_address
+from rpc_server.jsonrpc.credentials import Credentials, read_credentials
 from rpc_server.log_throttle import ThrottledLog
 
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from email.message import EmailMessage
 
-from rpc_server.receipts import Receipt, build_receipt, message_id_for
+from rpc_server.mail.receipts import Receipt, build_receipt, message_id_for
 
 MAIL_FROM = "Course Shop <receipts@shop.example>"
 RECEIPT = Receipt(

@@ -12,20 +12,20 @@ from jsonrpcserver.response import to_serializable_one
 from jsonrpcserver.result import Result
 from marshmallow import ValidationError
 
-from rpc_server.context import RpcContext
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.records import Actor, SignedPayment
 from rpc_server.domain.states import PurchaseState
-from rpc_server.errors import (
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.errors import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     NOT_FOUND,
     PAYMENT_NOT_VERIFIED,
     UNAUTHENTICATED,
 )
+from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod
 from rpc_server.methods import REGISTRY
 from rpc_server.payment_signatures import PaymentSignatures
-from rpc_server.registry import MethodRegistry, RpcMethod
 from schemas import CourseListParams, CourseOut
 from tests.payments import TEST_PAYMENT_KEY
 from tests.unit.conftest import FRONTEND_URL, FakeWorld

@@ -9,7 +9,7 @@ import pytest
 
 from rpc_server.domain.records import Actor
 from rpc_server.domain.states import Scope
-from rpc_server.token_cache import ActorCache
+from rpc_server.jsonrpc.token_cache import ActorCache
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 

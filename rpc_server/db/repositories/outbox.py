@@ -16,7 +16,7 @@ from models import ReceiptOutbox as ReceiptRow
 from rpc_server.db.repositories.rows import UnitOfWorkConnection, as_utc
 from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptJob
 from rpc_server.domain.records import Purchase
-from rpc_server.receipts import Receipt
+from rpc_server.mail.receipts import Receipt
 
 # The values as stored, bound into the statements below.
 _PENDING, _DEAD = OutboxStatus.PENDING.value, OutboxStatus.DEAD.value

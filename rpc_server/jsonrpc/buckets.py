@@ -1,0 +1,214 @@
+"""Token buckets: the store behind the rate limits (``rpc_server.jsonrpc.rate_limit``).
+
+A bucket holds up to ``burst`` calls and refills at ``rate`` calls per second; taking
+``n`` grants ``min(n, floor(tokens))``. Buckets live in this process (``MemoryBuckets``,
+on SQLite: one process) or in PostgreSQL (``DatabaseBuckets``, shared by every process
+of the deployment: one UPSERT per HTTP request, however many items it holds), and then
+in this process's memory for as long as PostgreSQL cannot be reached
+(``FallbackBuckets``; why: ``rpc_server.jsonrpc.rate_limit``).
+
+Buckets are never kept longer than needed: a bucket left idle for ``burst / rate``
+seconds is full again, the same as no bucket at all, so it may be forgotten. In memory
+the least recently used are forgotten beyond ``max_keys``; in PostgreSQL a process
+deletes the rows idle that long, at most once per ``purge_interval``, after a take.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy import text
+
+from rpc_server.db.connection import Engine
+from rpc_server.db.engines import autocommit
+
+log = logging.getLogger("rpc_server.jsonrpc.rate_limit")
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """``rate`` calls per second refilling a bucket of ``burst``."""
+
+    rate: float
+    burst: int
+
+    @property
+    def full_after(self) -> float:
+        """Seconds after which an idle bucket is full again, whatever it held."""
+        return self.burst / self.rate
+
+    def retry_after(self, tokens_left: float, cost: int = 1) -> float:
+        """Seconds until a bucket holding ``tokens_left`` holds ``cost``."""
+        return round(max(0.0, (cost - tokens_left) / self.rate), 3)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """How many of the calls asked for were granted, and what the bucket holds after."""
+
+    granted: int
+    tokens_left: float
+
+
+class Buckets(Protocol):
+    async def take(self, key: str, calls: int, limit: Limit) -> Grant:
+        """Take up to ``calls`` from ``key``'s bucket, which follows ``limit``."""
+        ...
+
+
+class MemoryBuckets:
+    """One process's buckets; the least recently used are forgotten beyond ``max_keys``."""
+
+    def __init__(self, *, max_keys: int = 100_000, clock: Callable[[], float] = time.monotonic):
+        self.max_keys, self.clock = max_keys, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def holds(self, key: str, limit: Limit) -> float:
+        """What ``key``'s bucket holds now (nothing is taken)."""
+        now = self.clock()
+        tokens, updated = self._buckets.get(key, (float(limit.burst), now))
+        return min(float(limit.burst), tokens + (now - updated) * limit.rate)
+
+    async def take(self, key: str, calls: int, limit: Limit) -> Grant:
+        now = self.clock()
+        tokens, updated = self._buckets.pop(key, (float(limit.burst), now))
+        tokens = min(float(limit.burst), tokens + (now - updated) * limit.rate)
+        granted = min(calls, math.floor(tokens))
+        tokens -= granted
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return Grant(granted, tokens)
+
+
+# Every expression in SET sees the row as it was, so refill and grant are computed from
+# one consistent snapshot; the row lock serializes concurrent requests of one bucket.
+_TAKE = text(
+    """
+    WITH arg AS (
+        SELECT CAST(:calls AS integer) AS calls, CAST(:burst AS double precision) AS burst,
+               CAST(:rate AS double precision) AS rate
+    )
+    INSERT INTO rate_limit_buckets AS b (key, tokens, updated_at, last_granted)
+    SELECT :key, arg.burst - LEAST(arg.calls, arg.burst), now(), LEAST(arg.calls, arg.burst)
+    FROM arg
+    ON CONFLICT (key) DO UPDATE SET
+        last_granted = (SELECT LEAST(arg.calls, FLOOR(LEAST(arg.burst,
+            b.tokens + EXTRACT(EPOCH FROM now() - b.updated_at) * arg.rate))) FROM arg),
+        tokens = (SELECT LEAST(arg.burst,
+                b.tokens + EXTRACT(EPOCH FROM now() - b.updated_at) * arg.rate)
+            - LEAST(arg.calls, FLOOR(LEAST(arg.burst,
+                b.tokens + EXTRACT(EPOCH FROM now() - b.updated_at) * arg.rate))) FROM arg),
+        updated_at = now()
+    RETURNING last_granted, tokens
+    """
+)
+
+# A row idle for ``idle`` seconds, the longest any limit takes to refill, is a full
+# bucket. A take racing the delete either updates the row first (then it is not idle
+# when the delete rechecks it) or waits for the delete and inserts a full bucket.
+_PURGE = text(
+    "DELETE FROM rate_limit_buckets "
+    "WHERE updated_at < now() - make_interval(secs => CAST(:idle AS double precision)) "
+    "RETURNING 1"
+)
+
+
+class DatabaseBuckets:
+    """Buckets in PostgreSQL, shared by every process of the deployment.
+
+    ``idle_after``: seconds after which any bucket is full again (the longest
+    ``Limit.full_after`` of the limits that use this store); rows idle that long are
+    deleted, at most once per ``purge_interval`` seconds per process.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        idle_after: float,
+        purge_interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.engine, self.idle_after, self.purge_interval = engine, idle_after, purge_interval
+        self.clock = clock
+        self._next_purge = clock() + purge_interval
+
+    async def take(self, key: str, calls: int, limit: Limit) -> Grant:
+        # One statement, its own transaction (autocommit: no BEGIN or COMMIT round
+        # trips), apart from the calls' units of work: the row lock lasts that statement.
+        async with autocommit(self.engine) as connection:
+            rows = await connection.execute(
+                _TAKE, {"key": key, "calls": calls, "burst": limit.burst, "rate": limit.rate}
+            )
+        last_granted, tokens = rows.all()[0]
+        grant = Grant(int(last_granted), float(tokens))
+        if self.clock() >= self._next_purge:
+            await self.purge()
+        return grant
+
+    async def purge(self) -> int:
+        """Delete the buckets idle for ``idle_after`` seconds; return how many."""
+        self._next_purge = self.clock() + self.purge_interval
+        try:
+            async with autocommit(self.engine) as connection:
+                deleted = await connection.execute(_PURGE, {"idle": self.idle_after})
+        except Exception as exc:  # the take succeeded: its answer stands
+            log.warning("purging idle rate-limit buckets failed: %s", type(exc).__name__)
+            return 0
+        return len(deleted)
+
+
+class FallbackBuckets:
+    """``store``'s buckets, or this process's own (``fallback``) while it cannot be reached.
+
+    After a failure the store is left alone for ``retry_store_after`` seconds (so an
+    outage costs one failed attempt per interval, not one per request), then tried
+    again. The outage and the recovery are logged once each.
+    """
+
+    def __init__(
+        self,
+        store: Buckets,
+        fallback: MemoryBuckets,
+        *,
+        retry_store_after: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store, self.fallback = store, fallback
+        self.retry_store_after, self.clock = retry_store_after, clock
+        self._store_down = False
+        self._retry_store_at = 0.0
+
+    @property
+    def store_down(self) -> bool:
+        return self._store_down
+
+    async def take(self, key: str, calls: int, limit: Limit) -> Grant:
+        if self.clock() >= self._retry_store_at:
+            try:
+                grant = await self.store.take(key, calls, limit)
+            except Exception as exc:
+                self._retry_store_at = self.clock() + self.retry_store_after
+                if not self._store_down:
+                    self._store_down = True
+                    log.warning(
+                        "rate-limit store unavailable (%s): limiting in this process until "
+                        "it answers again",
+                        type(exc).__name__,
+                    )
+            else:
+                if self._store_down:
+                    self._store_down = False
+                    log.info("rate-limit store available again")
+                return grant
+        return await self.fallback.take(key, calls, limit)

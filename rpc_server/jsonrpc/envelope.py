@@ -1,0 +1,180 @@
+"""The JSON-RPC 2.0 envelope: parse once, check each request object, dispatch, assemble.
+
+jsonrpcserver 5.0.9 validates a whole batch against one schema, so one bad item turns
+a batch into a single "Invalid Request". The specification answers item by item, so
+this module checks every request object on its own and hands only the valid ones to
+jsonrpcserver, one at a time, several items concurrently. Each item gets its own unit
+of work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import NoneType
+from typing import Any
+
+from jsonrpcserver.async_dispatcher import call
+from jsonrpcserver.dispatcher import create_request, to_response
+from jsonrpcserver.response import to_serializable_one
+from jsonrpcserver.result import Error, MethodNotFoundResult
+from jsonrpcserver.sentinels import NOID
+
+from rpc_server.jsonrpc import json_codec
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.errors import INVALID_REQUEST, PARSE_ERROR, RATE_LIMITED
+from rpc_server.jsonrpc.json_codec import ExactNumber, ParseError
+from rpc_server.jsonrpc.rate_limit import RateLimits, cost_of
+from rpc_server.jsonrpc.registry import MethodRegistry
+
+JsonObject = dict[str, Any]
+logger = logging.getLogger("rpc_server.jsonrpc.envelope")
+
+__all__ = ["ParseError", "answer", "parse"]
+
+# What an id may be once parsed: a number id whose text matters is an ExactNumber
+# (``rpc_server.jsonrpc.json_codec``), written back exactly as the client sent it.
+ID_TYPES = (str, int, float, ExactNumber, NoneType)
+
+
+def parse(body: bytes, *, max_depth: int = 64) -> Any:
+    """Parse a request body; raises ParseError with a message fit for the client."""
+    return json_codec.loads(body, max_depth=max_depth)
+
+
+def error_object(code: int, message: str, data: Any = None, id: Any = None) -> JsonObject:
+    error: JsonObject = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "error": error, "id": id}
+
+
+def parse_error(reason: str) -> JsonObject:
+    return error_object(PARSE_ERROR, "Parse error", reason)
+
+
+def invalid_request(reason: str) -> JsonObject:
+    return error_object(INVALID_REQUEST, "Invalid Request", reason)
+
+
+def problem_with(item: Any) -> str | None:
+    """Return why ``item`` is not a valid JSON-RPC 2.0 request object, or None if it is."""
+    if not isinstance(item, dict):
+        return "A request must be a JSON object."
+    if item.get("jsonrpc") != "2.0":
+        return 'The "jsonrpc" member must be exactly "2.0".'
+    if not isinstance(item.get("method"), str):
+        return 'The "method" member must be a string.'
+    if "params" in item and not isinstance(item["params"], (list, dict)):
+        return 'The "params" member must be an array or an object.'
+    if "id" in item:
+        id_ = item["id"]
+        if isinstance(id_, bool) or not isinstance(id_, ID_TYPES):
+            return 'The "id" member must be a string, a number or null.'
+    extra = set(item) - {"jsonrpc", "method", "params", "id"}
+    if extra:
+        return f"Unknown members: {', '.join(sorted(extra))}."
+    return None
+
+
+async def answer_one(
+    item: Any, registry: MethodRegistry, ctx: RpcContext, *, retry_after: float | None = None
+) -> JsonObject | None:
+    """Answer one request object; None for a notification (never answered).
+
+    With ``retry_after`` set, the call is over its rate limit: it is not run.
+    """
+    problem = problem_with(item)
+    if problem is not None:
+        return invalid_request(problem)
+    if retry_after is not None:
+        if "id" not in item:
+            return None
+        return error_object(
+            RATE_LIMITED, "Too many requests", {"retry_after": retry_after}, item["id"]
+        )
+    # jsonrpcserver's own steps for one request object: make its Request, call the
+    # method (which maps a JsonRpcError or any other exception to an error result), make
+    # the response. Its outer layers (parse, schema-validate, gather) would only repeat
+    # what this module has already done for the whole body. Its argument check is
+    # skipped too: it binds ``inspect.signature(method)`` to the params, and every
+    # ``RpcMethod`` takes ``(ctx, /, *args, **kwargs)`` and checks its params itself with
+    # its schema, so that check could never fail; it cost more than the rest of the
+    # dispatch of a cheap call (tests/benchmarks/profile.md).
+    request = create_request(item)
+    method = registry.dispatch_table().get(request.method)
+    if method is None:
+        result = Error(*MethodNotFoundResult(request.method))  # as its get_method answers
+    else:
+        result = await call(request, ctx, method)
+    if request.id is NOID:
+        return None  # a notification: run, never answered
+    answer = to_serializable_one(to_response(request, result))
+    assert isinstance(answer, dict)  # one response in, one response object out
+    return answer
+
+
+async def _over_limit(
+    items: list[Any], ctx: RpcContext, limits: RateLimits | None
+) -> list[float | None]:
+    """For each item, None if it may run, else the seconds after which to retry.
+
+    Every valid request object is a call, counted at its cost (``rpc_server.jsonrpc.rate_limit``:
+    the caller's user pays, or without a valid token the client address).
+    """
+    verdicts: list[float | None] = [None] * len(items)
+    if limits is None:
+        return verdicts
+    valid = [i for i, item in enumerate(items) if problem_with(item) is None]
+    admitted = await limits.admit(ctx, [cost_of(items[i]) for i in valid])
+    for index, verdict in zip(valid, admitted, strict=True):
+        verdicts[index] = verdict
+    return verdicts
+
+
+async def answer(
+    payload: Any,
+    registry: MethodRegistry,
+    ctx: RpcContext,
+    *,
+    max_batch_length: int,
+    limiter: RateLimits | None = None,
+    concurrency: int = 10,
+) -> JsonObject | list[JsonObject] | None:
+    """Answer a parsed body: one object, a list for a batch, None if nothing to answer.
+
+    A batch's items run concurrently, at most ``concurrency`` at a time.
+    """
+    if not isinstance(payload, list):
+        [verdict] = await _over_limit([payload], ctx, limiter)
+        return await answer_one(payload, registry, ctx, retry_after=verdict)
+    if not payload:
+        return invalid_request("An empty batch is not a request.")
+    if len(payload) > max_batch_length:
+        return invalid_request(
+            f"A batch may hold at most {max_batch_length} requests, got {len(payload)}."
+        )
+    verdicts = await _over_limit(payload, ctx, limiter)
+    answers: list[JsonObject | None] = [None] * len(payload)
+    pending = iter(range(len(payload)))
+
+    async def lane() -> None:
+        # Lanes share one iterator: each takes the next item when it is free.
+        for index in pending:
+            answers[index] = await answer_one(
+                payload[index], registry, ctx, retry_after=verdicts[index]
+            )
+
+    # Items run concurrently in at most ``concurrency`` lanes, not one task each: more
+    # items in flight than pooled connections would only queue for the pool (or open
+    # and close overflow connections), and items that never wait (rpc.discover, errors)
+    # run straight through the first lane, which is this coroutine itself.
+    others = [asyncio.create_task(lane()) for _ in range(min(concurrency, len(payload)) - 1)]
+    try:
+        await lane()
+        await asyncio.gather(*others)
+    finally:
+        for task in others:
+            task.cancel()
+    collected = [a for a in answers if a is not None]
+    return collected or None

@@ -1,0 +1,152 @@
+"""The explicit method registry: each JSON-RPC method with its params, result and errors.
+
+An ``RpcMethod`` binds a name to a thin handler, the Marshmallow schema of its params
+(whose field order is the positional order), the schema of its result, whether it needs
+a token, and the application errors it may return. ``MethodRegistry.dispatch_table``
+turns the registry into the ``{name: function}`` dict the envelope looks methods up in
+and calls through jsonrpcserver; each function loads params, authenticates, calls the
+handler, dumps the result, and maps exceptions to JSON-RPC errors. Nothing reaches
+jsonrpcserver's global registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from jsonrpcserver import InvalidParams, Success
+from jsonrpcserver.result import Result
+from marshmallow import Schema, ValidationError
+
+from rpc_server.domain.errors import Unauthenticated
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.errors import error_result, timed_out
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example call for the OpenRPC document: params by name, and the value the
+    handler would return (dumped through the method's own result schema)."""
+
+    name: str
+    params: dict[str, Any]
+    result: Any
+
+
+@dataclass(frozen=True)
+class RpcMethod:
+    """One JSON-RPC method.
+
+    ``handler(ctx, actor, **params)`` receives the loaded params; ``actor`` is the caller
+    (never None when ``auth`` is true). ``errors`` lists the application error codes
+    the method can return besides the standard ones.
+    """
+
+    name: str
+    handler: Handler
+    params: type[Schema]
+    # None: the handler returns JSON as it is (then ``result_json_schema`` describes it).
+    result: Schema | None
+    auth: bool = True
+    errors: tuple[int, ...] = ()
+    result_name: str = "result"
+    result_json_schema: dict[str, Any] | None = None
+    example: Example | None = None
+    # A method that answered another shape before it took params keeps answering that
+    # shape to a call made without any (registration.list's bare array): its schema.
+    result_without_params: Schema | None = None
+    summary: str = field(init=False)
+    description: str = field(init=False)
+    # One params schema per method, built once: Marshmallow schemas are reusable, and
+    # building one costs more than loading a call's params with it.
+    params_schema: Schema = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        doc = inspect.cleandoc(self.handler.__doc__ or "")
+        summary, _, description = doc.partition("\n")
+        object.__setattr__(self, "summary", summary or self.name)
+        object.__setattr__(self, "description", description.strip())
+        object.__setattr__(self, "params_schema", self.params())
+
+    def dump_result(self, value: Any, params: Mapping[str, Any] | None = None) -> Any:
+        """Dump ``value``, the handler's answer to a call with these (loaded) ``params``
+        (None: dump it with ``result``, whatever the params)."""
+        schema = self.result
+        if self.result_without_params is not None and params is not None and not params:
+            schema = self.result_without_params
+        return value if schema is None else schema.dump(value)
+
+    def load_params(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate params given by position or by name; return them by name.
+
+        Raises marshmallow.ValidationError with per-field messages.
+        """
+        schema = self.params_schema
+        if not args and not kwargs and not schema.load_fields:
+            return {}  # a method without params, called without any: nothing to check
+        if args:
+            names = list(schema.load_fields)
+            if len(args) > len(names):
+                raise ValidationError(
+                    {
+                        "params": [
+                            f"Expected at most {len(names)} positional params "
+                            f"({', '.join(names) or 'none'}), got {len(args)}."
+                        ]
+                    }
+                )
+            kwargs = dict(zip(names, args, strict=False))
+        loaded: dict[str, Any] = schema.load(kwargs)
+        return loaded
+
+    async def __call__(self, ctx: RpcContext, /, *args: Any, **kwargs: Any) -> Result:
+        # ctx is positional-only, so a client param named "ctx" is just an unknown field.
+        deadline = asyncio.timeout(ctx.call_timeout)
+        batch = ctx.batch_deadline  # in a batch, the sooner of its deadline and the call's
+        if batch is not None and batch.cuts(ctx.call_timeout):
+            if batch.passed():
+                return batch.timed_out()  # not started in time: not started at all
+            deadline = asyncio.timeout_at(batch.at)
+        else:
+            batch = None
+        try:
+            async with deadline:
+                return await self._call(ctx, args, kwargs)
+        except TimeoutError as exc:
+            if deadline.expired():  # not a timeout of something inside
+                return timed_out(ctx.call_timeout) if batch is None else batch.timed_out()
+            return error_result(exc, method=self.name)
+        except Exception as exc:
+            return error_result(exc, method=self.name)
+
+    async def _call(
+        self, ctx: RpcContext, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Result:
+        actor = await ctx.authenticate()
+        if self.auth and actor is None:
+            raise Unauthenticated()
+        try:
+            params = self.load_params(args, kwargs)
+        except ValidationError as exc:
+            return InvalidParams(exc.messages)
+        value = await self.handler(ctx, actor, **params)
+        return Success(self.dump_result(value, params))
+
+
+class MethodRegistry:
+    def __init__(self, methods: Iterable[RpcMethod]):
+        self.methods: dict[str, RpcMethod] = {}
+        for method in methods:
+            if method.name in self.methods:
+                raise ValueError(f"method {method.name} registered twice")
+            self.methods[method.name] = method
+        self._table: dict[str, Callable[..., Awaitable[Result]]] = dict(self.methods)
+
+    def dispatch_table(self) -> dict[str, Callable[..., Awaitable[Result]]]:
+        """The ``{name: function}`` dict the envelope dispatches over (built once)."""
+        return self._table

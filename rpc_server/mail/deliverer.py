@@ -1,0 +1,189 @@
+"""The receipt deliverer: claims due outbox rows, sends them, records the outcome.
+
+Runs inside ``rpc-server serve`` (woken right after a fulfillment commits, polling as a
+fallback) or alone as ``rpc-server send-mail``. Each row is claimed under a lease in a
+short transaction, sent with no transaction open (SQLite's write lock is never held
+across SMTP), then settled only if the claim is still ours. A deliverer that dies
+mid-send leaves the row to be retried when the lease runs out: at worst a receipt is
+sent twice, with the same Message-ID, never lost.
+
+Retry timing is stored in the row (``next_attempt_at``), so it survives restarts; that
+is why it is computed here rather than by an in-process retry library.
+
+It works through the ports alone (``UnitOfWorkFactory``, ``ReceiptOutboxRepository``,
+``Mailer``): nothing here knows which database holds the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from rpc_server.config import Settings
+from rpc_server.domain.outbox import OutboxStatus, ReceiptJob
+from rpc_server.domain.ports import UnitOfWorkFactory
+from rpc_server.domain.services import Clock, utcnow
+from rpc_server.mail.mailer import Mailer, PermanentMailError, TemporaryMailError, mailer_for
+from rpc_server.mail.receipts import build_receipt
+
+log = logging.getLogger("rpc_server.mail.deliverer")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter, up to ``max_attempts`` sends in all."""
+
+    max_attempts: int = 8
+    base_seconds: float = 30.0
+    cap_seconds: float = 3600.0
+
+    def delay_after(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed send ("equal jitter")."""
+        exponent = min(max(0, attempts - 1), 64)  # past 2**64 the cap has long won
+        delay = min(self.cap_seconds, self.base_seconds * 2.0**exponent)
+        return random.uniform(delay / 2, delay)
+
+
+class ReceiptDeliverer:
+    def __init__(
+        self,
+        uow_factory: UnitOfWorkFactory,
+        mailer: Mailer,
+        *,
+        mail_from: str,
+        retry: RetryPolicy = RetryPolicy(),
+        lease_seconds: float = 300.0,
+        poll_seconds: float = 5.0,
+        batch_size: int = 20,
+        clock: Clock = utcnow,
+    ):
+        self.uow_factory = uow_factory
+        self.mailer = mailer
+        self.mail_from = mail_from
+        self.retry = retry
+        self.lease = timedelta(seconds=lease_seconds)
+        self.poll_seconds = poll_seconds
+        self.batch_size = batch_size
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Deliver now rather than at the next poll (called after receipts commit)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Finish the message being sent, then return from ``run``."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until stopped; database or mail trouble is logged and retried."""
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                handled = await self.deliver_due()
+            except Exception:
+                log.exception("delivering receipts failed; retrying in %ss", self.poll_seconds)
+                handled = 0
+            if handled or self._stopping:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+
+    async def deliver_due(self) -> int:
+        """One pass: claim due messages and send them. Returns how many were handled."""
+        token = uuid.uuid4().hex
+        now = self.clock()
+        async with self.uow_factory(write=True) as uow:
+            jobs = await uow.receipts.claim_due(
+                now=now, lease_until=now + self.lease, token=token, limit=self.batch_size
+            )
+            await uow.commit()
+        handled = 0
+        for job in jobs:
+            if self._stopping:
+                break
+            await self._deliver(job, token)
+            handled += 1
+        if handled < len(jobs):
+            async with self.uow_factory(write=True) as uow:
+                await uow.receipts.release(token, now=self.clock())
+                await uow.commit()
+        return handled
+
+    async def deliver_all(self) -> int:
+        """Deliver everything that is due now; return how many were handled."""
+        total = 0
+        while handled := await self.deliver_due():
+            total += handled
+        return total
+
+    async def _deliver(self, job: ReceiptJob, token: str) -> None:
+        status: OutboxStatus = OutboxStatus.SENT
+        retry_at: datetime | None = None
+        error: str | None = None
+        try:
+            message = build_receipt(job.receipt, mail_from=self.mail_from)
+        except ValueError as exc:  # e.g. an address the email library refuses
+            status, error = OutboxStatus.DEAD, f"cannot build the receipt: {exc}"
+        else:
+            try:
+                await self.mailer.send(message)
+            except PermanentMailError as exc:
+                status, error = OutboxStatus.DEAD, str(exc)
+            except TemporaryMailError as exc:
+                status, error = OutboxStatus.PENDING, str(exc)
+            except Exception as exc:  # a bug in a mailer must not stop the deliverer
+                log.exception("unexpected error sending receipt %s", job.outbox_id)
+                status, error = OutboxStatus.PENDING, f"unexpected error: {type(exc).__name__}"
+        now = self.clock()
+        if status is OutboxStatus.PENDING:
+            if job.attempts >= self.retry.max_attempts:
+                status = OutboxStatus.DEAD
+            else:
+                retry_at = now + timedelta(seconds=self.retry.delay_after(job.attempts))
+        self._log(job, status, error, retry_at)
+        async with self.uow_factory(write=True) as uow:
+            settled = await uow.receipts.settle(
+                job.outbox_id, token=token, status=status, now=now,
+                next_attempt_at=retry_at, error=error,
+            )  # fmt: skip
+            await uow.commit()
+        if not settled:
+            log.warning("receipt %s: lease expired before the outcome was recorded", job.outbox_id)
+
+    @staticmethod
+    def _log(
+        job: ReceiptJob, status: OutboxStatus, error: str | None, retry_at: datetime | None
+    ) -> None:
+        purchase = job.receipt.purchase_id
+        if status is OutboxStatus.SENT:
+            log.info("receipt for purchase %s sent (attempt %d)", purchase, job.attempts)
+        elif status is OutboxStatus.DEAD:
+            log.error("receipt for purchase %s is dead after %d attempts: %s",
+                      purchase, job.attempts, error)  # fmt: skip
+        else:
+            log.warning("receipt for purchase %s failed (attempt %d), retry at %s: %s",
+                        purchase, job.attempts, retry_at, error)  # fmt: skip
+
+
+def build_deliverer(settings: Settings, uow_factory: UnitOfWorkFactory) -> ReceiptDeliverer:
+    """The deliverer the settings describe (mailer, retries, lease, poll interval)."""
+    return ReceiptDeliverer(
+        uow_factory,
+        mailer_for(settings.smtp_url, settings.mail_dir),
+        mail_from=settings.mail_from,
+        retry=RetryPolicy(
+            max_attempts=settings.mail_max_attempts,
+            base_seconds=settings.mail_retry_base,
+            cap_seconds=settings.mail_retry_cap,
+        ),
+        lease_seconds=settings.mail_lease,
+        poll_seconds=settings.mail_poll_interval,
+    )

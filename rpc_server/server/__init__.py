@@ -1,0 +1,2 @@
+"""Server processes: listening sockets, connection limits, the graceful drain, several
+processes under gunicorn."""
