@@ -18,6 +18,7 @@ from aiohttp import web
 from rpc_server.config import Settings
 from rpc_server.db.connection import Engine
 from rpc_server.db.engines import engine_from_settings
+from rpc_server.db.errors import database_unavailable
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.errors import PaymentNotVerified
@@ -38,7 +39,6 @@ from rpc_server.jsonrpc.batch_deadline import BatchDeadline
 from rpc_server.jsonrpc.context import RpcContext, failed_logins_log
 from rpc_server.jsonrpc.credentials import read_credentials
 from rpc_server.jsonrpc.envelope import ParseError, answer, invalid_request, parse, parse_error
-from rpc_server.jsonrpc.errors import database_unavailable
 from rpc_server.jsonrpc.openrpc import build_document
 from rpc_server.jsonrpc.rate_limit import RateLimits, build_rate_limits
 from rpc_server.jsonrpc.registry import MethodRegistry

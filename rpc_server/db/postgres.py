@@ -30,8 +30,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.engine import URL
 
 from rpc_server.db.compile import StatementCache
-from rpc_server.db.errors import pool_timeout, sqlalchemy_error
-from rpc_server.jsonrpc.errors import UNAVAILABLE_SQLSTATE_PREFIXES
+from rpc_server.db.errors import UNAVAILABLE_SQLSTATE_PREFIXES, pool_timeout, sqlalchemy_error
 
 # SQLSTATEs after which a connection is gone: connection exceptions, and the server
 # shutting down, crashing or starting (57P01 to 57P03).

@@ -14,9 +14,8 @@ from typing import Any
 
 from jsonrpcserver import Error
 from jsonrpcserver.result import Result
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from rpc_server.db.errors import database_unavailable
 from rpc_server.domain.errors import (
     Conflict,
     DomainError,
@@ -67,34 +66,6 @@ ERROR_CODES: dict[type[BaseException], int] = {
     NotFound: NOT_FOUND,
     Conflict: CONFLICT,
 }
-
-# Failures of the database itself (unreachable, locked, pool exhausted): the call may
-# be retried later. Never shown with their text.
-UNAVAILABLE: tuple[type[BaseException], ...] = (
-    OperationalError,
-    InterfaceError,
-    PoolTimeoutError,
-    ConnectionError,
-    TimeoutError,
-)
-
-
-# SQLSTATE classes that mean "the database is not there right now": connection
-# exceptions, insufficient resources (too many connections), operator intervention
-# (shutdown, crash, starting up). Anything else is a bug, not an outage.
-UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "53", "57P")
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """True if ``exc`` says the database cannot be reached, not that our SQL is wrong."""
-    if isinstance(exc, UNAVAILABLE):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-        return isinstance(sqlstate, str) and sqlstate.startswith(UNAVAILABLE_SQLSTATE_PREFIXES)
-    return False
 
 
 def code_for(exc: BaseException) -> int | None:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -61,7 +62,10 @@ class ReceiptDeliverer:
         poll_seconds: float = 5.0,
         batch_size: int = 20,
         clock: Clock = utcnow,
+        outage: Callable[[BaseException], bool] = lambda _error: False,
     ):
+        """``outage``: whether an error means the database is not there right now (a
+        warning, waited out), rather than a fault worth a traceback."""
         self.uow_factory = uow_factory
         self.mailer = mailer
         self.mail_from = mail_from
@@ -70,6 +74,7 @@ class ReceiptDeliverer:
         self.poll_seconds = poll_seconds
         self.batch_size = batch_size
         self.clock = clock
+        self.outage = outage
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -88,8 +93,15 @@ class ReceiptDeliverer:
             self._wake.clear()
             try:
                 handled = await self.deliver_due()
-            except Exception:
-                log.exception("delivering receipts failed; retrying in %ss", self.poll_seconds)
+            except Exception as error:
+                if self.outage(error):
+                    log.warning(
+                        "delivering receipts paused, database unavailable (%s); retrying in %ss",
+                        type(error).__name__,
+                        self.poll_seconds,
+                    )
+                else:
+                    log.exception("delivering receipts failed; retrying in %ss", self.poll_seconds)
                 handled = 0
             if handled or self._stopping:
                 continue
@@ -174,7 +186,10 @@ class ReceiptDeliverer:
 
 
 def build_deliverer(settings: Settings, uow_factory: UnitOfWorkFactory) -> ReceiptDeliverer:
-    """The deliverer the settings describe (mailer, retries, lease, poll interval)."""
+    """The deliverer the settings describe (mailer, retries, lease, poll interval), on
+    the server's database (whose outages it waits out with a warning)."""
+    from rpc_server.db.errors import database_unavailable  # the SQL side, composed here
+
     return ReceiptDeliverer(
         uow_factory,
         mailer_for(settings.smtp_url, settings.mail_dir),
@@ -186,4 +201,5 @@ def build_deliverer(settings: Settings, uow_factory: UnitOfWorkFactory) -> Recei
         ),
         lease_seconds=settings.mail_lease,
         poll_seconds=settings.mail_poll_interval,
+        outage=database_unavailable,
     )
