@@ -617,8 +617,9 @@ def render(data: dict[str, Any]) -> str:
         f"end: {data['load_average']['end']:.2f} (per measurement: the JSON file). The "
         "machine is shared: other test runs may have been running at the same time, and "
         "PostgreSQL's own processes are not pinned.",
-        "- The project runs as `rpc-server serve` with `RPC_SERVER_RATE_LIMIT=0` and "
-        "`RPC_SERVER_MAIL_IN_SERVE=false`"
+        "- The project runs as `rpc-server serve` with its rate limits on at limits the load "
+        "does not reach (`RPC_SERVER_RATE_LIMIT=100000`, `RPC_SERVER_ANONYMOUS_RATE_LIMIT="
+        "10000000`) and `RPC_SERVER_MAIL_IN_SERVE=false`"
         + (f" and {', '.join(project_env)}" if project_env else "")
         + "; everything else default (INFO logging: one access-log line per request). "
         f"The same-work baseline keeps {conditions['pool_size']} connections.",
