@@ -74,7 +74,7 @@ class PostgresEngine:
         # The connect arguments SQLAlchemy would use for this URL (host, port, user, …).
         args, kwargs = dialect.create_connect_args(url)  # type: ignore[no-untyped-call]
         self._connect_args = (args, {**kwargs, "timeout": connect_timeout})
-        self._size, self._max_size, self._timeout = size, size + overflow, timeout
+        self._max_size, self._timeout = size + overflow, timeout
         self._pre_ping = pre_ping
         self._pool: Any = None
         self._opening: asyncio.Lock | None = None
@@ -106,7 +106,7 @@ class PostgresEngine:
             try:
                 await connection.execute("SELECT 1")
             except Exception:
-                connection.terminate()  # frees its place; the pool reconnects next time
+                self.discard(connection)  # frees its place: the pool opens a new one
                 connection = await pool.acquire(timeout=self._timeout)
         return connection
 
