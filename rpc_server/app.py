@@ -175,7 +175,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     uow_factory = request.app[UOW_FACTORY]
     credentials = read_credentials(request.headers)
     ctx = RpcContext(
-        # A batch's calls read purchases by id together (rpc_server.jsonrpc.coalescing).
+        # A batch's calls read purchases by id together (rpc_server.db.coalescing).
         uow=uow_factory.for_batch() if isinstance(payload, list) else uow_factory,
         links=request.app[LINKS],
         payments=request.app[PAYMENTS],

@@ -86,18 +86,6 @@ def engine_from_settings(settings: Settings) -> Engine:
 
 
 @asynccontextmanager
-async def transaction(engine: Engine) -> AsyncIterator[UnitOfWorkConnection]:
-    """One transaction, committed if the block succeeds (what the rate limiter's buckets
-    and the CLI's maintenance use when they need no repositories)."""
-    connection = UnitOfWorkConnection(engine, write=True)
-    try:
-        yield connection
-        await connection.commit()
-    finally:
-        await connection.close()
-
-
-@asynccontextmanager
 async def autocommit(engine: Engine) -> AsyncIterator[UnitOfWorkConnection]:
     """Statements without a transaction: each one its own (a read sees one consistent
     snapshot; a single-statement write commits by itself)."""

@@ -15,7 +15,7 @@ Write units of work run in one transaction (``BEGIN IMMEDIATE`` on SQLite).
 
 The calls of one batch request get their units of work from a ``BatchUnitOfWorkFactory``:
 the same, except that their reads of a purchase by id, made at the same moment by the
-batch's concurrent calls, are read with one statement (``rpc_server.jsonrpc.coalescing``).
+batch's concurrent calls, are read with one statement (``rpc_server.db.coalescing``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
 
+from rpc_server.db.coalescing import PurchaseLookups
 from rpc_server.db.connection import Engine, UnitOfWorkConnection
 from rpc_server.db.repositories import (
     SqlCourseRepository,
@@ -34,7 +35,6 @@ from rpc_server.db.repositories import (
     SqlUserRepository,
 )
 from rpc_server.domain.records import Purchase
-from rpc_server.jsonrpc.coalescing import PurchaseLookups
 
 
 class SqlUnitOfWork:
@@ -106,7 +106,7 @@ class SqlUnitOfWorkFactory:
 class BatchUnitOfWorkFactory:
     """Units of work for the calls of one batch request: like the engine's, except that
     their reads of a purchase by id are coalesced across the batch's concurrent calls
-    into one statement (``rpc_server.jsonrpc.coalescing``). Write units of work are unchanged."""
+    into one statement (``rpc_server.db.coalescing``). Write units of work are unchanged."""
 
     def __init__(self, factory: SqlUnitOfWorkFactory):
         self._factory = factory

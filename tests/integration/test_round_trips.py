@@ -227,6 +227,6 @@ async def test_a_batch_of_gets_reads_one_statement_per_round_of_its_lanes(
     answers = await (await client.post("/rpc", json=batch, headers=headers)).json()
     assert [a["result"]["purchase_id"] for a in answers] == [p.purchase_id for p in made]
     # The items run in as many lanes as the pool has connections; the lookups of one
-    # round of lanes are read together (rpc_server.jsonrpc.coalescing).
+    # round of lanes are read together (rpc_server.db.coalescing).
     rounds = -(-len(made) // settings.db_pool_size)
     assert (rounds, words(statements)) == (3, ["SELECT"] * rounds)

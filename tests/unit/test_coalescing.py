@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from rpc_server.jsonrpc.coalescing import PurchaseLookups
+from rpc_server.db.coalescing import PurchaseLookups
 
 
 class Reads:

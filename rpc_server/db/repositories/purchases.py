@@ -25,11 +25,11 @@ from models import Course as CourseRow
 from models import Purchase as PurchaseRow
 from models import User as UserRow
 from models.tables import PENDING_ONLY
+from rpc_server.db.coalescing import PurchaseLookups
 from rpc_server.db.repositories.rows import UnitOfWorkConnection, as_utc
 from rpc_server.domain.errors import PaymentNotVerified
 from rpc_server.domain.records import Course, Purchase
 from rpc_server.domain.states import PurchaseState
-from rpc_server.jsonrpc.coalescing import PurchaseLookups
 
 _PURCHASE_COLUMNS = (
     PurchaseRow.id,
@@ -163,7 +163,7 @@ def _purchase(row: Sequence[Any]) -> Purchase:
 class SqlPurchaseRepository:
     def __init__(self, connection: UnitOfWorkConnection, lookups: PurchaseLookups | None = None):
         """``lookups``: where ``get`` reads instead, coalesced with other calls' (only
-        for a read unit of work: ``rpc_server.jsonrpc.coalescing``)."""
+        for a read unit of work: ``rpc_server.db.coalescing``)."""
         self.connection = connection
         self._lookups = lookups
 
