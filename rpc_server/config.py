@@ -63,9 +63,10 @@ class Settings:
     shutdown_timeout: float = 30.0
     # Connection pool, per process.
     db_pool_size: int = 10
-    # Connections beyond the pool are opened for a burst and closed when given back; under
-    # steady load that churn (a connect, and on SQLite a thread, per call) cost more than
-    # waiting for a pooled connection (measured: tests/benchmarks/profile.md). 0: none.
+    # Connections beyond the pool are opened for a burst and closed when given back (on
+    # PostgreSQL: after 5 idle minutes, asyncpg's pool); under steady load that churn (a
+    # connect, and on SQLite a thread, per call) cost more than waiting for a pooled
+    # connection (measured: tests/benchmarks/profile.md). 0: none.
     db_max_overflow: int = 0
     db_pool_timeout: float = 10.0
     db_connect_timeout: float = 5.0
