@@ -49,8 +49,8 @@ from rpc_server.cli.input import (
 )
 from rpc_server.config import ConfigError, Settings, unknown_variables
 from rpc_server.db.engines import engine_from_settings, is_sqlite
-from rpc_server.db.migrate import migrate
-from rpc_server.db.schema_version import check_schema, head_revision, quiet_alembic_context_lines
+from rpc_server.db.migrate import migrate, quiet_alembic_context_lines
+from rpc_server.db.schema_version import check_schema, head_revision
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.errors import NotFound

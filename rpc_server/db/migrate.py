@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection
@@ -11,6 +13,22 @@ from sqlalchemy.pool import NullPool
 from rpc_server.db.stock_engine import stock_engine
 
 MIGRATIONS = "rpc_server.db:migrations"
+
+
+class _ContextChatter(logging.Filter):
+    """Drops the two INFO lines Alembic logs whenever a ``MigrationContext`` is made
+    ("Context impl SQLiteImpl.", "Will assume non-transactional DDL."): each
+    ``rpc-server migrate`` makes one. "Running upgrade" stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Context impl ", "Will assume "))
+
+
+def quiet_alembic_context_lines() -> None:
+    """Install ``_ContextChatter`` on Alembic's migration logger (once per process)."""
+    logger = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, _ContextChatter) for f in logger.filters):
+        logger.addFilter(_ContextChatter())
 
 
 def alembic_config(connection: Connection | None = None) -> Config:

@@ -10,7 +10,6 @@ asking needs no second connection pool.
 
 from __future__ import annotations
 
-import logging
 from functools import cache
 
 from alembic.script import ScriptDirectory
@@ -21,22 +20,6 @@ from rpc_server.db.engines import autocommit
 from rpc_server.db.migrate import alembic_config
 
 MIGRATE_HINT = "run rpc-server migrate"
-
-
-class _ContextChatter(logging.Filter):
-    """Drops the two INFO lines Alembic logs whenever a ``MigrationContext`` is made
-    ("Context impl SQLiteImpl.", "Will assume non-transactional DDL."): reading the
-    revision makes one per command and per readiness probe. "Running upgrade" stays."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(("Context impl ", "Will assume "))
-
-
-def quiet_alembic_context_lines() -> None:
-    """Install ``_ContextChatter`` on Alembic's migration logger (once per process)."""
-    logger = logging.getLogger("alembic.runtime.migration")
-    if not any(isinstance(f, _ContextChatter) for f in logger.filters):
-        logger.addFilter(_ContextChatter())
 
 
 class SchemaNotCurrent(Exception):

@@ -35,12 +35,20 @@ from rpc_server.db.errors import pool_timeout, sqlalchemy_error
 from rpc_server.private_files import create_private_file
 
 BUSY_TIMEOUT_MS = 30_000
-SETUP = (
-    "PRAGMA journal_mode=WAL;"
-    f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS};"
-    "PRAGMA foreign_keys=ON;"
-    "PRAGMA synchronous=NORMAL;"
-)
+
+
+def pragmas(*, foreign_keys: bool = True) -> list[str]:
+    """The settings every SQLite connection gets (the server's, and Alembic's with
+    ``foreign_keys=False`` while it migrates: ``rpc_server.db.stock_engine``)."""
+    return [
+        "PRAGMA journal_mode=WAL",
+        f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+        f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}",
+        "PRAGMA synchronous=NORMAL",
+    ]
+
+
+SETUP = ";".join(pragmas()) + ";"
 
 
 def sqlite_dialect() -> SQLiteDialect_aiosqlite:

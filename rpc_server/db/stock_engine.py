@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from rpc_server.db.engines import is_sqlite, sqlite_path
-from rpc_server.db.sqlite import BUSY_TIMEOUT_MS
+from rpc_server.db.sqlite import pragmas
 from rpc_server.private_files import create_private_file
 
 
@@ -38,10 +38,8 @@ def stock_engine(url: str, *, foreign_keys: bool = True, **engine_kwargs: Any) -
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None  # BEGIN comes from the "begin" hook
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        for pragma in pragmas(foreign_keys=foreign_keys):
+            cursor.execute(pragma)
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
