@@ -67,17 +67,21 @@ IDS_PER_STATEMENT = 100
 
 
 @functools.cache
-def _purchases_by_ids(count: int, *, of_owner: bool) -> Select[*tuple[Any, ...]]:
-    """Purchases whose id is one of ``count`` bound ids (``id_0`` …), maybe one owner's.
+def _purchases_by_ids(count: int) -> Select[*tuple[Any, ...]]:
+    """Purchases whose id is one of ``count`` bound ids (``id_0`` …), whoever owns them.
 
-    One statement per count and condition (at most twice IDS_PER_STATEMENT), each built
-    and compiled once, like the other statements here.
+    The owner is checked on the rows read (``get_many``), not in the statement: with
+    ``AND owner_id = ?`` SQLite, which keeps no statistics unless ANALYZE is run, plans
+    the read on the ``(owner_id, id)`` index and walks every purchase of the caller
+    (2 ms for 10,000 of them, against 0.06 ms on the unique ``purchase_id`` index). By
+    id alone, both engines read the unique index, whatever the caller owns; a foreign
+    row costs one of at most ``IDS_PER_STATEMENT`` rows read and is never answered.
+
+    One statement per count (at most IDS_PER_STATEMENT), each built and compiled once,
+    like the other statements here.
     """
     ids: list[BindParameter[str]] = [bindparam(f"id_{n}") for n in range(count)]
-    query = _PURCHASE_QUERY.where(PurchaseRow.purchase_id.in_(ids))
-    if of_owner:
-        query = query.where(PurchaseRow.owner_id == bindparam("owner_id"))
-    return query
+    return _PURCHASE_QUERY.where(PurchaseRow.purchase_id.in_(ids))
 
 
 _PURCHASE_BY_PAYMENT_REF = select(PurchaseRow.id).where(
@@ -220,13 +224,11 @@ class SqlPurchaseRepository:
         found: dict[str, Purchase] = {}
         for start in range(0, len(purchase_ids), IDS_PER_STATEMENT):
             chunk = purchase_ids[start : start + IDS_PER_STATEMENT]
-            params: dict[str, Any] = {f"id_{n}": id_ for n, id_ in enumerate(chunk)}
-            if owner_id is not None:
-                params["owner_id"] = owner_id
-            query = _purchases_by_ids(len(chunk), of_owner=owner_id is not None)
-            for row in await self.connection.execute(query, params):
+            params = {f"id_{n}": id_ for n, id_ in enumerate(chunk)}
+            for row in await self.connection.execute(_purchases_by_ids(len(chunk)), params):
                 purchase = _purchase(row)
-                found[purchase.purchase_id] = purchase
+                if owner_id is None or purchase.owner_id == owner_id:
+                    found[purchase.purchase_id] = purchase
         return found
 
     async def get_by_idempotency_key(self, owner_id: int, key: str) -> Purchase | None:
