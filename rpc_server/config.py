@@ -116,7 +116,11 @@ class Settings:
     mail_retry_base: float = 30.0
     mail_retry_cap: float = 3600.0
     mail_poll_interval: float = 5.0
-    mail_lease: float = 300.0
+    # A claimed receipt's lease, renewed every third of it while its send goes on: the
+    # receipts of a deliverer that died are due again within this many seconds.
+    mail_lease: float = 15.0
+    # Receipts one deliverer sends at the same time (SMTP: connections kept open).
+    mail_concurrency: int = 8
     # Signed payment events (Standard Webhooks): comma-separated whsec_ secrets, any of
     # which may sign (list the new one first while rotating; sign-payment uses the first).
     # None: no proof or webhook is ever accepted.
@@ -190,6 +194,8 @@ class Settings:
                 ) from None
         if self.mail_max_attempts < 1:
             raise ConfigError("RPC_SERVER_MAIL_MAX_ATTEMPTS must be at least 1")
+        if self.mail_concurrency < 1:
+            raise ConfigError("RPC_SERVER_MAIL_CONCURRENCY must be at least 1")
         for name in ("mail_retry_base", "mail_retry_cap", "mail_poll_interval", "mail_lease"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"RPC_SERVER_{name.upper()} must be a positive number")

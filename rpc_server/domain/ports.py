@@ -159,6 +159,12 @@ class ReceiptOutboxRepository(Protocol):
         stopping): due ``now``, their claimed attempt not counted."""
         ...
 
+    async def renew(self, token: str, *, lease_until: datetime) -> None:
+        """Extend to ``lease_until`` the lease of the messages still claimed under
+        ``token`` (a deliverer whose sends outlast the lease, renewing it as it goes:
+        the lease can then be short, and a dead deliverer's messages are soon due)."""
+        ...
+
     async def requeue(self, outbox_id: int, *, now: datetime) -> bool:
         """Put a dead message back in the queue, due ``now`` with fresh attempts; False
         (nothing changed) if it is not dead or does not exist."""

@@ -1,11 +1,14 @@
 """The receipt deliverer: claims due outbox rows, sends them, records the outcome.
 
 Runs inside ``rpc-server serve`` (woken right after a fulfillment commits, polling as a
-fallback) or alone as ``rpc-server send-mail``. Each row is claimed under a lease in a
-short transaction, sent with no transaction open (SQLite's write lock is never held
-across SMTP), then settled only if the claim is still ours. A deliverer that dies
-mid-send leaves the row to be retried when the lease runs out: at worst a receipt is
-sent twice, with the same Message-ID, never lost.
+fallback) or alone as ``rpc-server send-mail``. Rows are claimed (up to 50) under a
+lease in a short transaction, sent several at a time with no transaction open (SQLite's
+write lock is never held across SMTP; SMTP connections are kept open between messages),
+then settled together in one transaction, each only if the claim is still ours. The
+lease is short (15 s by default) and renewed while the sends go on: a deliverer that
+dies mid-send leaves its rows due again within the lease, for itself after a restart or
+for another process. At worst a receipt is sent twice, with the same Message-ID, never
+lost.
 
 Retry timing is stored in the row (``next_attempt_at``), so it survives restarts; that
 is why it is computed here rather than by an in-process retry library.
@@ -50,6 +53,17 @@ class RetryPolicy:
         return random.uniform(delay / 2, delay)
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one claimed send went, to be recorded with the others of its claim."""
+
+    job: ReceiptJob
+    status: OutboxStatus
+    at: datetime
+    retry_at: datetime | None = None
+    error: str | None = None
+
+
 class ReceiptDeliverer:
     def __init__(
         self,
@@ -58,14 +72,16 @@ class ReceiptDeliverer:
         *,
         mail_from: str,
         retry: RetryPolicy = RetryPolicy(),
-        lease_seconds: float = 300.0,
+        lease_seconds: float = 15.0,
         poll_seconds: float = 5.0,
-        batch_size: int = 20,
+        batch_size: int = 50,
+        concurrency: int = 8,
         clock: Clock = utcnow,
         outage: Callable[[BaseException], bool] = lambda _error: False,
     ):
-        """``outage``: whether an error means the database is not there right now (a
-        warning, waited out), rather than a fault worth a traceback."""
+        """``concurrency``: messages of one claim sent at the same time. ``outage``:
+        whether an error means the database is not there right now (a warning, waited
+        out), rather than a fault worth a traceback."""
         self.uow_factory = uow_factory
         self.mailer = mailer
         self.mail_from = mail_from
@@ -73,6 +89,7 @@ class ReceiptDeliverer:
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.batch_size = batch_size
+        self.concurrency = concurrency
         self.clock = clock
         self.outage = outage
         self._wake = asyncio.Event()
@@ -83,16 +100,25 @@ class ReceiptDeliverer:
         self._wake.set()
 
     def stop(self) -> None:
-        """Finish the message being sent, then return from ``run``."""
+        """Finish the messages being sent, then return from ``run``."""
         self._stopping = True
         self._wake.set()
 
     async def run(self) -> None:
-        """Deliver until stopped; database or mail trouble is logged and retried."""
+        """Deliver until stopped; database or mail trouble is logged and retried.
+
+        Mail connections stay open while there is work, and are closed whenever
+        nothing is due."""
+        try:
+            await self._run()
+        finally:
+            await self.mailer.close()
+
+    async def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
             try:
-                handled = await self.deliver_due()
+                handled = await self._deliver_due()
             except Exception as error:
                 if self.outage(error):
                     log.warning(
@@ -105,11 +131,23 @@ class ReceiptDeliverer:
                 handled = 0
             if handled or self._stopping:
                 continue
+            await self.mailer.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
 
     async def deliver_due(self) -> int:
-        """One pass: claim due messages and send them. Returns how many were handled."""
+        """One pass: claim due messages, send them (``concurrency`` at a time), record
+        their outcomes in one transaction. Returns how many were handled.
+
+        The claim's lease is renewed while its sends go on, so it can be short: the
+        messages of a deliverer that died are due again within ``lease_seconds``.
+        """
+        try:
+            return await self._deliver_due()
+        finally:
+            await self.mailer.close()
+
+    async def _deliver_due(self) -> int:
         token = uuid.uuid4().hex
         now = self.clock()
         async with self.uow_factory(write=True) as uow:
@@ -117,26 +155,68 @@ class ReceiptDeliverer:
                 now=now, lease_until=now + self.lease, token=token, limit=self.batch_size
             )
             await uow.commit()
-        handled = 0
-        for job in jobs:
-            if self._stopping:
-                break
-            await self._deliver(job, token)
-            handled += 1
-        if handled < len(jobs):
-            async with self.uow_factory(write=True) as uow:
+        if not jobs:
+            return 0
+        renewal = asyncio.create_task(self._renew(token))
+        try:
+            outcomes = await self._send_all(jobs)
+        finally:
+            renewal.cancel()
+            await asyncio.gather(renewal, return_exceptions=True)
+        async with self.uow_factory(write=True) as uow:
+            settled = [
+                await uow.receipts.settle(
+                    outcome.job.outbox_id, token=token, status=outcome.status, now=outcome.at,
+                    next_attempt_at=outcome.retry_at, error=outcome.error,
+                )
+                for outcome in outcomes
+            ]  # fmt: skip
+            if len(outcomes) < len(jobs):  # stopping: give back what was not attempted
                 await uow.receipts.release(token, now=self.clock())
-                await uow.commit()
-        return handled
+            await uow.commit()
+        for outcome, ok in zip(outcomes, settled, strict=True):
+            if not ok:
+                log.warning(
+                    "receipt %s: lease expired before the outcome was recorded",
+                    outcome.job.outbox_id,
+                )
+        return len(outcomes)
 
     async def deliver_all(self) -> int:
         """Deliver everything that is due now; return how many were handled."""
         total = 0
-        while handled := await self.deliver_due():
-            total += handled
+        try:
+            while handled := await self._deliver_due():
+                total += handled
+        finally:
+            await self.mailer.close()
         return total
 
-    async def _deliver(self, job: ReceiptJob, token: str) -> None:
+    async def _send_all(self, jobs: list[ReceiptJob]) -> list[Outcome]:
+        """Send the claimed messages, ``concurrency`` at a time, in claim order; once
+        stopping, the ones not started are left out."""
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def send(job: ReceiptJob) -> Outcome | None:
+            async with gate:
+                return None if self._stopping else await self._send(job)
+
+        outcomes = await asyncio.gather(*(send(job) for job in jobs))
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def _renew(self, token: str) -> None:
+        """Extend the claim's lease every third of it, until cancelled."""
+        period = self.lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                async with self.uow_factory(write=True) as uow:
+                    await uow.receipts.renew(token, lease_until=self.clock() + self.lease)
+                    await uow.commit()
+            except Exception as error:  # the sends go on; settling checks the claim
+                log.warning("receipt lease not renewed (%s); retrying", type(error).__name__)
+
+    async def _send(self, job: ReceiptJob) -> Outcome:
         status: OutboxStatus = OutboxStatus.SENT
         retry_at: datetime | None = None
         error: str | None = None
@@ -161,14 +241,7 @@ class ReceiptDeliverer:
             else:
                 retry_at = now + timedelta(seconds=self.retry.delay_after(job.attempts))
         self._log(job, status, error, retry_at)
-        async with self.uow_factory(write=True) as uow:
-            settled = await uow.receipts.settle(
-                job.outbox_id, token=token, status=status, now=now,
-                next_attempt_at=retry_at, error=error,
-            )  # fmt: skip
-            await uow.commit()
-        if not settled:
-            log.warning("receipt %s: lease expired before the outcome was recorded", job.outbox_id)
+        return Outcome(job, status, now, retry_at, error)
 
     @staticmethod
     def _log(
@@ -201,5 +274,6 @@ def build_deliverer(settings: Settings, uow_factory: UnitOfWorkFactory) -> Recei
         ),
         lease_seconds=settings.mail_lease,
         poll_seconds=settings.mail_poll_interval,
+        concurrency=settings.mail_concurrency,
         outage=database_unavailable,
     )

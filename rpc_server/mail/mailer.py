@@ -18,6 +18,7 @@ import os
 import re
 import ssl
 import tempfile
+import time
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
@@ -59,7 +60,13 @@ def mailer_for(smtp_url: str | None, mail_dir: str) -> Mailer:
 
 class Mailer(Protocol):
     async def send(self, message: EmailMessage) -> None:
-        """Hand the message over; return only once it has been accepted."""
+        """Hand the message over; return only once it has been accepted. Several sends
+        may run at the same time."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of what is kept between sends (open connections); sending again later
+        is allowed."""
         ...
 
 
@@ -89,6 +96,14 @@ class SmtpMailer:
     # a private CA signed.
     cafile: str | None = None
     timeout: float = 30.0
+    # Connections kept open after a message, for the next ones (at most this many, each
+    # for at most ``idle_seconds``): a receipt then costs MAIL/RCPT/DATA, not a new TCP
+    # connection, greeting, STARTTLS and login.
+    max_idle: int = 8
+    idle_seconds: float = 30.0
+    _idle: list[tuple[aiosmtplib.SMTP, float]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_url(cls, url: str) -> SmtpMailer:
@@ -122,6 +137,18 @@ class SmtpMailer:
         )
 
     async def send(self, message: EmailMessage) -> None:
+        reused = self._take_idle()
+        if reused is not None:
+            try:
+                await reused.send_message(message)
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                reused.close()  # it timed out while idle: the message goes on a new one
+            except BaseException as exc:
+                reused.close()
+                raise _mail_error(exc) from None
+            else:
+                self._keep(reused)
+                return
         # Not aiosmtplib.send(): on cancellation its context manager still sends QUIT
         # and waits for the answer, so a hung server would hold a shutdown. Here the
         # connection is dropped at once when the send is cancelled.
@@ -146,28 +173,64 @@ class SmtpMailer:
                     raise TemporaryMailError(NO_TLS_FOR_CREDENTIALS)
                 await client.login(self.username, self.password or "")
             await client.send_message(message)
-            with contextlib.suppress(aiosmtplib.SMTPException):
-                await client.quit()
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            answers = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
-            permanent = all(r.code >= 500 for r in exc.recipients)
-            error = PermanentMailError if permanent else TemporaryMailError
-            raise error(f"recipient refused: {answers}") from None
-        except aiosmtplib.SMTPResponseException as exc:
-            error = PermanentMailError if exc.code >= 500 else TemporaryMailError
-            if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
-                # Wrong credentials are an operator's fix away: keep retrying meanwhile.
-                error = TemporaryMailError
-            raise error(f"SMTP server answered {exc.code} {exc.message}") from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            # A failed TLS handshake is raised as it is after STARTTLS, and as the
-            # cause of a connection error with smtps://.
-            tls = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
-            if isinstance(tls, ssl.SSLError):
-                raise TemporaryMailError(_tls_failed(tls)) from None
-            raise TemporaryMailError(f"SMTP server unreachable: {type(exc).__name__}") from None
-        finally:
+        except BaseException as exc:
             client.close()
+            raise _mail_error(exc) from None
+        self._keep(client)
+
+    async def close(self) -> None:
+        idle, self._idle[:] = list(self._idle), []
+        for client, _ in idle:
+            await _quit(client)
+
+    def _take_idle(self) -> aiosmtplib.SMTP | None:
+        """The most recently used open connection; older or dropped ones are closed."""
+        now = time.monotonic()
+        while self._idle:
+            client, since = self._idle.pop()
+            if client.is_connected and now - since < self.idle_seconds:
+                return client
+            client.close()
+        return None
+
+    def _keep(self, client: aiosmtplib.SMTP) -> None:
+        if len(self._idle) < self.max_idle:
+            self._idle.append((client, time.monotonic()))
+        else:
+            client.close()
+
+
+async def _quit(client: aiosmtplib.SMTP) -> None:
+    """Say goodbye (briefly), then drop the connection whatever the answer."""
+    try:
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError):
+            await client.quit(timeout=2.0)
+    finally:
+        client.close()
+
+
+def _mail_error(exc: BaseException) -> BaseException:
+    """What a failed send raises: ``MailError``s as they are, SMTP and network errors
+    as permanent or temporary ``MailError``s, anything else (a cancellation) as it is."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        answers = "; ".join(f"{r.code} {r.message}" for r in exc.recipients)
+        permanent = all(r.code >= 500 for r in exc.recipients)
+        error = PermanentMailError if permanent else TemporaryMailError
+        return error(f"recipient refused: {answers}")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        error = PermanentMailError if exc.code >= 500 else TemporaryMailError
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            # Wrong credentials are an operator's fix away: keep retrying meanwhile.
+            error = TemporaryMailError
+        return error(f"SMTP server answered {exc.code} {exc.message}")
+    if isinstance(exc, aiosmtplib.SMTPException | OSError):
+        # A failed TLS handshake is raised as it is after STARTTLS, and as the cause of
+        # a connection error with smtps://.
+        tls = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+        if isinstance(tls, ssl.SSLError):
+            return TemporaryMailError(_tls_failed(tls))
+        return TemporaryMailError(f"SMTP server unreachable: {type(exc).__name__}")
+    return exc
 
 
 def _tls_failed(error: ssl.SSLError) -> str:
@@ -186,6 +249,9 @@ class FileMailer:
 
     async def send(self, message: EmailMessage) -> None:
         await asyncio.to_thread(self._write, message)
+
+    async def close(self) -> None:
+        """Nothing is kept between messages."""
 
     def _write(self, message: EmailMessage) -> None:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", str(message["Message-ID"]).strip("<>"))

@@ -454,6 +454,9 @@ class RefusingMailer:
     async def send(self, message: Any) -> None:
         raise PermanentMailError("recipient refused: 550 no such user")
 
+    async def close(self) -> None:
+        pass
+
 
 async def test_mail_status_shows_when_a_dead_receipt_died(
     database_url: str, workdir: Path, world: World, uow_factory: SqlUnitOfWorkFactory

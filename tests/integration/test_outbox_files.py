@@ -94,7 +94,8 @@ async def test_fulfillment_over_http_writes_the_receipt_file(
     mail_dir = Path(settings.mail_dir)
 
     async def written() -> list[Path] | None:
-        return files_in(mail_dir) or None
+        # Not the temporary file it is written to first: the .eml it is renamed to.
+        return [path for path in files_in(mail_dir) if path.suffix == ".eml"] or None
 
     [path] = await eventually(written, within=2.0, what="the .eml file")
     assert read_eml(path)["Message-ID"] == message_id_for(purchase_id, settings.mail_from)

@@ -460,9 +460,9 @@ async def test_deliverer_that_died_after_sending_causes_a_duplicate_with_the_sam
         )
         await uow.commit()
     # It sends, and dies before recording the outcome.
-    await SmtpMailer.from_url(smtp.url).send(
-        build_receipt(job.receipt, mail_from=settings.mail_from)
-    )
+    dying = SmtpMailer.from_url(smtp.url)
+    await dying.send(build_receipt(job.receipt, mail_from=settings.mail_from))
+    await dying.close()
 
     deliverer = build_deliverer(fast(settings, smtp.url), uow_factory)
     await asyncio.sleep(0.35)
@@ -652,6 +652,9 @@ class GatedMailer:
             await self.gate.wait()
         await self.inner.send(message)
 
+    async def close(self) -> None:
+        await self.inner.close()
+
 
 async def test_stop_during_a_send_finishes_it_returns_promptly_and_releases_the_rest(
     smtp: SmtpServer,
@@ -663,8 +666,8 @@ async def test_stop_during_a_send_finishes_it_returns_promptly_and_releases_the_
     for course in ("python-basics", "sql-fundamentals", *await more_courses(uow_factory, 1)):
         await fulfilled_purchase(uow_factory, world.alice.actor, course)
     mailer = GatedMailer(SmtpMailer.from_url(smtp.url))
-    deliverer = ReceiptDeliverer(
-        uow_factory, mailer, mail_from=settings.mail_from, poll_seconds=30.0
+    deliverer = ReceiptDeliverer(  # one message at a time: the others wait to be released
+        uow_factory, mailer, mail_from=settings.mail_from, poll_seconds=30.0, concurrency=1
     )
     task = asyncio.create_task(deliverer.run())
     try:

@@ -711,6 +711,12 @@ class FakeReceiptOutboxRepository:
             ),
         )
 
+    async def renew(self, token: str, *, lease_until: datetime) -> None:
+        self._uow.writable().change_receipts(
+            lambda row: row.claim_token == token and row.status is OutboxStatus.PENDING,
+            lambda row: replace(row, next_attempt_at=lease_until),
+        )
+
     async def requeue(self, outbox_id: int, *, now: datetime) -> bool:
         return bool(
             self._uow.writable().change_receipts(

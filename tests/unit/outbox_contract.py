@@ -189,6 +189,21 @@ async def releasing_gives_back_claimed_messages_not_attempted(world: OutboxWorld
     assert claimed(await claim(world, at(2), "u")) == [(unsent, 1)]
 
 
+async def renewing_extends_only_the_claims_still_held(world: OutboxWorld) -> None:
+    sent, held = await queue_receipts(world, at(0), at(0))
+    jobs = {job.receipt.purchase_id: job for job in await claim(world, at(0), "t")}
+    assert await settle(world, jobs[sent], "t", SENT, at(1))
+    async with world.uow_factory(write=True) as uow:
+        await uow.receipts.renew("t", lease_until=at(0) + 3 * LEASE)
+        await uow.receipts.renew("nobody's", lease_until=at(0) + 9 * LEASE)
+        await uow.commit()
+    found = await entries(world)
+    assert (found[held].status, found[held].next_attempt_at) == (PENDING, at(0) + 3 * LEASE)
+    assert (found[sent].status, found[sent].next_attempt_at) == (SENT, at(0) + LEASE)
+    assert await claim(world, at(0) + 2 * LEASE, "u") == [], "still leased to t"
+    assert claimed(await claim(world, at(0) + 3 * LEASE, "u")) == [(held, 2)]
+
+
 async def only_dead_messages_are_requeued(world: OutboxWorld) -> None:
     dead, pending = await queue_receipts(world, at(0), at(0))
     jobs = {job.receipt.purchase_id: job for job in await claim(world, at(0), "t")}
@@ -219,6 +234,7 @@ CHECKS: list[Check] = [
     a_claim_takes_due_messages_oldest_first_and_leases_them,
     settling_records_the_outcome_only_under_the_current_claim,
     releasing_gives_back_claimed_messages_not_attempted,
+    renewing_extends_only_the_claims_still_held,
     only_dead_messages_are_requeued,
     a_status_outside_the_enum_is_refused,
 ]

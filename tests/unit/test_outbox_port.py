@@ -144,6 +144,9 @@ class ScriptedMailer:
             raise self.failures.pop(0)
         self.sent.append(message)
 
+    async def close(self) -> None:
+        pass
+
 
 def deliverer_for(fake: FakeWorld, mailer: ScriptedMailer, clock: FixedClock) -> ReceiptDeliverer:
     return ReceiptDeliverer(

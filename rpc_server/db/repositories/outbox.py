@@ -81,6 +81,12 @@ _RELEASE = (
     .where(ReceiptRow.claim_token == bindparam("token"), ReceiptRow.status == _PENDING)
     .values(claim_token=None, next_attempt_at=bindparam("now"), attempts=ReceiptRow.attempts - 1)
 )
+# The claim's lease, extended while its sends are still going on.
+_RENEW = (
+    update(ReceiptRow)
+    .where(ReceiptRow.claim_token == bindparam("token"), ReceiptRow.status == _PENDING)
+    .values(next_attempt_at=bindparam("lease_until"))
+)
 _REQUEUE = (
     update(ReceiptRow)
     .where(ReceiptRow.id == bindparam("outbox_id"), ReceiptRow.status == _DEAD)
@@ -193,6 +199,10 @@ class SqlReceiptOutboxRepository:
     async def release(self, token: str, *, now: datetime) -> None:
         """Give back rows claimed under ``token`` but not attempted (shutting down)."""
         await self.connection.execute(_RELEASE, {"token": token, "now": now})
+
+    async def renew(self, token: str, *, lease_until: datetime) -> None:
+        """Extend the lease of the messages still claimed under ``token``."""
+        await self.connection.execute(_RENEW, {"token": token, "lease_until": lease_until})
 
     async def requeue(self, outbox_id: int, *, now: datetime) -> bool:
         """Put a dead message back in the queue with fresh attempts; False if not dead."""
