@@ -1,7 +1,8 @@
 """Instrumenting a server under test: database round-trip counters and a pyinstrument profile.
 
 Used only by the harness's instrumented runs (never by the measured ones), in the
-project's launcher (``project_server``) and in the baselines (``floor``, ``same_work``):
+project's launcher (``project_server``) and in the baselines (``floor``, ``handwritten``,
+``same_work``):
 
 - ``--count-to PATH``: count what each call costs in database traffic. On SIGUSR1 the
   counts so far are written to PATH as JSON, then reset. Counted:

@@ -1,6 +1,7 @@
-"""Database round trips per call: the project against the same-work baseline.
+"""Database round trips per call: the project against the hand-written and same-work
+baselines.
 
-Both servers run instrumented (``instrumentation --count-to``) on the run's database;
+The servers run instrumented (``instrumentation --count-to``) on the run's database;
 each call kind is sent sequentially (warm-up first, so caches are filled and pools
 opened), counters are reset by SIGUSR1, the calls are sent again, and the next SIGUSR1
 dumps the counts, divided here by the number of JSON-RPC calls.
@@ -53,27 +54,32 @@ async def count(
 ) -> list[dict[str, Any]]:
     url = dataset.url
     port = str(make_url(url).port or 5432)
-    paths = {role: workdir / f"{role}-counts.json" for role in ("project", "same-work")}
-    project = servers.project_server(
-        url,
-        workdir,
-        cpus,
-        project_env,
-        name="project-count",
-        instrument=["--count-to", str(paths["project"]), "--count-port", port],
-    )
-    baseline = servers.same_work_server(
-        url,
-        workdir,
-        cpus,
-        pool_size,
-        name="same-work-count",
-        instrument=["--count-to", str(paths["same-work"]), "--count-port", port],
-    )
+    roles = ("project", "hand-written", "same-work")
+    paths = {role: workdir / f"{role}-counts.json" for role in roles}
+
+    # The receipt deliverer's own statements (its polls, its sends) are no call's.
+    project_env = {**project_env, "RPC_SERVER_MAIL_IN_SERVE": "false"}
+
+    def instrument(role: str) -> list[str]:
+        return ["--count-to", str(paths[role]), "--count-port", port]
+
+    running = {
+        "project": servers.project_server(
+            url, workdir, cpus, project_env, name="project-count", instrument=instrument("project")
+        ),
+        "hand-written": servers.handwritten_server(
+            url, workdir, cpus, pool_size, name="hand-written-count",
+            instrument=instrument("hand-written"),
+        ),
+        "same-work": servers.same_work_server(
+            url, workdir, cpus, pool_size, name="same-work-count",
+            instrument=instrument("same-work"),
+        ),
+    }  # fmt: skip
     results: list[dict[str, Any]] = []
     try:
-        project.start()
-        baseline.start()
+        for server in running.values():
+            server.start()
         get_user, list_user = dataset.get_user, dataset.list_users["small"]
         fulfill_user, buyer = dataset.fulfill_user, dataset.mixed_users[0]
         # The payment backend fulfils; the buyer buys a course it has not bought (the
@@ -88,7 +94,7 @@ async def count(
             ("purchase.create (with idempotency key)", 1),
         ):
             entry: dict[str, Any] = {"call": name, "engine": dataset.engine}
-            for role, server in (("project", project), ("baseline", baseline)):
+            for role, server in running.items():
                 total = WARMUP_CALLS + calls
                 if name.startswith("purchase.fulfill"):
                     ids = await fresh_pending(dataset, fulfill_user, total)
@@ -141,16 +147,16 @@ async def count(
                     ]
                 for authorization, body in requests[:WARMUP_CALLS]:
                     post(server.url, authorization, body)
-                await _dump(server, paths["project" if role == "project" else "same-work"])
+                await _dump(server, paths[role])
                 for authorization, body in requests[WARMUP_CALLS:]:
                     answer = post(server.url, authorization, body)
                     answers = answer if isinstance(answer, list) else [answer]
                     if any("error" in a for a in answers):
                         raise RuntimeError(f"{role} answered an error to {name}: {answer}")
-                counts = await _dump(server, paths["project" if role == "project" else "same-work"])
+                counts = await _dump(server, paths[role])
                 entry[role] = {k: v / (calls * per_request) for k, v in counts.items()}
             results.append(entry)
     finally:
-        project.stop()
-        baseline.stop()
+        for server in running.values():
+            server.stop()
     return results

@@ -4,12 +4,15 @@
         [--duration 5] [--workload NAME ...] [--output PATH] [--profile DIR]
 
 For each engine: a fresh database is created and seeded; the project (``rpc-server
-serve``), the floor and the same-work baseline start in their own processes pinned to
-``--server-cpus``; wrk runs pinned to ``--load-cpus`` with ``--connections`` keep-alive
-connections. Each workload is checked (both servers give the same answers), warmed up,
-then measured round after round, the project and its baseline back to back. Then the
-round trips per call are counted on instrumented servers. The report goes to
-``--output`` (Markdown) and stdout. See README.md in this folder.
+serve`` with its defaults on: rate limiter, receipt deliverer, INFO logging), the floor,
+the hand-written server and the same-work baselines start in their own processes
+pinned to ``--server-cpus``; wrk runs pinned to ``--load-cpus`` with ``--connections``
+keep-alive connections. Each workload is checked (all servers give the same answers),
+warmed up, then measured round after round, the project and its baselines back to back;
+after each of the project's measurements the harness waits until its receipt outbox is
+empty and the process idle. The receipts workload (receipts.py) then runs the project
+alone. Then the round trips per call are counted on instrumented servers. The report
+goes to ``--output`` (Markdown) and stdout. See README.md in this folder.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks import loadgen, report, roundtrips, seed, servers
-from tests.benchmarks.report import Measurement
+from tests.benchmarks import loadgen, receipts, report, roundtrips, seed, servers
+from tests.benchmarks.report import Measurement, ReceiptsRun
 from tests.benchmarks.workloads import (
     WORKLOADS,
     PlanContext,
@@ -54,6 +57,12 @@ DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 ENGINES = ("sqlite", "postgresql")
 # Rates guessed for the first fresh-purchase batch (the warm-up), before one is measured.
 FIRST_GUESS_RPS = 3000.0
+# The pending purchases seeded for the fulfil plans: the issue's 41,000 at least, and
+# enough for every round of the project and the hand-written server at this rate (the
+# pool is topped up between measurements when a plan needs more).
+POOL_FLOOR = 41_000
+POOL_RATE = 1500.0
+BASELINE_ROLES = ("floor", "hand-written", "same-work", "same-work-coalesced")
 VOLATILE = ("id", "purchase_id", "created_at", "updated_at", "fulfilled_at", "redirect_url")
 
 
@@ -76,6 +85,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workload", action="append", choices=list(WORKLOADS), help="repeat; default: all"
     )
+    parser.add_argument(
+        "--headline-only",
+        action="store_true",
+        help="measure each workload on the project and its headline baseline (hand-written "
+        "or floor) only, not on the extra ones (same-work, same-work coalesced)",
+    )
+    parser.add_argument(
+        "--receipts-duration",
+        type=float,
+        default=60,
+        help="seconds of fulfils per measurement of the receipts workload",
+    )
+    parser.add_argument(
+        "--receipts-rounds", type=int, default=1, help="rounds of the receipts workload"
+    )
+    parser.add_argument(
+        "--receipts-backend",
+        action="append",
+        choices=receipts.BACKENDS,
+        help="repeat; default: file, smtp and off (the deliverer off)",
+    )
+    parser.add_argument(
+        "--drain-limit",
+        type=float,
+        default=600,
+        help="longest wait for the project's receipt outbox to empty after a measurement",
+    )
+    parser.add_argument(
+        "--pending-pool",
+        type=int,
+        help="pending purchases seeded for the fulfil plans (default: at least 41,000, and "
+        f"{POOL_RATE:,.0f}/s for every round of the project and the hand-written server)",
+    )
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--server-cpus", default="0", help="CPUs of the server under test")
@@ -88,7 +130,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small-user", type=int, default=10_000, help="the 10k user's purchases")
     parser.add_argument("--big-user", type=int, default=1_000_000, help="the 1M user's purchases")
     parser.add_argument(
-        "--pool-size", type=int, default=10, help="the same-work baseline's connections"
+        "--pool-size",
+        type=int,
+        default=10,
+        help="the baselines' PostgreSQL connections (and same-work's SQLite ones)",
     )
     parser.add_argument(
         "--project-env",
@@ -158,6 +203,7 @@ class Bench:
         self.load_cpus = cpu_set(args.load_cpus)
         self.rng = random.Random(args.seed)
         self.measurements: list[Measurement] = []
+        self.receipts: list[ReceiptsRun] = []
         self.round_trips: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.datasets: dict[str, dict[str, Any]] = {}
@@ -181,8 +227,21 @@ class Bench:
             if not self.args.keep:
                 await seed.drop_database(url, admin)
 
+    def pending_pool(self) -> int:
+        if self.args.pending_pool is not None:
+            return int(self.args.pending_pool)
+        if not any(w.name == "fulfill" for w in self.selected):
+            return POOL_FLOOR
+        seconds = max(float(self.args.duration), float(self.args.warmup)) + 1
+        needed = POOL_RATE * seconds * int(self.args.rounds) * 2
+        return max(POOL_FLOOR, math.ceil(needed))
+
     async def engine_runs(self, engine: str, url: str, with_trivial: bool, directory: Path) -> None:
-        sizes = seed.Sizes(list_small=self.args.small_user, list_big=self.args.big_user)
+        sizes = seed.Sizes(
+            list_small=self.args.small_user,
+            list_big=self.args.big_user,
+            pending_pool=self.pending_pool(),
+        )
         dataset = await seed.seed(engine, url, sizes, self.rng)
         self.datasets[engine] = {
             "sizes": dataclasses.asdict(sizes),
@@ -192,10 +251,12 @@ class Bench:
         workloads = [w for w in self.selected if w.uses_database or with_trivial]
         try:
             if self.args.profile is not None:
-                await self.profile(engine, dataset, workloads, directory)
+                await self.profile(engine, dataset, [w for w in workloads if w.baseline], directory)
             else:
                 await self.measure_all(engine, dataset, workloads, directory)
-                if not self.args.no_round_trips and any(w.uses_database for w in workloads):
+                self.datasets[engine]["pending_topped_up"] = dataset.topped_up
+                compared = any(w.uses_database and w.baseline for w in workloads)
+                if not self.args.no_round_trips and compared:
                     log(f"[{engine}] counting database round trips per call …")
                     self.round_trips += await roundtrips.count(
                         dataset,
@@ -208,38 +269,42 @@ class Bench:
         finally:
             await dataset.bulk.close()
 
+    def baselines_of(self, workload: Workload) -> tuple[str, ...]:
+        if self.args.headline_only:
+            return (workload.baseline,) if workload.baseline else ()
+        return workload.baselines
+
     def start_servers(
         self, dataset: seed.Dataset, workloads: Sequence[Workload], directory: Path
     ) -> dict[str, servers.ServerProcess]:
         started: dict[str, servers.ServerProcess] = {}
+        wanted = {role for w in workloads for role in self.baselines_of(w)}
+        url, cpus, pool_size = dataset.url, self.server_cpus, self.args.pool_size
         try:
-            project = servers.project_server(
-                dataset.url, directory, self.server_cpus, self.project_env
-            )
+            project = servers.project_server(url, directory, cpus, self.project_env)
             project.start()
             started["project"] = project
-            if any(w.baseline == "floor" for w in workloads):
-                document = directory / "openrpc.json"
-                document.write_bytes(urlopen_bytes(f"http://127.0.0.1:{project.port}/openrpc.json"))
-                floor = servers.floor_server(document, directory, self.server_cpus)
-                floor.start()
-                started["floor"] = floor
-            if any(w.baseline == "same-work" for w in workloads):
-                same = servers.same_work_server(
-                    dataset.url, directory, self.server_cpus, self.args.pool_size
-                )
-                same.start()
-                started["same-work"] = same
-            if any(w.baseline == "same-work-coalesced" for w in workloads):
-                coalescing = servers.same_work_server(
-                    dataset.url,
-                    directory,
-                    self.server_cpus,
-                    self.args.pool_size,
-                    coalesce_batch_reads=True,
-                )
-                coalescing.start()
-                started["same-work-coalesced"] = coalescing
+            for role in BASELINE_ROLES:
+                if role not in wanted:
+                    continue
+                if role == "floor":
+                    document = directory / "openrpc.json"
+                    document.write_bytes(
+                        urlopen_bytes(f"http://127.0.0.1:{project.port}/openrpc.json")
+                    )
+                    server = servers.floor_server(document, directory, cpus)
+                elif role == "hand-written":
+                    server = servers.handwritten_server(url, directory, cpus, pool_size)
+                else:
+                    server = servers.same_work_server(
+                        url,
+                        directory,
+                        cpus,
+                        pool_size,
+                        coalesce_batch_reads=role == "same-work-coalesced",
+                    )
+                server.start()
+                started[role] = server
         except BaseException:
             for server in started.values():
                 server.stop()
@@ -249,8 +314,52 @@ class Bench:
     async def measure_all(
         self, engine: str, dataset: seed.Dataset, workloads: Sequence[Workload], directory: Path
     ) -> None:
-        running = self.start_servers(dataset, workloads, directory)
         context = PlanContext(dataset, directory, self.rng)
+        compared = [w for w in workloads if w.baseline]
+        if compared:
+            await self.measure_compared(engine, dataset, compared, directory, context)
+        if any(w.name == "receipts" for w in workloads):
+            await self.measure_receipts(engine, dataset, directory, context)
+
+    async def measure_receipts(
+        self, engine: str, dataset: seed.Dataset, directory: Path, context: PlanContext
+    ) -> None:
+        log(
+            f"[{engine}] receipts: {receipts.WORKLOAD.description} "
+            f"(load average {load_average():.2f})"
+        )
+        options = receipts.Options(
+            duration=self.args.receipts_duration,
+            warmup=self.args.warmup,
+            rounds=self.args.receipts_rounds,
+            backends=tuple(self.args.receipts_backend or receipts.BACKENDS),
+            connections=self.args.connections,
+            threads=self.args.threads,
+            server_cpus=self.server_cpus,
+            load_cpus=self.load_cpus,
+            project_env=self.project_env,
+            drain_limit=self.args.drain_limit,
+        )
+        self.receipts += await receipts.measure(
+            engine,
+            dataset,
+            context,
+            directory,
+            options,
+            known_rate=self.rates.get((engine, "fulfill", "", "project")),
+            log=log,
+            notes=self.notes,
+        )
+
+    async def measure_compared(
+        self,
+        engine: str,
+        dataset: seed.Dataset,
+        workloads: Sequence[Workload],
+        directory: Path,
+        context: PlanContext,
+    ) -> None:
+        running = self.start_servers(dataset, workloads, directory)
         try:
             for workload in workloads:
                 label_engine = engine if workload.uses_database else "none"
@@ -258,9 +367,11 @@ class Bench:
                     f"[{label_engine}] {workload.name}: {workload.description} "
                     f"(load average {load_average():.2f})"
                 )
-                roles = ("project", workload.baseline)
+                roles = ("project", *self.baselines_of(workload))
                 for variant in workload.variants:
-                    await self.check_answers(context, workload, variant, running, label_engine)
+                    await self.check_answers(
+                        context, workload, variant, running, roles, label_engine
+                    )
                     for role in roles:
                         await self.measure(
                             context,
@@ -306,6 +417,7 @@ class Bench:
             fresh = math.ceil(rate * share * (seconds + 1) * 2) + 100
         label = f"{engine}-{workload.name}{variant}-{server.role}-r{round_}"
         script, plan = await build_plan(context, workload, variant, label=label, fresh_count=fresh)
+        planned = context.last_pending if workload.name == "fulfill" else []
         if not server.alive():
             raise RuntimeError(f"{server.role} server died:\n{server.log_tail()}")
         started_load = load_average()
@@ -340,7 +452,23 @@ class Bench:
         cpu_seconds = server.cpu_seconds() - cpu_before
         calls = result.requests * workload.calls_per_request
         peak = server.peak_rss_kib()
+        backlog, outbox_drain = 0, 0.0
+        if server.role == "project" and context.dataset is not None:
+            # The receipts the load queued are the project's work too: let them go out.
+            backlog, outbox_drain = await receipts.wait_outbox_drained(
+                context.dataset.bulk, self.args.drain_limit
+            )
         drained = await server.wait_idle()
+        if server.role == "project" and context.dataset is not None:
+            # Requests wrk dropped in flight commit (and queue receipts) after the load.
+            _late, late_seconds = await receipts.wait_outbox_drained(
+                context.dataset.bulk, self.args.drain_limit
+            )
+            drained += late_seconds
+        if planned and self.args.threads == 1 and context.dataset is not None:
+            # Ids past those wrk can have sent (one in flight per connection) are unused.
+            unused = planned[result.requests + 2 * self.args.connections + 100 :]
+            seed.give_back(context.dataset, unused)
         self.rates[key] = result.rps
         if round_ == 0:
             self.durations[key] = self.measurement_seconds(result)
@@ -368,6 +496,9 @@ class Bench:
             fallbacks=result.fallbacks,
             load_average=started_load,
             cpu_us_per_call=cpu_seconds * 1e6 / calls if calls else float("nan"),
+            idle_wait_s=drained,
+            outbox_backlog=backlog,
+            outbox_drain_s=outbox_drain,
         )
         self.measurements.append(measurement)
         what = "warm-up" if round_ == 0 else f"round {round_}"
@@ -385,7 +516,9 @@ class Bench:
             f"{result.rps:9,.0f} req/s  "
             f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
             f"CPU {measurement.cpu_us_per_call:6.0f} µs/call  "
-            f"peak RSS {peak / 1024:6.1f} MiB  drained {drained:4.1f} s{problems}"
+            f"peak RSS {peak / 1024:6.1f} MiB  drained {drained:4.1f} s"
+            + (f"  receipts to send {backlog:,}, sent in {outbox_drain:.1f} s" if backlog else "")
+            + problems
         )
 
     def measurement_seconds(self, warmup: loadgen.LoadResult) -> float:
@@ -406,52 +539,58 @@ class Bench:
         workload: Workload,
         variant: str,
         running: dict[str, servers.ServerProcess],
+        roles: Sequence[str],
         engine: str,
     ) -> None:
-        """Both servers must answer the workload's first request alike (and without error)."""
-        if workload.name == "mixed":
-            return  # its calls are those of get, list, fulfill, and create (checked below)
-        _script, plan = await build_plan(
-            context,
-            workload,
-            variant,
-            label=f"check-{engine}-{workload.name}{variant}",
-            fresh_count=2,
-        )
-        requests = list(sample_requests(plan, 2))
-        answers = {}
-        for index, role in enumerate(("project", workload.baseline)):
-            authorization, body = requests[index if workload.consumes else 0]
-            answers[role] = roundtrips.post(running[role].url, authorization, body)
-        if workload.name == "fulfill" and context.dataset is not None:
-            # purchase.create too, for the mixed workload (of a course the buyer has not).
+        """Every server must answer the workload's first request as the project does (and
+        without error); for the workloads that fulfil, a purchase.create too."""
+        answers: dict[str, Any] = {}
+        if workload.name != "mixed":  # its calls are get, list, fulfill and create
+            _script, plan = await build_plan(
+                context,
+                workload,
+                variant,
+                label=f"check-{engine}-{workload.name}{variant}",
+                fresh_count=len(roles),
+            )
+            requests = list(sample_requests(plan, len(roles)))
+            for index, role in enumerate(roles):
+                authorization, body = requests[index if workload.consumes else 0]
+                answers[role] = roundtrips.post(running[role].url, authorization, body)
+        creates: dict[str, Any] = {}
+        if workload.consumes and context.dataset is not None:
+            # purchase.create, as the mixed workload sends it (of a course the buyer has not).
             buyer = context.dataset.mixed_users[0]
             [course] = await seed.fresh_courses(context.dataset, 1)
-            for role in ("project", "same-work"):
-                params = {"course": course, "idempotency_key": f"check-{role}"}
+            tag = f"{workload.name}{variant}-{self.rng.randrange(10**9)}"
+            for role in roles:
+                params = {"course": course, "idempotency_key": f"check-{role}-{tag}"}
                 body = rpc("purchase.create", params, 1)
-                answers[f"{role} create"] = roundtrips.post(
-                    running[role].url, buyer.authorization, body
-                )
-        volatile = workload.consumes
-        project, baseline = answers["project"], answers[workload.baseline]
+                creates[role] = roundtrips.post(running[role].url, buyer.authorization, body)
         problems = []
-        for name, answer in answers.items():
-            items = answer if isinstance(answer, list) else [answer]
-            if any("error" in item for item in items):
-                problems.append(f"{name} answered an error: {json.dumps(answer)[:300]}")
-        if normalized(project, volatile) != normalized(baseline, volatile):
-            problems.append(
-                f"answers differ:\n  project:  {json.dumps(project)[:400]}\n"
-                f"  baseline: {json.dumps(baseline)[:400]}"
-            )
-        if "project create" in answers and normalized(answers["project create"], True) != (
-            normalized(answers["same-work create"], True)
+        for kind, answered, volatile in (
+            ("", answers, workload.consumes),
+            ("purchase.create: ", creates, True),
         ):
-            problems.append("purchase.create answers differ")
+            for role, answer in answered.items():
+                items = answer if isinstance(answer, list) else [answer]
+                if any("error" in item for item in items):
+                    problems.append(f"{kind}{role} answered an error: {json.dumps(answer)[:300]}")
+                project = answered["project"]
+                if role != "project" and normalized(project, volatile) != normalized(
+                    answer, volatile
+                ):
+                    problems.append(
+                        f"{kind}{role}'s answer differs from the project's:\n"
+                        f"  project:  {json.dumps(project)[:400]}\n"
+                        f"  {role}: {json.dumps(answer)[:400]}"
+                    )
         for problem in problems:
             log(f"  CHECK {engine} {workload.name} {variant}: {problem}")
             self.notes.append(f"check {engine} {workload.name} {variant}: {problem}")
+        if not problems:
+            checked = [f"{len(answered)} servers" for answered in (answers, creates) if answered]
+            log(f"  check {workload.name} {variant}: same answers ({', '.join(checked)})")
 
     # --- profiles ----------------------------------------------------------------------
 
@@ -578,10 +717,15 @@ def record(bench: Bench, facts: dict[str, Any], started_load: float) -> dict[str
             "warmup": args.warmup,
             "project_env": args.project_env,
             "pool_size": args.pool_size,
+            "headline_only": args.headline_only,
+            "receipts_duration": args.receipts_duration,
+            "receipts_rounds": args.receipts_rounds,
+            "drain_limit": args.drain_limit,
         },
         "load_average": {"start": started_load, "end": load_average()},
         "datasets": bench.datasets,
         "measurements": [dataclasses.asdict(m) for m in bench.measurements],
+        "receipts": [dataclasses.asdict(r) for r in bench.receipts],
         "round_trips": bench.round_trips,
         "notes": bench.notes,
     }
@@ -591,8 +735,12 @@ def render(data: dict[str, Any]) -> str:
     """The Markdown report of a run."""
     facts, conditions = data["facts"], data["conditions"]
     measurements = [Measurement(**m) for m in data["measurements"]]
+    receipt_runs = [
+        ReceiptsRun(**{**r, "timeline": [tuple(t) for t in r.get("timeline", [])]})
+        for r in data.get("receipts", [])
+    ]
     rows = report.rows_of(measurements)
-    goals = report.targets(rows, conditions["duration"])
+    goals = report.targets(rows, conditions["duration"], receipt_runs)
     versions = ", ".join(f"{k} {v}" for k, v in facts["versions"].items())
     project_env = conditions["project_env"]
     lines = [
@@ -607,33 +755,86 @@ def render(data: dict[str, Any]) -> str:
         f"Python {facts['python']}; {versions}; {facts['wrk']}.",
         f"- Conditions: one server process each, {conditions['pinning']}; loopback; "
         f"{conditions['connections']} keep-alive connections, {conditions['threads']} wrk "
-        f"thread(s); {conditions['rounds']} interleaved rounds (project, then its baseline) of "
-        f"at least {conditions['duration']:g} s (stretched to 10{report.TIMES} the warm-up's "
-        f"median latency, at most {max(conditions['max_duration'], conditions['duration']):g} s) "
-        "after "
+        f"thread(s); {conditions['rounds']} interleaved rounds (project, then its baselines) "
+        f"of at least {conditions['duration']:g} s (stretched to 10{report.TIMES} the "
+        "warm-up's median latency, at most "
+        f"{max(conditions['max_duration'], conditions['duration']):g} s) after "
         f"{conditions['warmup']:g} s of warm-up per server and workload; each server is "
-        "left to finish its queued work before the next measurement.",
+        "left to finish its queued work before the next measurement (the project: until "
+        "its receipt outbox is empty, then idle).",
         f"- Load average (1 min) at the start: {data['load_average']['start']:.2f}; at the "
         f"end: {data['load_average']['end']:.2f} (per measurement: the JSON file). The "
         "machine is shared: other test runs may have been running at the same time, and "
         "PostgreSQL's own processes are not pinned.",
-        "- The project runs as `rpc-server serve` with its rate limits on at limits the load "
-        "does not reach (`RPC_SERVER_RATE_LIMIT=100000`, `RPC_SERVER_ANONYMOUS_RATE_LIMIT="
-        "10000000`) and `RPC_SERVER_MAIL_IN_SERVE=false`"
-        + (f" and {', '.join(project_env)}" if project_env else "")
-        + "; everything else default (INFO logging: one access-log line per request). "
-        f"The same-work baseline keeps {conditions['pool_size']} connections.",
+        "- The project runs as `rpc-server serve` with its defaults on: rate limits on at "
+        "limits the load does not reach (`RPC_SERVER_RATE_LIMIT=100000`, "
+        "`RPC_SERVER_ANONYMOUS_RATE_LIMIT=10000000`), the receipt deliverer running in "
+        "serve (file mailer), INFO logging (one access-log line per request)"
+        + (f", and {', '.join(project_env)}" if project_env else "")
+        + ". The headline baseline of the database workloads is the hand-written server "
+        f"(h); the baselines keep {conditions['pool_size']} PostgreSQL connections (h: one "
+        "read and one write connection on SQLite). The baselines queue their receipts due "
+        "in 2100: the project's deliverer never sends them.",
     ]
     for engine, dataset in data["datasets"].items():
         sizes = dataset["sizes"]
+        topped = dataset.get("pending_topped_up", 0)
         lines.append(
             f"- {report.engine_label(engine)} data: users with {sizes['get_user']:,} (get), "
             f"{sizes['list_small']:,} and {sizes['list_big']:,} (list), "
             f"{sizes['mixed_users']} {report.TIMES} {sizes['mixed_user_purchases']} (mixed) "
-            f"purchases, then {sizes.get('newer_by_others', 0):,} newer ones of another user; "
-            f"seeded in {dataset['seconds'].get('total', 0):.0f} s."
+            f"purchases, then {sizes.get('newer_by_others', 0):,} newer ones of another user, "
+            f"then {sizes.get('pending_pool', 0):,} pending ones to fulfil"
+            + (f" (topped up with {topped:,} more during the run)" if topped else "")
+            + f"; seeded in {dataset['seconds'].get('total', 0):.0f} s."
         )
-    lines += ["", "## Throughput, latency, memory", "", report.results_table(rows), ""]
+    lines.append("")
+    if rows:
+        lines += [
+            "## Throughput, latency, memory",
+            "",
+            "Against the headline baseline: the hand-written server (h) for the database "
+            "workloads, the floor (a) for the trivial ones.",
+            "",
+            report.results_table(rows),
+            "",
+        ]
+    extras = report.extras_table(rows)
+    if extras:
+        lines += [
+            "## Against the other baselines (secondary)",
+            "",
+            "The same measurements of the project, against same-work (b) (the project's "
+            "statements by hand, batch items concurrent on a pool) and, for batches, (b) "
+            "reading a batch's purchases with one statement.",
+            "",
+            extras,
+            "",
+        ]
+    outbox = report.outbox_table(rows)
+    if outbox:
+        lines += [
+            "## The project's receipts after each measurement",
+            "",
+            "Receipts queued by the load and not yet sent when it stopped, and how long the "
+            "deliverer in serve took to send them (the next measurement waits for it).",
+            "",
+            outbox,
+            "",
+        ]
+    receipts_text = report.receipts_table(receipt_runs)
+    if receipts_text:
+        lines += [
+            "## Receipts: does the deliverer keep up?",
+            "",
+            "The project alone, `purchase.fulfill` at saturation for "
+            f"{conditions.get('receipts_duration', 60):g} s per measurement, with its "
+            "deliverer on (file mailer; SMTP to a local aiosmtpd sink) and off "
+            "(`RPC_SERVER_MAIL_IN_SERVE=false`). See [receipts.py](receipts.py).",
+            "",
+            receipts_text,
+            "",
+        ]
     size = report.size_table(rows)
     if size:
         lines += ["## List pages: 1M-purchase user against 10k", "", size, ""]
@@ -646,7 +847,7 @@ def render(data: dict[str, Any]) -> str:
             "Counted on instrumented servers (`--count-to`), sequential calls after a "
             "warm-up. A driver round trip is one wait for the database: one hop to "
             "aiosqlite's thread, or one message batch written to PostgreSQL. The "
-            "baseline's statements are its round trips (one driver call each).",
+            "baselines' statements are their round trips (one driver call each).",
             "",
             trips,
             "",

@@ -104,6 +104,10 @@ INSERT_EVENT_SQL = (
     "actor_scope, source, evidence, payment_event_id, payment_ref, error_msg, created_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# The baselines queue their receipts due in 2100: the project's deliverer, which runs in
+# ``rpc-server serve`` on the same database, never sends them (it would work for a
+# baseline, on the CPU the servers share, while the baseline is measured).
+RECEIPT_NOT_DUE = datetime(2100, 1, 1, tzinfo=UTC)
 # Scopes that see and act on every purchase (rpc_server/domain/states.py).
 SEES_EVERY_PURCHASE = ("staff", "payments")
 MISSING_PROOF = (
@@ -145,6 +149,23 @@ class RpcError(Exception):
 
 def invalid_params(param: str, message: str) -> RpcError:
     return RpcError(-32602, "Invalid params", {param: [message]})
+
+
+# The project's messages (rpc_server/domain/errors.py, services.py).
+UNAUTHENTICATED = "Unauthenticated: send a valid token as 'Authorization: Bearer <token>'"
+KEY_REUSED = "This idempotency_key was already used for a purchase of another course"
+
+
+def purchase_not_found(purchase_id: str) -> RpcError:
+    return RpcError(404, "Purchase not found", {"purchase_id": purchase_id})
+
+
+def invalid_transition(current: str, requested: str) -> RpcError:
+    return RpcError(
+        409,
+        f"A {current} purchase cannot become {requested}",
+        {"current_state": current, "requested_state": requested},
+    )
 
 
 # --- the database: one connection type per driver, a fixed pool -------------------------
@@ -346,7 +367,7 @@ class Service:
         )
         self.insert_event_sql = d.sql(INSERT_EVENT_SQL)
         self.transition_sql: dict[tuple[str, int], str] = {}
-        self.list_sql: dict[tuple[bool, bool, bool], tuple[str, tuple[int, ...]]] = {}
+        self.list_sql: dict[ListKey, tuple[str, tuple[int, ...]]] = {}
         self.by_ids_sql: dict[tuple[int, bool], str] = {}
 
     async def authenticate(self, token: str) -> Actor | None:
@@ -360,20 +381,7 @@ class Service:
         return Actor(user_id, email, scope)
 
     def purchase_json(self, row: Row) -> JsonObject:
-        fulfilled_at = row[13]
-        return {
-            "purchase_id": row[1],
-            "course": row[5],
-            "amount": format(row[7], ".2f"),
-            "currency": row[8],
-            "state": row[9],
-            "error_msg": row[10],
-            "created_at": self.dialect.read_time(row[11]).isoformat(),
-            "updated_at": self.dialect.read_time(row[12]).isoformat(),
-            "fulfilled_at": None
-            if fulfilled_at is None
-            else self.dialect.read_time(fulfilled_at).isoformat(),
-        }
+        return purchase_json(self.dialect, row)
 
     async def _purchase(self, connection: Connection, purchase_id: str, actor: Actor) -> Row | None:
         if actor.sees_every_purchase:
@@ -401,64 +409,35 @@ class Service:
 
     async def get(self, actor: Actor, params: Any, read: dict[str, Row] | None = None) -> Any:
         """``read``: the batch's purchases, read beforehand (``--coalesce-batch-reads``)."""
-        purchase_id = _purchase_id(_named(params, ("purchase_id",)))
+        purchase_id = checked_purchase_id(named_params(params, ("purchase_id",)))
         if read is not None:
             row = read.get(purchase_id)
         else:
             async with self.pool.acquire() as connection:
                 row = await self._purchase(connection, purchase_id, actor)
         if row is None:
-            raise RpcError(404, "Not found", {"purchase_id": purchase_id})
+            raise purchase_not_found(purchase_id)
         return self.purchase_json(row)
 
     async def list(self, actor: Actor, params: Any) -> Any:
-        named = _named(params, ("state", "limit", "cursor"), required=())
-        state, limit, cursor = named.get("state"), named.get("limit", 20), named.get("cursor")
-        if state is not None and state not in STATES:
-            raise invalid_params("state", "Must be one of: " + ", ".join(STATES) + ".")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
-            raise invalid_params("limit", "Must be greater than or equal to 1 and less than 100.")
-        before = None if cursor is None else _decode_cursor(cursor)
-        key = (not actor.sees_every_purchase, state is not None, before is not None)
+        state, limit, before = list_params(params)
+        key = list_key(actor, state, before)
         if key not in self.list_sql:
-            # As the project: one owner's first page names the owner as a range (so that
-            # PostgreSQL reads the (owner_id, id) index), later pages as an equality.
-            owner = "purchases.owner_id = ?" if key[2] else "purchases.owner_id BETWEEN ? AND ?"
-            conditions = (owner, "purchases.state = ?", "purchases.id < ?")
-            clauses = [c for c, on in zip(conditions, key, strict=True) if on]
-            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-            order = "purchases.owner_id DESC, purchases.id DESC" if key[0] else "purchases.id DESC"
-            sql, extra = self.dialect.limit(PURCHASE_SELECT + where + " ORDER BY " + order)
-            self.list_sql[key] = (self.dialect.sql(sql), extra)
+            self.list_sql[key] = list_statement(self.dialect, key)
         sql, extra = self.list_sql[key]
-        owner_args = (actor.user_id,) if before is not None else (actor.user_id, actor.user_id)
-        args = [
-            a
-            for values, on in zip((owner_args, (state,), (before,)), key, strict=True)
-            if on
-            for a in values
-        ]
+        args = list_args(actor, state, before)
         async with self.pool.acquire() as connection:
             rows = await connection.fetch(sql, *args, limit + 1, *extra)
-        items = rows[:limit]
-        next_cursor = None
-        if len(rows) > limit:
-            next_cursor = base64.urlsafe_b64encode(f"p{items[-1][0]}".encode()).decode().rstrip("=")
-        return {"items": [self.purchase_json(r) for r in items], "next_cursor": next_cursor}
+        return list_page(self.dialect, rows, limit)
 
     async def create(self, actor: Actor, params: Any) -> Any:
-        named = _named(params, ("course", "idempotency_key"), required=("course",))
-        slug, key = named["course"], named.get("idempotency_key")
-        if not isinstance(slug, str) or not 1 <= len(slug) <= 100:
-            raise invalid_params("course", "Length must be between 1 and 100.")
-        if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 64):
-            raise invalid_params("idempotency_key", "Length must be between 1 and 64.")
+        slug, key = create_params(params)
         d = self.dialect
         async with write_transaction(self.pool, d) as tx:
             connection = tx.connection
             courses = await connection.fetch(self.course_sql, slug)
             if not courses:
-                raise RpcError(404, "Not found", {"course": slug})
+                raise RpcError(404, "Course not found", {"course": slug})
             course_pk, _slug, _title, price, currency = courses[0]
             if key is not None:
                 earlier = await connection.fetch(self.by_key_sql, actor.user_id, key)
@@ -509,26 +488,17 @@ class Service:
 
     def _replayed(self, row: Row, slug: str, key: str) -> JsonObject:
         if row[5] != slug:
-            raise RpcError(409, "Conflict", {"idempotency_key": key, "course": row[5]})
+            raise RpcError(409, KEY_REUSED, {"idempotency_key": key, "course": row[5]})
         return self.purchase_json(row)
 
     async def fulfill(self, actor: Actor, params: Any) -> Any:
-        named = _named(
-            params, ("purchase_id", "purchase_state", "error_msg"),
-            required=("purchase_id", "purchase_state"),
-        )  # fmt: skip
-        purchase_id = _purchase_id(named)
-        requested, error_msg = named["purchase_state"], named.get("error_msg")
-        if requested not in SOURCES:
-            raise invalid_params("purchase_state", "Must be one of: fulfilled, failed, canceled.")
-        if error_msg is not None and (not isinstance(error_msg, str) or len(error_msg) > 1000):
-            raise invalid_params("error_msg", "Longer than maximum length 1000.")
+        purchase_id, requested, error_msg = fulfill_params(params)
         d = self.dialect
         async with write_transaction(self.pool, d) as tx:
             connection = tx.connection
             row = await self._purchase(connection, purchase_id, actor)
             if row is None:
-                raise RpcError(404, "Not found", {"purchase_id": purchase_id})
+                raise purchase_not_found(purchase_id)
             step = REPEAT
             for _attempt in range(len(STATES)):
                 step = TRANSITIONS[(row[9], requested)]
@@ -560,18 +530,20 @@ class Service:
                             self.insert_registration_sql, row[0], row[2], row[4], stamp
                         )
                         await connection.fetch(
-                            self.insert_receipt_sql, row[0], row[3], "pending", 0, stamp, stamp
-                        )
+                            self.insert_receipt_sql, row[0], row[3], "pending", 0,
+                            d.timestamp(RECEIPT_NOT_DUE), stamp,
+                        )  # fmt: skip
                     await self._append_event(
                         connection, row[0], before, requested, actor, evidence, message, stamp
                     )
                     await tx.commit()
                     break
             if step == CONFLICT:
-                raise RpcError(
-                    409, "Conflict", {"current_state": row[9], "requested_state": requested}
-                )
-        return {"redirect_url": self._redirect_url(row), "purchase": self.purchase_json(row)}
+                raise invalid_transition(row[9], requested)
+        return {
+            "redirect_url": redirect_url(self.frontend_url, row),
+            "purchase": self.purchase_json(row),
+        }
 
     def _transition_sql(self, target: str) -> str:
         sources = 1  # the state read: "state IN (?)", as the project binds it
@@ -590,16 +562,122 @@ class Service:
                 self.transition_sql[key] = self.dialect.sql(sql, returning="purchases.id")
         return self.transition_sql[key]
 
-    def _redirect_url(self, row: Row) -> str:
-        course = quote(row[5], safe="")
-        if row[9] == "fulfilled":
-            return f"{self.frontend_url}/courses/{course}/start"
-        if row[9] == "failed":
-            return f"{self.frontend_url}/checkout/{quote(row[1], safe='')}"
-        return f"{self.frontend_url}/courses/{course}"
+
+# --- params and answers, shared with the hand-written baseline (handwritten.py) ---------
 
 
-def _named(
+def purchase_json(dialect: Dialect, row: Row) -> JsonObject:
+    """A row of ``PURCHASE_SELECT`` as the project answers it."""
+    fulfilled_at = row[13]
+    return {
+        "purchase_id": row[1],
+        "course": row[5],
+        "amount": format(row[7], ".2f"),
+        "currency": row[8],
+        "state": row[9],
+        "error_msg": row[10],
+        "created_at": dialect.read_time(row[11]).isoformat(),
+        "updated_at": dialect.read_time(row[12]).isoformat(),
+        "fulfilled_at": (
+            None if fulfilled_at is None else dialect.read_time(fulfilled_at).isoformat()
+        ),
+    }
+
+
+def redirect_url(frontend_url: str, row: Row) -> str:
+    """Where the frontend goes after a fulfil (``rpc_server/domain/links.py``)."""
+    course = quote(row[5], safe="")
+    if row[9] == "fulfilled":
+        return f"{frontend_url}/courses/{course}/start"
+    if row[9] == "failed":
+        return f"{frontend_url}/checkout/{quote(row[1], safe='')}"
+    return f"{frontend_url}/courses/{course}"
+
+
+def fulfill_params(params: Any) -> tuple[str, str, str | None]:
+    """``purchase.fulfill``'s params checked: (purchase_id, requested state, error_msg)."""
+    named = named_params(
+        params, ("purchase_id", "purchase_state", "error_msg"),
+        required=("purchase_id", "purchase_state"),
+    )  # fmt: skip
+    purchase_id = checked_purchase_id(named)
+    requested, error_msg = named["purchase_state"], named.get("error_msg")
+    if requested not in SOURCES:
+        raise invalid_params("purchase_state", "Must be one of: fulfilled, failed, canceled.")
+    if error_msg is not None and (not isinstance(error_msg, str) or len(error_msg) > 1000):
+        raise invalid_params("error_msg", "Longer than maximum length 1000.")
+    return purchase_id, requested, error_msg
+
+
+def create_params(params: Any) -> tuple[str, str | None]:
+    """``purchase.create``'s params checked: (course slug, idempotency key)."""
+    named = named_params(params, ("course", "idempotency_key"), required=("course",))
+    slug, key = named["course"], named.get("idempotency_key")
+    if not isinstance(slug, str) or not 1 <= len(slug) <= 100:
+        raise invalid_params("course", "Length must be between 1 and 100.")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 64):
+        raise invalid_params("idempotency_key", "Length must be between 1 and 64.")
+    return slug, key
+
+
+def list_params(params: Any) -> tuple[str | None, int, int | None]:
+    """``purchase.list``'s params checked: (state, limit, row id to continue before)."""
+    named = named_params(params, ("state", "limit", "cursor"), required=())
+    state, limit, cursor = named.get("state"), named.get("limit", 20), named.get("cursor")
+    if state is not None and state not in STATES:
+        raise invalid_params("state", "Must be one of: " + ", ".join(STATES) + ".")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100:
+        raise invalid_params(
+            "limit", "Must be greater than or equal to 1 and less than or equal to 100."
+        )
+    before = None if cursor is None else decode_cursor(cursor)
+    return state, limit, before
+
+
+ListKey = tuple[bool, bool, bool]
+
+
+def list_key(actor: Actor, state: str | None, before: int | None) -> ListKey:
+    """Which statement a page needs: (one owner's, by state, after a cursor)."""
+    return (not actor.sees_every_purchase, state is not None, before is not None)
+
+
+def list_statement(dialect: Dialect, key: ListKey) -> tuple[str, tuple[int, ...]]:
+    """A page's statement (keyset, newest first) and its trailing parameters after LIMIT.
+
+    As the project: one owner's first page names the owner as a range (so that
+    PostgreSQL reads the (owner_id, id) index), later pages as an equality."""
+    owner = "purchases.owner_id = ?" if key[2] else "purchases.owner_id BETWEEN ? AND ?"
+    conditions = (owner, "purchases.state = ?", "purchases.id < ?")
+    clauses = [c for c, on in zip(conditions, key, strict=True) if on]
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    order = "purchases.owner_id DESC, purchases.id DESC" if key[0] else "purchases.id DESC"
+    sql, extra = dialect.limit(PURCHASE_SELECT + where + " ORDER BY " + order)
+    return dialect.sql(sql), extra
+
+
+def list_args(actor: Actor, state: str | None, before: int | None) -> list[Any]:
+    """The parameters of ``list_statement`` before LIMIT."""
+    owner_args = (actor.user_id,) if before is not None else (actor.user_id, actor.user_id)
+    key = list_key(actor, state, before)
+    return [
+        a
+        for values, on in zip((owner_args, (state,), (before,)), key, strict=True)
+        if on
+        for a in values
+    ]
+
+
+def list_page(dialect: Dialect, rows: Sequence[Row], limit: int) -> JsonObject:
+    """A page's answer from up to ``limit + 1`` rows (one more tells there is a next)."""
+    items = rows[:limit]
+    next_cursor = None
+    if len(rows) > limit:
+        next_cursor = base64.urlsafe_b64encode(f"p{items[-1][0]}".encode()).decode().rstrip("=")
+    return {"items": [purchase_json(dialect, r) for r in items], "next_cursor": next_cursor}
+
+
+def named_params(
     params: Any, names: tuple[str, ...], required: tuple[str, ...] = ("purchase_id",)
 ) -> dict[str, Any]:
     if isinstance(params, list):
@@ -617,14 +695,14 @@ def _named(
     return params
 
 
-def _purchase_id(named: dict[str, Any]) -> str:
+def checked_purchase_id(named: dict[str, Any]) -> str:
     value = named["purchase_id"]
     if not isinstance(value, str) or PURCHASE_ID.fullmatch(value) is None:
         raise invalid_params("purchase_id", "Not a valid purchase id.")
     return value
 
 
-def _decode_cursor(value: Any) -> int:
+def decode_cursor(value: Any) -> int:
     error = invalid_params("cursor", "Not a valid cursor: pass next_cursor unchanged.")
     if not isinstance(value, str) or len(value) > 64:
         raise error
@@ -662,12 +740,12 @@ class Caller:
 
     async def actor(self) -> Actor:
         if self.token is None:
-            raise RpcError(401, "Unauthenticated")
+            raise RpcError(401, UNAUTHENTICATED)
         if self._actor is None:
             self._actor = asyncio.ensure_future(self.service.authenticate(self.token))
         actor = await asyncio.shield(self._actor)
         if actor is None:
-            raise RpcError(401, "Unauthenticated")
+            raise RpcError(401, UNAUTHENTICATED)
         return actor
 
 
@@ -697,7 +775,8 @@ async def read_batch(payload: list[Any], caller: Caller) -> None:
     for item in payload:
         if isinstance(item, dict) and item.get("method") == "purchase.get":
             with contextlib.suppress(RpcError):  # then the item answers its own error
-                ids.append(_purchase_id(_named(item.get("params", {}), ("purchase_id",))))
+                named = named_params(item.get("params", {}), ("purchase_id",))
+                ids.append(checked_purchase_id(named))
     if not ids:
         return
     try:

@@ -3,12 +3,17 @@
 Users and their tokens come from the project's own ``services.issue_token`` and courses
 from ``services.save_course``; purchases are generated inside the database (a recursive
 CTE on SQLite, ``INSERT … SELECT generate_series`` on PostgreSQL), so a million rows take
-seconds. Fresh pending purchases for the fulfill workloads are inserted between
-measurements with ids chosen here, so the load generator can fulfill each one once; so
-are fresh courses for the workloads that create purchases (a user registered for a
-course cannot buy it again). The purchases inserted here have no audit events (the
-servers under test never read them). Fulfilling is the payment backend's call: a
-payments-scope token (``payments_user``), which needs no proof of payment.
+seconds. Pending purchases for the fulfill workloads are inserted with ids chosen here,
+so the load generator can fulfill each one once: a pool of them at seeding time
+(``Sizes.pending_pool``, at least 41,000: the issue's data), topped up between
+measurements when a plan needs more than the pool holds; so are fresh courses for the
+workloads that create purchases (a user registered for a course cannot buy it again).
+The purchases inserted here have no audit events (the servers under test never read
+them). Fulfilling is the payment backend's call: a payments-scope token
+(``payments_user``), which needs no proof of payment.
+
+``OutboxCounts`` reads the receipt outbox: how many of the project's receipts are still
+to send, and how many were sent (the baselines queue theirs due in 2100, never sent).
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ class BenchUser:
 
 @dataclass(frozen=True)
 class Sizes:
-    get_user: int = 1_000
+    # The caller of purchase.get and its batches.
+    get_user: int = 10_000
     list_small: int = 10_000
     list_big: int = 1_000_000
     # Purchases of other users made after the big user's: a heavy account's history is
@@ -58,6 +64,8 @@ class Sizes:
     newer_by_others: int = 50_000
     mixed_users: int = 7
     mixed_user_purchases: int = 300
+    # Pending purchases of the fulfill user, each fulfilled once by a plan.
+    pending_pool: int = 41_000
 
 
 @dataclass
@@ -76,6 +84,10 @@ class Dataset:
     mixed_ids: dict[int, list[str]]  # user_id -> some of their purchase ids
     bulk: Bulk
     seconds: dict[str, float] = field(default_factory=dict)
+    # Ids of pending purchases of fulfill_user no plan has used yet (take_pending).
+    pending_pool: list[str] = field(default_factory=list)
+    # Pending purchases inserted after seeding, when the pool ran short.
+    topped_up: int = 0
 
 
 class Bulk(Protocol):
@@ -95,7 +107,34 @@ class Bulk(Protocol):
 
     async def analyze(self) -> None: ...
 
+    async def outbox(self) -> OutboxCounts: ...
+
+    async def park_outbox(self) -> int: ...
+
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class OutboxCounts:
+    """The project's receipts: still to send (pending, claimed or not) and sent."""
+
+    backlog: int
+    sent: int
+
+
+# Receipts due before this are the project's; the baselines' are due in 2100.
+_PROJECT_RECEIPTS_BEFORE = datetime(2099, 1, 1, tzinfo=UTC)
+_PARKED_UNTIL = datetime(2100, 1, 1, tzinfo=UTC)
+_OUTBOX_SQL = (
+    "SELECT (SELECT count(*) FROM receipt_outbox WHERE status = 'pending' "
+    "AND next_attempt_at < {before}), "
+    "(SELECT count(*) FROM receipt_outbox WHERE status = 'sent')"
+)
+# Pending receipts of a run without the deliverer, put off like the baselines'.
+_PARK_SQL = (
+    "UPDATE receipt_outbox SET next_attempt_at = {until} "
+    "WHERE status = 'pending' AND next_attempt_at < {before}"
+)
 
 
 def _sqlite_time(moment: datetime) -> str:
@@ -213,6 +252,21 @@ class SqliteBulk:
         # The project's database never runs ANALYZE: keep the planner's view the same.
         self.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
+    async def outbox(self) -> OutboxCounts:
+        backlog, sent = self.connection.execute(
+            _OUTBOX_SQL.format(before="?"), (_sqlite_time(_PROJECT_RECEIPTS_BEFORE),)
+        ).fetchone()
+        return OutboxCounts(int(backlog), int(sent))
+
+    async def park_outbox(self) -> int:
+        with self.connection:
+            self.connection.execute("BEGIN IMMEDIATE")
+            cursor = self.connection.execute(
+                _PARK_SQL.format(until="?", before="?"),
+                (_sqlite_time(_PARKED_UNTIL), _sqlite_time(_PROJECT_RECEIPTS_BEFORE)),
+            )
+        return int(cursor.rowcount)
+
     async def close(self) -> None:
         self.connection.close()
 
@@ -278,6 +332,19 @@ class PostgresBulk:
         # Autovacuum would analyze the new rows at some point mid-run; do it up front so
         # every round sees the same plans.
         await self.connection.execute("VACUUM ANALYZE")
+
+    async def outbox(self) -> OutboxCounts:
+        row = await self.connection.fetchrow(
+            _OUTBOX_SQL.format(before="$1"), _PROJECT_RECEIPTS_BEFORE
+        )
+        assert row is not None
+        return OutboxCounts(int(row[0]), int(row[1]))
+
+    async def park_outbox(self) -> int:
+        status = await self.connection.execute(
+            _PARK_SQL.format(until="$1", before="$2"), _PARKED_UNTIL, _PROJECT_RECEIPTS_BEFORE
+        )
+        return int(status.split()[-1])
 
     async def close(self) -> None:
         await self.connection.close()
@@ -370,6 +437,11 @@ async def seed(engine: str, url: str, sizes: Sizes, rng: random.Random) -> Datas
     for mixed in mixed_users:
         await bulk.insert_history(mixed.user_id, sizes.mixed_user_purchases, courses)
     mark = loop.time()
+    pool = [secrets.token_hex(16) for _ in range(sizes.pending_pool)]
+    for start in range(0, len(pool), 50_000):
+        await bulk.insert_pending(fulfill_user.user_id, pool[start : start + 50_000], courses[0])
+    seconds["pending_pool"] = loop.time() - mark
+    mark = loop.time()
     await bulk.analyze()
     seconds["analyze"] = loop.time() - mark
 
@@ -397,9 +469,28 @@ async def seed(engine: str, url: str, sizes: Sizes, rng: random.Random) -> Datas
         },
         bulk=bulk,
         seconds=seconds,
+        pending_pool=pool,
     )
     seconds["total"] = loop.time() - started
     return dataset
+
+
+async def take_pending(dataset: Dataset, count: int) -> list[str]:
+    """``count`` pending purchases of the fulfill user no plan has used, from the pool
+    (topped up first with new ones when it holds fewer)."""
+    pool = dataset.pending_pool
+    if len(pool) < count:
+        more = count - len(pool) + 1_000
+        pool += await fresh_pending(dataset, dataset.fulfill_user, more)
+        dataset.topped_up += more
+    taken = pool[:count]
+    del pool[:count]
+    return taken
+
+
+def give_back(dataset: Dataset, unused: list[str]) -> None:
+    """Return ids a plan certainly did not send (still pending) to the pool."""
+    dataset.pending_pool[:0] = unused
 
 
 async def fresh_pending(dataset: Dataset, user: BenchUser, count: int) -> list[str]:

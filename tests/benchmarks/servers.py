@@ -1,6 +1,7 @@
 """Servers under test as processes: started pinned to the server CPUs, watched, stopped.
 
-Every server (the project, the floor, the same-work baseline) runs alone in its own
+Every server (the project, the floor, the hand-written and same-work baselines) runs
+alone in its own
 process, pinned the same way (``--server-cpus``), on a free loopback port, with its
 output in a log file. ``peak_rss_kib`` reads the kernel's high-water mark (VmHWM), which
 ``reset_peak`` clears before each measurement (``/proc/PID/clear_refs``), so every
@@ -35,7 +36,8 @@ REPO = Path(__file__).resolve().parents[2]  # servers run from here: ``-m tests.
 
 @dataclass
 class ServerProcess:
-    """One server under test. ``role`` is "project", "floor" or "same-work"."""
+    """One server under test. ``role`` is "project", "floor", "hand-written", "same-work"
+    or "same-work-coalesced"."""
 
     role: str
     command: Sequence[str]
@@ -172,11 +174,10 @@ def read_json(path: Path) -> Any:
 
 
 def project_env(database_url: str, workdir: Path, extra: Mapping[str, str]) -> dict[str, str]:
-    """The project as deployed, minus what would skew a benchmark of one server process:
-    rate limits on (they are by default, so their cost belongs in the figures) but at
-    limits the load never reaches (it comes from a few tokens and one address), and no
-    receipt deliverer in the process (it would send the fulfill workloads' receipts
-    during the measurement)."""
+    """The project as deployed, with its defaults on: rate limits on (their cost belongs
+    in the figures) but at limits the load never reaches (it comes from a few tokens and
+    one address), the receipt deliverer running in ``serve`` (the file mailer, into
+    ``mail/`` of the work directory), INFO logging with the access log, one process."""
     return {
         "RPC_SERVER_DATABASE_URL": database_url,
         "RPC_SERVER_RATE_LIMIT": "100000",
@@ -186,7 +187,6 @@ def project_env(database_url: str, workdir: Path, extra: Mapping[str, str]) -> d
         "RPC_SERVER_ANONYMOUS_RATE_BURST": "100000000",
         # The load's few buyers hold many open purchases (the cap is not measured).
         "RPC_SERVER_MAX_PENDING_PURCHASES": "1000000",
-        "RPC_SERVER_MAIL_IN_SERVE": "false",
         "RPC_SERVER_MAIL_DIR": str(workdir / "mail"),
         "RPC_SERVER_WORKERS": "1",
         **extra,
@@ -227,6 +227,23 @@ def floor_server(
         env={},
         log_path=workdir / "floor.log",
         cpus=cpus,
+    )
+
+
+def handwritten_server(
+    database_url: str,
+    workdir: Path,
+    cpus: set[int] | None,
+    pool_size: int,
+    *,
+    instrument: Sequence[str] = (),
+    name: str = "hand-written",
+) -> ServerProcess:
+    """Baseline (h), the denominator of the database workloads (handwritten.py)."""
+    command = [PYTHON, "-m", "tests.benchmarks.handwritten", "--port", "{port}"]
+    command += ["--database-url", database_url, "--pool-size", str(pool_size), *instrument]
+    return ServerProcess(
+        role="hand-written", command=command, env={}, log_path=workdir / f"{name}.log", cpus=cpus
     )
 
 

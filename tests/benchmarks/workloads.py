@@ -1,12 +1,15 @@
-"""The workloads: what each sends, which baseline it is compared with, and its target.
+"""The workloads: what each sends, which baselines it is compared with, and its target.
 
 A workload has one or more variants (``list-first`` has ``10k`` and ``1M``: the same
 page for a user with 10,000 purchases and one with a million); every round measures
-each variant on the project and then on its baseline (A B A B …). Plans are built per
-measurement, because fulfilling needs purchases no one has fulfilled yet (and buying,
-courses no one bought yet: a user registered for a course cannot buy it again).
-Fulfilling is the payment backend's call (a payments-scope token: no proof of payment
-to verify).
+each variant on the project, then on its baseline (the hand-written server, or the
+floor for the trivial ones: the ratio to it is the headline), then on its extra
+baselines (same-work, and same-work coalescing batch reads for get-batch: secondary
+ratios). Plans are built per measurement, because fulfilling needs purchases no one has
+fulfilled yet (and buying, courses no one bought yet: a user registered for a course
+cannot buy it again). Fulfilling is the payment backend's call (a payments-scope
+token: no proof of payment to verify). ``receipts`` is measured apart (receipts.py):
+the project alone, with its receipt deliverer on each mail backend and off.
 """
 
 from __future__ import annotations
@@ -14,14 +17,14 @@ from __future__ import annotations
 import base64
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from tests.benchmarks import loadgen
-from tests.benchmarks.seed import Dataset, fresh_courses, fresh_pending
+from tests.benchmarks.seed import Dataset, fresh_courses, fresh_pending, take_pending
 
 BATCH = 50
 MIXED_PATTERN = "LGCLGLFLGCLGLFLGCLFG"  # 8 list, 6 get, 3 create, 3 fulfill in 20 calls
@@ -31,12 +34,22 @@ MIXED_PATTERN = "LGCLGLFLGCLGLFLGCLFG"  # 8 list, 6 get, 3 create, 3 fulfill in 
 class Workload:
     name: str
     description: str
-    baseline: str  # "floor", "same-work" or "same-work-coalesced"
+    # The denominator of the headline ratio: "floor" or "hand-written"; "" for receipts.
+    baseline: str
     calls_per_request: int = 1
     variants: tuple[str, ...] = ("",)
     uses_database: bool = True
     # Fresh purchases are created for every measurement (fulfill, mixed).
     consumes: bool = False
+    # Baselines measured too, for secondary ratios: "same-work", "same-work-coalesced".
+    extras: tuple[str, ...] = ()
+
+    @property
+    def baselines(self) -> tuple[str, ...]:
+        return (self.baseline, *self.extras) if self.baseline else ()
+
+
+SAME_WORK = ("same-work",)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -57,47 +70,54 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "get",
-            "purchase.get of a random purchase of the caller (1,000 of them)",
-            "same-work",
+            "purchase.get of a random purchase of the caller (10,000 of them)",
+            "hand-written",
+            extras=SAME_WORK,
         ),
         Workload(
             "get-batch",
-            f"purchase.get, a batch of {BATCH} distinct purchases per request",
-            "same-work",
+            f"purchase.get, a batch of {BATCH} random purchases of the caller per request "
+            "(repeats possible)",
+            "hand-written",
             calls_per_request=BATCH,
-        ),
-        Workload(
-            "get-batch-coalesced",
-            f"the same batches of {BATCH} purchase.get, against a baseline that reads each "
-            "batch's purchases with one statement (no target: how much of get-batch's "
-            "ratio is the project's coalesced reads)",
-            "same-work-coalesced",
-            calls_per_request=BATCH,
+            extras=("same-work", "same-work-coalesced"),
         ),
         Workload(
             "fulfill",
-            "purchase.fulfill (fulfilled) of a fresh pending purchase, each once, by the "
-            "payment backend (payments scope)",
-            "same-work",
+            "purchase.fulfill (fulfilled) of a pending purchase, each once, by the payment "
+            "backend (payments scope)",
+            "hand-written",
             consumes=True,
+            extras=SAME_WORK,
         ),
         Workload(
             "list-first",
             "purchase.list first page (limit 20) of a user with 10k / 1M purchases",
-            "same-work",
+            "hand-written",
             variants=("10k", "1M"),
+            extras=SAME_WORK,
         ),
         Workload(
             "list-deep",
             "purchase.list page (limit 20) at a cursor in the middle half of the same histories",
-            "same-work",
+            "hand-written",
             variants=("10k", "1M"),
+            extras=SAME_WORK,
         ),
         Workload(
             "mixed",
             "frontend-like: 40% list, 30% get, 15% create, 15% fulfill (by the payment "
             "backend) of what was just created, 7 users, single calls",
-            "same-work",
+            "hand-written",
+            consumes=True,
+            extras=SAME_WORK,
+        ),
+        Workload(
+            "receipts",
+            "the project alone: purchase.fulfill at saturation with its receipt deliverer "
+            "on (file mailer, SMTP to a local sink) and off; receipts/s, backlog, drain",
+            "",
+            variants=("file", "smtp", "off"),
             consumes=True,
         ),
     )
@@ -122,6 +142,8 @@ class PlanContext:
     dataset: Dataset | None
     directory: Path
     rng: random.Random
+    # The pending purchases of the last fulfill plan, in plan order (unused ones go back).
+    last_pending: list[str] = field(default_factory=list)
 
 
 async def build_plan(
@@ -154,11 +176,11 @@ async def build_plan(
             for i in range(1000)
         ]
         return loadgen.REPLAY_SCRIPT, loadgen.write_replay_plan(path, requests)
-    if name in ("get-batch", "get-batch-coalesced"):
+    if name == "get-batch":
         auth = dataset.get_user.authorization
         batches = []
         for _ in range(200):
-            ids = rng.sample(dataset.get_ids, BATCH)
+            ids = rng.choices(dataset.get_ids, k=BATCH)
             body = (
                 b"["
                 + b",".join(
@@ -179,8 +201,9 @@ async def build_plan(
                 for i, c in enumerate(cursors)
             ]
         return loadgen.REPLAY_SCRIPT, loadgen.write_replay_plan(path, requests)
-    if name == "fulfill":
-        ids = await fresh_pending(dataset, dataset.fulfill_user, fresh_count)
+    if name in ("fulfill", "receipts"):
+        ids = await take_pending(dataset, fresh_count)
+        context.last_pending = ids
         requests = [
             (
                 dataset.payments_user.authorization,
