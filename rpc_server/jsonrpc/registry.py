@@ -24,8 +24,14 @@ from marshmallow import Schema, ValidationError
 from rpc_server.domain.errors import Unauthenticated
 from rpc_server.jsonrpc.context import RpcContext
 from rpc_server.jsonrpc.errors import error_result, timed_out
+from schemas.dumping import Dumper, compile_dumper
+from schemas.loading import Loader, compile_loader
 
 Handler = Callable[..., Awaitable[Any]]
+
+
+def _dumper(schema: Schema | None) -> Dumper | None:
+    return None if schema is None else compile_dumper(schema)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,13 @@ class RpcMethod:
     # One params schema per method, built once: Marshmallow schemas are reusable, and
     # building one costs more than loading a call's params with it.
     params_schema: Schema = field(init=False, repr=False)
+    # Its loader, compiled once from it (schemas/loading.py): valid params without
+    # Schema.load, anything else through it.
+    params_loader: Loader = field(init=False, repr=False, compare=False)
+    # The result schemas' dumpers, compiled once from them (schemas/dumping.py): equal to
+    # their ``dump`` without walking their fields on every call.
+    result_dumper: Dumper | None = field(init=False, repr=False, compare=False)
+    result_without_params_dumper: Dumper | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         doc = inspect.cleandoc(self.handler.__doc__ or "")
@@ -72,14 +85,19 @@ class RpcMethod:
         object.__setattr__(self, "summary", summary or self.name)
         object.__setattr__(self, "description", description.strip())
         object.__setattr__(self, "params_schema", self.params())
+        object.__setattr__(self, "params_loader", compile_loader(self.params_schema))
+        object.__setattr__(self, "result_dumper", _dumper(self.result))
+        object.__setattr__(
+            self, "result_without_params_dumper", _dumper(self.result_without_params)
+        )
 
     def dump_result(self, value: Any, params: Mapping[str, Any] | None = None) -> Any:
         """Dump ``value``, the handler's answer to a call with these (loaded) ``params``
         (None: dump it with ``result``, whatever the params)."""
-        schema = self.result
-        if self.result_without_params is not None and params is not None and not params:
-            schema = self.result_without_params
-        return value if schema is None else schema.dump(value)
+        dump = self.result_dumper
+        if self.result_without_params_dumper is not None and params is not None and not params:
+            dump = self.result_without_params_dumper
+        return value if dump is None else dump(value)
 
     def load_params(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Validate params given by position or by name; return them by name.
@@ -101,8 +119,7 @@ class RpcMethod:
                     }
                 )
             kwargs = dict(zip(names, args, strict=False))
-        loaded: dict[str, Any] = schema.load(kwargs)
-        return loaded
+        return self.params_loader(kwargs)
 
     async def __call__(self, ctx: RpcContext, /, *args: Any, **kwargs: Any) -> Result:
         # ctx is positional-only, so a client param named "ctx" is just an unknown field.
