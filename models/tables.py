@@ -88,14 +88,11 @@ class Purchase(Base):
         UniqueConstraint("owner_id", "idempotency_key"),
         # A user's purchases newest first: serves purchase.list's keyset paging.
         Index("ix_purchases_owner_id_id", "owner_id", "id"),
-        # A user's open purchases alone: counted against the cap at each purchase.create
-        # (however many purchases the user has had).
-        Index(
-            "ix_purchases_owner_id_pending",
-            "owner_id",
-            sqlite_where=text(PENDING_ONLY),
-            postgresql_where=text(PENDING_ONLY),
-        ),
+        # A user's purchases in one state, newest first: purchase.list with a state, and
+        # the count of open purchases against the cap at each purchase.create.
+        Index("ix_purchases_owner_id_state_id", "owner_id", "state", "id"),
+        # Everyone's purchases in one state, newest first (staff's purchase.list).
+        Index("ix_purchases_state_id", "state", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPk, primary_key=True)
@@ -120,6 +117,8 @@ class CourseRegistration(Base):
     __table_args__ = (
         # A user's registrations newest first: serves registration.list's keyset paging.
         Index("ix_course_registrations_user_id_id", "user_id", "id"),
+        # Whether a user holds a course (purchase.create).
+        Index("ix_course_registrations_user_id_course_id", "user_id", "course_id"),
     )
 
     id: Mapped[int] = mapped_column(BigIntPk, primary_key=True)
@@ -138,6 +137,13 @@ class ReceiptOutbox(Base):
         CheckConstraint(_in("status", OUTBOX_STATUSES), name="status_known"),
         # Pending rows by due time: serves the deliverer's claim query.
         Index("ix_receipt_outbox_status_next_attempt_at", "status", "next_attempt_at"),
+        # A claim's rows, by its token (only claimed rows have one).
+        Index(
+            "ix_receipt_outbox_claim_token",
+            "claim_token",
+            sqlite_where=text("claim_token IS NOT NULL"),
+            postgresql_where=text("claim_token IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigIntPk, primary_key=True)

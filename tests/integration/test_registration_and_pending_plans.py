@@ -126,4 +126,6 @@ async def test_counting_open_purchases_reads_only_the_pending_index(
     await analyze(engine)
 
     described = await plan(engine, _PENDING_OF_OWNER, {"owner_id": alice})
-    assert "ix_purchases_owner_id_pending" in described, described
+    # (owner_id, state, id), or (state, id) when the planner knows open purchases are few
+    assert "ix_purchases_owner_id_state_id" in described or "ix_purchases_state_id" in described
+    assert "ix_purchases_owner_id_id" not in described, described

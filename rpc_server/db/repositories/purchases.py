@@ -102,9 +102,11 @@ def _page_query(*, of_owner: bool, in_state: bool, before: bool) -> Select[*tupl
         # For the first page the same condition is written as a range: owner_id stays in
         # the order, which only the composite index delivers without a sort. Later pages
         # keep the equality: below a cursor the primary key's range is a fine path too.
+        # With a state, (owner_id, state, id) holds the page in order under the equality,
+        # on both engines; a range on owner_id would keep SQLite from using state in it.
         owner = (
             PurchaseRow.owner_id == bindparam("owner_id")
-            if before
+            if before or in_state
             else PurchaseRow.owner_id.between(bindparam("owner_id"), bindparam("owner_id"))
         )
         query = _PURCHASE_QUERY.where(owner).order_by(

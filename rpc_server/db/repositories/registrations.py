@@ -66,9 +66,18 @@ def registration_page_query(*, before: bool) -> Select[*tuple[Any, ...]]:
                RegistrationRow.created_at)
         .join(CourseRow, CourseRow.id == RegistrationRow.course_id)
         .join(PurchaseRow, PurchaseRow.id == RegistrationRow.purchase_id)
-        .where(RegistrationRow.user_id == bindparam("user_id"))
-        .order_by(RegistrationRow.id.desc())
+        .order_by(RegistrationRow.user_id.desc(), RegistrationRow.id.desc())
     )  # fmt: skip
+    # As for purchase.list's first page (purchases._page_query): a range keeps user_id in
+    # the order, which only (user_id, id) delivers, not the primary key walked backwards
+    # past every newer registration of other users.
     if before:
-        query = query.where(RegistrationRow.id < bindparam("before"))
+        query = query.where(
+            RegistrationRow.user_id == bindparam("user_id"),
+            RegistrationRow.id < bindparam("before"),
+        )
+    else:
+        query = query.where(
+            RegistrationRow.user_id.between(bindparam("user_id"), bindparam("user_id"))
+        )
     return query.limit(bindparam("limit"))
