@@ -5,7 +5,9 @@ A bucket holds up to ``burst`` calls and refills at ``rate`` calls per second; t
 on SQLite: one process) or in PostgreSQL (``DatabaseBuckets``, shared by every process
 of the deployment: one UPSERT per HTTP request, however many items it holds), and then
 in this process's memory for as long as PostgreSQL cannot be reached
-(``FallbackBuckets``; why: ``rpc_server.jsonrpc.rate_limit``).
+(``FallbackBuckets``; why: ``rpc_server.jsonrpc.rate_limit``). The takes of one bucket
+that requests make at the same moment (the same turn of the event loop) go to PostgreSQL
+as one (``CoalescedBuckets``).
 
 Buckets are never kept longer than needed: a bucket left idle for ``burst / rate``
 seconds is full again, the same as no bucket at all, so it may be forgotten. In memory
@@ -15,6 +17,7 @@ deletes the rows idle that long, at most once per ``purge_interval``, after a ta
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -166,6 +169,60 @@ class DatabaseBuckets:
             log.warning("purging idle rate-limit buckets failed: %s", type(exc).__name__)
             return 0
         return len(deleted)
+
+
+class CoalescedBuckets:
+    """``store``'s buckets, the takes of one bucket made at the same moment taken at once.
+
+    Under load, requests of one caller (a frontend's user, a busy client address) arrive
+    together: each would run its own UPSERT of the same row, one after another on its row
+    lock. Here the takes made before the event loop comes round again are summed per
+    bucket and taken with one statement, then the grant is shared out in the order they
+    were made, each getting what it asked for while the grant lasts: what taking them one
+    after another at that moment would have given. Each sees the bucket as the whole take
+    left it (its ``tokens_left`` sets a refused call's ``retry_after``).
+    """
+
+    def __init__(self, store: Buckets):
+        self.store = store
+        self._waiting: dict[tuple[str, Limit], list[tuple[int, asyncio.Future[Grant]]]] = {}
+        self._takes: set[asyncio.Task[None]] = set()  # running takes (kept referenced)
+
+    async def take(self, key: str, calls: int, limit: Limit) -> Grant:
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._start_takes)
+        future: asyncio.Future[Grant] = loop.create_future()
+        self._waiting.setdefault((key, limit), []).append((calls, future))
+        return await future
+
+    def _start_takes(self) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for (key, limit), takes in waiting.items():
+            task = asyncio.ensure_future(self._take(key, limit, takes))
+            self._takes.add(task)
+            task.add_done_callback(self._takes.discard)
+
+    async def _take(
+        self, key: str, limit: Limit, takes: list[tuple[int, asyncio.Future[Grant]]]
+    ) -> None:
+        try:
+            grant = await self.store.take(key, sum(calls for calls, _ in takes), limit)
+        except Exception as error:  # each request handles it (FallbackBuckets)
+            for _, future in takes:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        except BaseException:  # cancelled (the server is stopping): so are the takes
+            for _, future in takes:
+                future.cancel()
+            raise
+        left = grant.granted
+        for calls, future in takes:
+            granted = min(calls, left)
+            left -= granted
+            if not future.done():
+                future.set_result(Grant(granted, grant.tokens_left))
 
 
 class FallbackBuckets:

@@ -53,6 +53,7 @@ from rpc_server.config import Settings
 from rpc_server.db.connection import Engine
 from rpc_server.jsonrpc.buckets import (
     Buckets,
+    CoalescedBuckets,
     DatabaseBuckets,
     FallbackBuckets,
     Limit,
@@ -146,5 +147,6 @@ def build_rate_limits(settings: Settings, engine: Engine) -> RateLimits | None:
     buckets: Buckets = memory
     if engine.dialect_name != "sqlite":
         idle_after = max(limit.full_after for limit in limits)
-        buckets = FallbackBuckets(DatabaseBuckets(engine, idle_after=idle_after), memory)
+        shared = CoalescedBuckets(DatabaseBuckets(engine, idle_after=idle_after))
+        buckets = FallbackBuckets(shared, memory)
     return RateLimits(buckets, per_user=per_user, anonymous=anonymous)

@@ -4,6 +4,7 @@ database, whose units of work are counted (one per token lookup)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import TracebackType
 from typing import Any
@@ -11,7 +12,13 @@ from typing import Any
 import pytest
 
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.jsonrpc.buckets import FallbackBuckets, Grant, Limit, MemoryBuckets
+from rpc_server.jsonrpc.buckets import (
+    CoalescedBuckets,
+    FallbackBuckets,
+    Grant,
+    Limit,
+    MemoryBuckets,
+)
 from rpc_server.jsonrpc.context import RpcContext
 from rpc_server.jsonrpc.rate_limit import CALL_COSTS, RateLimits, cost_of
 from rpc_server.jsonrpc.token_cache import ActorCache
@@ -297,3 +304,55 @@ async def test_while_the_store_is_down_this_process_counts_and_tries_the_store_n
         ),
         ("INFO", "rate-limit store available again"),
     ]
+
+
+class CountingStore:
+    """Memory buckets that record each take they are asked for (key, calls)."""
+
+    def __init__(self, ticks: Clock) -> None:
+        self.memory = MemoryBuckets(clock=ticks)
+        self.takes: list[tuple[str, int]] = []
+        self.fail: Exception | None = None
+
+    async def take(self, key: str, calls: int, limit: Limit) -> Grant:
+        self.takes.append((key, calls))
+        if self.fail is not None:
+            raise self.fail
+        return await self.memory.take(key, calls, limit)
+
+
+async def test_takes_of_one_bucket_made_at_the_same_moment_are_taken_at_once(
+    ticks: Clock,
+) -> None:
+    store = CountingStore(ticks)
+    buckets = CoalescedBuckets(store)
+    limit = Limit(rate=1.0, burst=5)
+    grants = await asyncio.gather(
+        buckets.take("user:1", 2, limit),
+        buckets.take("user:1", 2, limit),
+        buckets.take("ip:203.0.113.7", 1, limit),
+        buckets.take("user:1", 2, limit),  # 6 asked of 5: the last gets 1, in order
+    )
+    assert sorted(store.takes) == [("ip:203.0.113.7", 1), ("user:1", 6)]
+    assert [g.granted for g in grants] == [2, 2, 1, 1]
+    assert [g.tokens_left for g in grants] == [0.0, 0.0, 4.0, 0.0]
+    # The same as taking them one after another at that moment.
+    one_by_one = MemoryBuckets(clock=ticks)
+    assert [(await one_by_one.take("user:1", 2, limit)).granted for _ in range(3)] == [2, 2, 1]
+    # A take alone, later, is its own statement.
+    ticks.now += 2.0
+    assert (await buckets.take("user:1", 5, limit)).granted == 2
+    assert store.takes[-1] == ("user:1", 5)
+
+
+async def test_a_failed_coalesced_take_fails_each_of_its_requests(ticks: Clock) -> None:
+    store = CountingStore(ticks)
+    store.fail = ConnectionRefusedError()
+    buckets = FallbackBuckets(
+        CoalescedBuckets(store), MemoryBuckets(clock=ticks), retry_store_after=5.0, clock=ticks
+    )
+    limit = Limit(rate=1.0, burst=3)
+    grants = await asyncio.gather(*(buckets.take("user:1", 1, limit) for _ in range(4)))
+    assert store.takes == [("user:1", 4)], "one attempt for all of them"
+    # Each fell back to this process's buckets: limited there, neither open nor closed.
+    assert [g.granted for g in grants] == [1, 1, 1, 0]
