@@ -20,7 +20,7 @@ import ssl
 import tempfile
 import time
 from dataclasses import dataclass, field
-from email.message import EmailMessage
+from email.message import Message
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -59,7 +59,7 @@ def mailer_for(smtp_url: str | None, mail_dir: str) -> Mailer:
 
 
 class Mailer(Protocol):
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: Message) -> None:
         """Hand the message over; return only once it has been accepted. Several sends
         may run at the same time."""
         ...
@@ -136,7 +136,7 @@ class SmtpMailer:
             cafile=cafile,
         )
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: Message) -> None:
         reused = self._take_idle()
         if reused is not None:
             try:
@@ -247,13 +247,13 @@ class FileMailer:
 
     directory: Path
 
-    async def send(self, message: EmailMessage) -> None:
+    async def send(self, message: Message) -> None:
         await asyncio.to_thread(self._write, message)
 
     async def close(self) -> None:
         """Nothing is kept between messages."""
 
-    def _write(self, message: EmailMessage) -> None:
+    def _write(self, message: Message) -> None:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", str(message["Message-ID"]).strip("<>"))
         try:
             # Receipts hold names, addresses and purchases: the server's user's alone
