@@ -768,3 +768,27 @@ async def _all_rows_if(
 ) -> list[OutboxRow] | None:
     rows = await outbox_rows(engine)
     return rows if rows and predicate(rows) else None
+
+
+async def test_a_non_ascii_receipt_reaches_the_mail_server_intact(
+    smtp: SmtpServer, world: World, settings: Settings, uow_factory: SqlUnitOfWorkFactory
+) -> None:
+    """The receipt's text goes out encoded (encoded-word Subject, quoted-printable
+    parts) and the server reads back exactly the title the shop stored."""
+    title = "Pythön für Anfänger ✓ <&> 🐍"
+    await services.save_course(
+        uow_factory, slug="unicode", title=title, price=Decimal("10.00"), currency="EUR"
+    )
+    purchase_id = await fulfilled_purchase(uow_factory, world.alice.actor, "unicode")
+    deliverer = build_deliverer(fast(settings, smtp.url), uow_factory)
+    assert await deliverer.deliver_all() == 1
+    [received] = smtp.received
+    message = received.message
+    assert received.rcpt_tos == (ALICE,)
+    assert message["Subject"] == f"Your receipt: {title}"
+    assert message["Message-ID"] == message_id_for(purchase_id, settings.mail_from)
+    plain = message.get_body(preferencelist=("plain",))
+    html_part = message.get_body(preferencelist=("html",))
+    assert plain is not None and html_part is not None
+    assert f"Course:      {title}\n" in plain.get_content().replace("\r\n", "\n")
+    assert "Pythön für Anfänger ✓ &lt;&amp;&gt; 🐍" in html_part.get_content()

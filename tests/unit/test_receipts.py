@@ -2,8 +2,9 @@
 
 And the compat32 builder against the ``email.policy.default`` builder it replaced (kept
 below as ``reference_build_receipt``): on generated receipts a receiver reads the same
-message from both (every header value, both decoded texts), aiosmtplib sends both to the
-same sender and recipients, and both refuse the same receipts.
+message from both (every header value, both decoded texts), and both refuse the same
+receipts. (What aiosmtplib sends is checked end to end against a real SMTP server in
+``tests/integration/test_outbox_smtp.py``, through its public ``send_message`` only.)
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from email.message import EmailMessage, Message
 from email.utils import format_datetime, formataddr, parseaddr
 
 import pytest
-from aiosmtplib.email import extract_recipients, extract_sender, flatten_message
-from aiosmtplib.protocol import normalize_message_line_endings
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -337,21 +336,7 @@ def assert_same_as_received(
         assert mine.defects == reference.defects == []
 
 
-def as_sent(message: Message, *, cte_type: str) -> tuple[str | None, list[str], EmailMessage]:
-    """What ``aiosmtplib.SMTP.send_message`` sends: the envelope, and the message as the
-    server reads it (``cte_type`` "8bit" for a server with 8BITMIME, else "7bit"), its
-    line breaks CRLF as on the wire."""
-    sender, recipients = extract_sender(message), extract_recipients(message)
-    utf8 = not (f"{sender}{''.join(recipients)}").isascii()
-    flat = normalize_message_line_endings(flatten_message(message, utf8=utf8, cte_type=cte_type))
-    if cte_type == "7bit" and not utf8:
-        assert flat.isascii()
-    parsed = email.message_from_bytes(flat, policy=email.policy.default)
-    assert isinstance(parsed, EmailMessage)
-    return sender, recipients, parsed
-
-
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)  # each example builds, writes, parses messages
 @given(receipt=receipts, mail_from=senders)
 @example(receipt=RECEIPT, mail_from=MAIL_FROM)
 @example(receipt=replace(RECEIPT, course_title="=?utf-8?q?hi?= there"), mail_from=MAIL_FROM)
@@ -367,15 +352,10 @@ def test_receivers_read_the_same_receipt_as_from_the_reference(
         with pytest.raises(ValueError):
             build_receipt(receipt, mail_from=mail_from)
         return
-    theirs, theirs_received = reference
+    _, theirs_received = reference
     ours = build_receipt(receipt, mail_from=mail_from)
     subject = f"Your receipt: {receipt.course_title}"
     assert_same_as_received(reparsed(ours), theirs_received, subject=subject)
-    for cte_type in ("8bit", "7bit"):
-        our_sender, our_recipients, our_sent = as_sent(ours, cte_type=cte_type)
-        their_sender, their_recipients, their_sent = as_sent(theirs, cte_type=cte_type)
-        assert (our_sender, our_recipients) == (their_sender, their_recipients)
-        assert_same_as_received(our_sent, their_sent, subject=subject, newline="\r\n")
 
 
 @settings(max_examples=300, deadline=None)
@@ -406,4 +386,4 @@ def test_the_reference_and_the_builder_refuse_the_same_receipts(
         build_receipt(receipt, mail_from=mail_from)
     except ValueError as exc:  # a line break the reference let through at the very end
         assert "line break" in str(exc)
-        assert any(c in LINE_BREAKS for c in receipt.course_title + mail_from)
+        assert any(text.endswith(tuple(LINE_BREAKS)) for text in (receipt.course_title, mail_from))
