@@ -36,13 +36,15 @@ from rpc_server.http.readiness import Readiness
 from rpc_server.http.request_id import request_id_middleware
 from rpc_server.jsonrpc import json_codec
 from rpc_server.jsonrpc.batch_deadline import BatchDeadline
-from rpc_server.jsonrpc.context import RpcContext, failed_logins_log
+from rpc_server.jsonrpc.context import LiveSession, RpcContext, failed_logins_log
 from rpc_server.jsonrpc.credentials import read_credentials
 from rpc_server.jsonrpc.envelope import ParseError, answer, invalid_request, parse, parse_error
 from rpc_server.jsonrpc.openrpc import build_document
 from rpc_server.jsonrpc.rate_limit import RateLimits, build_rate_limits
 from rpc_server.jsonrpc.registry import MethodRegistry
 from rpc_server.jsonrpc.token_cache import ActorCache
+from rpc_server.live import transport
+from rpc_server.live.connection import LiveConnection
 from rpc_server.log_throttle import ThrottledLog
 from rpc_server.mail.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.methods import REGISTRY
@@ -91,6 +93,7 @@ FAILED_LOGINS = web.AppKey("failed_logins", ThrottledLog)
 LINKS = web.AppKey("links", FrontendLinks)
 PAYMENTS = web.AppKey("payments", PaymentSignatures)
 READINESS = web.AppKey("readiness", Readiness)
+LIVE = web.AppKey("live", transport.LiveHub)
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
 # reset connection) up to this many bytes; beyond it the connection is closed.
@@ -172,26 +175,50 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         payload = parse(body, max_depth=settings.max_json_depth)
     except ParseError as exc:
         return json_response(parse_error(str(exc)))
-    uow_factory = request.app[UOW_FACTORY]
     credentials = read_credentials(request.headers)
-    ctx = RpcContext(
+    ctx = rpc_context(request, payload, token=credentials.token, ambiguous=credentials.ambiguous)
+    result = await answer_payload(request, payload, ctx)
+    if result is None:
+        return web.Response(status=204)
+    return json_response(result)
+
+
+def rpc_context(
+    request: web.Request,
+    payload: Any,
+    *,
+    token: str | None,
+    ambiguous: bool = False,
+    live: LiveSession | None = None,
+) -> RpcContext:
+    """The context of the calls of one parsed body (a POST, or a WebSocket text frame)."""
+    app, settings = request.app, request.app[SETTINGS]
+    uow_factory = app[UOW_FACTORY]
+    batch = isinstance(payload, list)
+    return RpcContext(
         # A batch's calls read purchases by id together (rpc_server.db.coalescing).
-        uow=uow_factory.for_batch() if isinstance(payload, list) else uow_factory,
-        links=request.app[LINKS],
-        payments=request.app[PAYMENTS],
-        token=credentials.token,
-        ambiguous_credentials=credentials.ambiguous,
-        client=request.app[CLIENTS].label_of(request),
+        uow=uow_factory.for_batch() if batch else uow_factory,
+        links=app[LINKS],
+        payments=app[PAYMENTS],
+        token=token,
+        ambiguous_credentials=ambiguous,
+        client=app[CLIENTS].label_of(request),
         call_timeout=settings.call_timeout,
         max_pending_purchases=settings.max_pending_purchases,
-        batch_deadline=(
-            BatchDeadline.from_now(settings.batch_timeout) if isinstance(payload, list) else None
-        ),
-        service_description=request.app[OPENRPC].fragment,
-        actors=request.app.get(ACTORS),
-        failed_logins=request.app[FAILED_LOGINS],
+        batch_deadline=BatchDeadline.from_now(settings.batch_timeout) if batch else None,
+        service_description=app[OPENRPC].fragment,
+        actors=app.get(ACTORS),
+        failed_logins=app[FAILED_LOGINS],
+        live=live,
     )
-    result = await answer(
+
+
+async def answer_payload(
+    request: web.Request, payload: Any, ctx: RpcContext
+) -> dict[str, Any] | list[dict[str, Any]] | None:
+    """Answer a parsed body with the app's methods and limits (None: nothing to answer)."""
+    settings = request.app[SETTINGS]
+    return await answer(
         payload,
         request.app[REGISTRY_KEY],
         ctx,
@@ -200,9 +227,30 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
         # As many items at once as the pool has connections.
         concurrency=settings.db_pool_size,
     )
-    if result is None:
-        return web.Response(status=204)
-    return json_response(result)
+
+
+async def handle_rpc_websocket(request: web.Request) -> web.StreamResponse:
+    """GET /rpc with a WebSocket upgrade: the same methods, plus subscriptions
+    (``rpc_server.live.transport``); a GET without the upgrade is refused with 405."""
+    budget = request.app[SHUTDOWN].remaining(default=request.app[SETTINGS].shutdown_timeout)
+
+    async def answer_frame(
+        connection: LiveConnection, scope: transport.MessageScope, body: bytes
+    ) -> None:
+        # One text frame, answered as POST /rpc answers a body (same checks and codes).
+        try:
+            payload = parse(body, max_depth=request.app[SETTINGS].max_json_depth)
+        except ParseError as exc:
+            connection.send(json_codec.dumps(parse_error(str(exc))))
+            return
+        ctx = rpc_context(request, payload, token=connection.token, live=scope)
+        result = await answer_payload(request, payload, ctx)
+        if result is not None:
+            connection.send(json_codec.dumps(result))
+
+    return await transport.serve_websocket(
+        request, request.app[LIVE], answer_frame, shutdown_budget=budget
+    )
 
 
 async def handle_payment_webhook(request: web.Request) -> web.StreamResponse:
@@ -301,6 +349,23 @@ async def deliverer_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def live_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Live updates (``rpc_server.live``): the event feed, woken after local commits and,
+    on PostgreSQL, by the LISTEN connection; its sockets closed with 1001 at shutdown."""
+    hub = transport.LiveHub(app[SETTINGS], app[UOW_FACTORY], app[ENGINE])
+    app[LIVE] = hub
+    app[UOW_FACTORY].after_events.append(hub.feed.wake)
+    await hub.start()
+    yield
+    await hub.stop()
+
+
+async def close_websockets(app: web.Application) -> None:
+    """On shutdown, after the HTTP drain: close every WebSocket with 1001."""
+    if (hub := app.get(LIVE)) is not None:
+        await hub.going_away(app[SHUTDOWN].remaining(default=app[SETTINGS].shutdown_timeout))
+
+
 def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.Application:
     app = web.Application(
         # Refusals (404, 405, 415, ...) as JSON-RPC errors, inside the request id.
@@ -329,7 +394,10 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app.cleanup_ctx.append(database_ctx)
     if settings.mail_in_serve:
         app.cleanup_ctx.append(deliverer_ctx)
+    app.cleanup_ctx.append(live_ctx)
+    app.on_shutdown.append(close_websockets)
     app.router.add_post("/rpc", handle_rpc)
+    app.router.add_get("/rpc", handle_rpc_websocket, allow_head=False)
     app.router.add_post("/webhooks/payments", handle_payment_webhook)
     app.router.add_get("/healthz", handle_healthz)
     app.router.add_get("/readyz", handle_readyz)

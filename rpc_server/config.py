@@ -129,6 +129,19 @@ class Settings:
     payment_tolerance: float = 300.0
     # Let serve listen on a non-loopback address while demo tokens or the demo key live.
     allow_demo: bool = False
+    # Live updates over a WebSocket on GET /rpc (rpc_server.live). Per process: open
+    # WebSockets (they count towards max_connections too). Per connection: subscriptions,
+    # messages queued for a slow reader before it is closed (1008), seconds between
+    # pings, seconds to call rpc.authenticate without an Authorization header, seconds
+    # between checks that its token still holds. A subscription's since may lie at most
+    # ws_replay_window events before the latest; older, it gets purchase.resync.
+    ws_max_connections: int = 1000
+    ws_max_subscriptions: int = 16
+    ws_send_queue: int = 256
+    ws_heartbeat: float = 30.0
+    ws_auth_timeout: float = 10.0
+    ws_token_recheck: float = 30.0
+    ws_replay_window: int = 10000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -220,6 +233,13 @@ class Settings:
                 parse_secret(secret)
             except ValueError as exc:  # never echo the secret itself
                 raise ConfigError(f"RPC_SERVER_PAYMENT_KEYS, key {number}: {exc}") from None
+        for name in ("ws_max_connections", "ws_max_subscriptions", "ws_send_queue",
+                     "ws_replay_window"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"RPC_SERVER_{name.upper()} must be at least 1")
+        for name in ("ws_heartbeat", "ws_auth_timeout", "ws_token_recheck"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ConfigError(f"RPC_SERVER_{name.upper()} must be between 0 and 3600 seconds")
         if not 0 < self.port < 65536:
             raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")
         if self.public_url is not None:

@@ -9,6 +9,14 @@ of the method's params.
 from schemas.base import Out, Params
 from schemas.course import CourseListParams, CourseOut, CourseSaveParams
 from schemas.discovery import DiscoverParams
+from schemas.live import (
+    AuthenticatedOut,
+    AuthenticateParams,
+    PurchaseResyncOut,
+    PurchaseSubscribeParams,
+    PurchaseUnsubscribeParams,
+    PurchaseUpdateOut,
+)
 from schemas.payment import PaymentEventPayload, PaymentProofParams
 from schemas.purchase import (
     FulfillmentOut,
@@ -24,6 +32,8 @@ from schemas.purchase import (
 from schemas.registration import RegistrationListParams, RegistrationOut, RegistrationPageOut
 
 __all__ = [
+    "AuthenticateParams",
+    "AuthenticatedOut",
     "CourseListParams",
     "CourseOut",
     "CourseSaveParams",
@@ -41,6 +51,10 @@ __all__ = [
     "PurchaseListParams",
     "PurchaseOut",
     "PurchasePageOut",
+    "PurchaseResyncOut",
+    "PurchaseSubscribeParams",
+    "PurchaseUnsubscribeParams",
+    "PurchaseUpdateOut",
     "RegistrationListParams",
     "RegistrationOut",
     "RegistrationPageOut",

@@ -1,8 +1,9 @@
 """Node.js for the tests that need it: the Node example and the reference OpenRPC validator.
 
-Both come from examples/package.json, pinned by examples/package-lock.json (``.ci/run``
-installs them with ``npm ci``). Without ``node`` such a test is skipped on a developer's
-machine and fails in CI (``CI`` set), so CI can never pass without having run it.
+All come from examples/package.json (jayson and ws for the example, the validator for the
+tests), pinned by examples/package-lock.json (``.ci/run`` installs them with ``npm ci``).
+Without ``node`` such a test is skipped on a developer's machine and fails in CI (``CI``
+set), so CI can never pass without having run it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # What examples/package.json installs, as the files that show it is installed.
-PACKAGES = ("jayson", "@open-rpc/schema-utils-js")
+PACKAGES = ("jayson", "ws", "@open-rpc/schema-utils-js")
 
 
 def in_ci() -> bool:

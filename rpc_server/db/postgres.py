@@ -96,6 +96,13 @@ class PostgresEngine:
                     )
         return self._pool
 
+    async def connect(self, **options: Any) -> Any:
+        """A connection of its own, outside the pool, with this engine's connect
+        arguments and ``options`` (asyncpg.connect's): the live feed's LISTEN connection.
+        The caller closes it."""
+        args, kwargs = self._connect_args
+        return await asyncpg.connect(*args, **{**kwargs, **options})
+
     async def acquire(self) -> Any:
         pool = await self._opened_pool()
         try:

@@ -43,9 +43,11 @@ class SqlUnitOfWork:
         connection: UnitOfWorkConnection,
         after_receipts: Sequence[Callable[[], None]] = (),
         lookups: PurchaseLookups | None = None,
+        after_events: Sequence[Callable[[], None]] = (),
     ):
         self.connection = connection
         self._after_receipts = after_receipts
+        self._after_events = after_events
         self._lookups = lookups
 
     async def __aenter__(self) -> Self:
@@ -73,6 +75,11 @@ class SqlUnitOfWork:
             # its next poll.
             for listener in self._after_receipts:
                 listener()
+        if self.events.appended:
+            # Purchase events are committed: the live feed reads them now (on
+            # PostgreSQL other processes learn of them by NOTIFY: rpc_server.live).
+            for listener in self._after_events:
+                listener()
 
 
 class SqlUnitOfWorkFactory:
@@ -83,6 +90,8 @@ class SqlUnitOfWorkFactory:
         self.engine = engine
         # Called after a commit that added receipt outbox rows (the deliverer's wake-up).
         self.after_receipts: list[Callable[[], None]] = []
+        # Called after a commit that appended purchase events (the live feed's wake-up).
+        self.after_events: list[Callable[[], None]] = []
 
     def __call__(
         self, *, write: bool = False, lookups: PurchaseLookups | None = None
@@ -90,7 +99,9 @@ class SqlUnitOfWorkFactory:
         """A unit of work; a read one (only) looks purchases up through ``lookups``: a
         write one must read inside its own transaction."""
         connection = UnitOfWorkConnection(self.engine, write=write)
-        return SqlUnitOfWork(connection, self.after_receipts, None if write else lookups)
+        return SqlUnitOfWork(
+            connection, self.after_receipts, None if write else lookups, self.after_events
+        )
 
     def for_batch(self) -> BatchUnitOfWorkFactory:
         """The factory for one batch request's calls (see ``BatchUnitOfWorkFactory``)."""

@@ -23,6 +23,27 @@ class Unauthenticated(DomainError):
     message = "Unauthenticated: send a valid token as 'Authorization: Bearer <token>'"
 
 
+class InvalidArgument(DomainError):
+    """Params that are well-formed but cannot be acted on (checked against the data)."""
+
+    message = "Invalid params"
+
+
+class WebSocketOnly(DomainError):
+    """A method that needs a WebSocket connection was called over plain HTTP."""
+
+    message = "Method not found"
+
+    def __init__(self, method: str):
+        super().__init__(
+            data={
+                "method": method,
+                "reason": f"{method} is available over a WebSocket connection to /rpc only "
+                "(GET /rpc with an Upgrade: websocket header)",
+            }
+        )
+
+
 class NotFound(DomainError):
     message = "Not found"
 

@@ -20,8 +20,10 @@ from rpc_server.domain.records import (
     PaymentEvent,
     Purchase,
     PurchaseEventRecord,
+    PurchaseUpdate,
     Registration,
     SignedPayment,
+    UpdateScope,
 )
 from rpc_server.domain.states import PurchaseState, Scope
 
@@ -200,6 +202,17 @@ class PurchaseEventRepository(Protocol):
 
     async def payment_event_applied(self, event_id: str) -> bool:
         """True if the payment event with this id already changed a purchase."""
+        ...
+
+    async def latest_seq(self) -> int:
+        """The sequence number of the latest event (0 when there is none)."""
+        ...
+
+    async def updates_after(
+        self, after: int, scope: UpdateScope, *, upto: int | None = None, limit: int
+    ) -> list[PurchaseUpdate]:
+        """The events with ``after < seq <= upto`` (no upper bound: None) of purchases in
+        ``scope``, oldest first, at most ``limit``, each with its purchase as it is now."""
         ...
 
 

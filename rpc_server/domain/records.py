@@ -197,3 +197,30 @@ class PurchaseEventRecord:
     payment_ref: str | None
     error_msg: str | None
     created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseUpdate:
+    """One state change as a live subscriber receives it: the event, and the purchase it
+    changed as it is now (``purchase.get``'s view; it may have moved on since)."""
+
+    event: PurchaseEventRecord
+    purchase: Purchase
+
+    @property
+    def seq(self) -> int:
+        return self.event.seq
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateScope:
+    """Which purchases' updates a subscriber receives: ``purchase_pk`` alone, or every
+    purchase of ``owner_id``, or (both None) every purchase."""
+
+    owner_id: int | None = None
+    purchase_pk: int | None = None
+
+    def covers(self, purchase: Purchase) -> bool:
+        if self.purchase_pk is not None:
+            return purchase.pk == self.purchase_pk
+        return self.owner_id is None or purchase.owner_id == self.owner_id

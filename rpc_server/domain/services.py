@@ -17,6 +17,7 @@ from enum import StrEnum
 from rpc_server.domain.errors import (
     AlreadyRegistered,
     IdempotencyKeyReused,
+    InvalidArgument,
     InvalidTransition,
     NotFound,
     PaymentNotVerified,
@@ -38,9 +39,11 @@ from rpc_server.domain.records import (
     Purchase,
     PurchaseEventRecord,
     PurchasePage,
+    PurchaseUpdate,
     RegistrationPage,
     SignedPayment,
     Source,
+    UpdateScope,
 )
 from rpc_server.domain.states import Evidence, PurchaseState, Scope, Step, evidence_for, step_for
 from rpc_server.domain.tokens import hash_token, new_token
@@ -482,14 +485,66 @@ async def list_purchase_events(
         if purchase is None:
             raise NotFound("Purchase not found", {"purchase_id": purchase_id})
         events = await uow.events.list_for(purchase.pk)
-    if actor.sees_every_purchase:
-        return events
-    return [
-        event
-        if event.actor_user_id in (None, actor.user_id)
-        else replace(event, actor_user_id=None, actor_email=None)
-        for event in events
-    ]
+    return [event_as_seen_by(actor, event) for event in events]
+
+
+def event_as_seen_by(actor: Actor, event: PurchaseEventRecord) -> PurchaseEventRecord:
+    """The event as ``actor`` may see it: who made it by email only to staff and the
+    payment backend, and to a buyer for their own changes; otherwise only its scope."""
+    if actor.sees_every_purchase or event.actor_user_id in (None, actor.user_id):
+        return event
+    return replace(event, actor_user_id=None, actor_email=None)
+
+
+async def update_scope(
+    uow_factory: UnitOfWorkFactory,
+    actor: Actor,
+    *,
+    purchase_id: str | None = None,
+    since: int | None = None,
+) -> tuple[UpdateScope, int]:
+    """Which updates ``actor`` may follow (one purchase, or all it may see, as
+    ``purchase.list``), and the latest event's sequence number.
+
+    Raises NotFound for a purchase the actor cannot see, InvalidArgument for a ``since``
+    after the latest event (a sequence number this server never gave out).
+    """
+    async with uow_factory() as uow:
+        owner_id = _visible_owner(actor)
+        scope = UpdateScope(owner_id=owner_id)
+        if purchase_id is not None:
+            purchase = await uow.purchases.get(purchase_id, owner_id=owner_id)
+            if purchase is None:
+                raise NotFound("Purchase not found", {"purchase_id": purchase_id})
+            scope = UpdateScope(owner_id=owner_id, purchase_pk=purchase.pk)
+        latest = await uow.events.latest_seq()
+    if since is not None and since > latest:
+        raise InvalidArgument(
+            "Invalid params: since is after the latest event",
+            {"since": since, "latest_seq": latest},
+        )
+    return scope, latest
+
+
+async def latest_event_seq(uow_factory: UnitOfWorkFactory) -> int:
+    """The sequence number of the latest purchase event (0: none yet)."""
+    async with uow_factory() as uow:
+        return await uow.events.latest_seq()
+
+
+async def purchase_updates(
+    uow_factory: UnitOfWorkFactory,
+    after: int,
+    scope: UpdateScope,
+    *,
+    upto: int | None = None,
+    limit: int = 500,
+) -> list[PurchaseUpdate]:
+    """The updates after sequence number ``after`` (up to ``upto``) in ``scope``, oldest
+    first, at most ``limit``; events as they are stored (``event_as_seen_by`` hides what
+    a viewer may not see)."""
+    async with uow_factory() as uow:
+        return await uow.events.updates_after(after, scope, upto=upto, limit=limit)
 
 
 async def list_registrations(

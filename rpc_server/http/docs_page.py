@@ -85,14 +85,22 @@ def _method(method: Mapping[str, Any]) -> str:
         f'<section id="{name}"><h2><code>{name}</code></h2>',
         f"<p>{escape(method.get('summary', ''))}</p>",
     ]
+    if method.get("x-notification"):
+        parts.append(
+            "<p><strong>Notification sent by the server</strong> over a WebSocket to a "
+            f"<code>{escape(method['x-subscription']['subscribe'])}</code> subscription: "
+            "never called, never answered.</p>"
+        )
+    elif method.get("x-transport") == "websocket":
+        parts.append("<p><strong>Over a WebSocket connection to /rpc only.</strong></p>")
     if method.get("description"):
         parts.append(f"<p>{escape(method['description'])}</p>")
-    parts += [
-        "<h3>Params</h3>",
-        params,
-        f"<h3>Result: <code>{escape(method['result']['name'])}</code></h3>",
-        f"<pre>{_json(method['result']['schema'])}</pre>",
-    ]
+    parts += ["<h3>Params</h3>", params]
+    if "result" in method:
+        parts += [
+            f"<h3>Result: <code>{escape(method['result']['name'])}</code></h3>",
+            f"<pre>{_json(method['result']['schema'])}</pre>",
+        ]
     if errors:
         parts.append(
             f"<h3>Errors</h3><table><tr><th>code</th><th>meaning</th></tr>{errors}</table>"
@@ -115,7 +123,9 @@ def _method(method: Mapping[str, Any]) -> str:
 
 def _servers(servers: list[Mapping[str, Any]]) -> str:
     return "".join(
-        f"<p>Endpoint: <code>POST {escape(server['url'])}</code></p>" for server in servers
+        f"<p>Endpoint: <code>POST {escape(server['url'])}</code>; WebSocket: <code>GET "
+        f"{escape(server['url'])}</code> with <code>Upgrade: websocket</code></p>"
+        for server in servers
     )
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from rpc_server.domain import services
 from rpc_server.domain.errors import Unauthenticated
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.domain.ports import PaymentVerifier, UnitOfWorkFactory
-from rpc_server.domain.records import Actor
+from rpc_server.domain.records import Actor, UpdateScope
 from rpc_server.domain.tokens import hash_token
 from rpc_server.jsonrpc.batch_deadline import BatchDeadline
 from rpc_server.jsonrpc.token_cache import ActorCache
@@ -36,6 +36,22 @@ AMBIGUOUS_CREDENTIALS = (
 def failed_logins_log(interval: float = 60.0) -> ThrottledLog:
     """The app-wide log of failed authentications: one INFO line per client per interval."""
     return ThrottledLog(log, logging.INFO, interval=interval)
+
+
+class LiveSession(Protocol):
+    """The WebSocket connection a call came on (``rpc_server.live``), as methods see it."""
+
+    def authenticated(self, token: str, actor: Actor) -> None:
+        """From now on the connection acts for ``actor``; raises Conflict if it already
+        acts for someone."""
+
+    def subscribe(self, actor: Actor, scope: UpdateScope, since: int | None) -> str:
+        """Open a subscription; return its id. Raises Conflict past the cap."""
+        ...
+
+    def unsubscribe(self, subscription_id: str) -> bool:
+        """End a subscription of this connection; False if it has none of that id."""
+        ...
 
 
 @dataclass
@@ -60,6 +76,8 @@ class RpcContext:
     actors: ActorCache | None = None
     # Failed authentications, at most one line per client per interval (None: every one).
     failed_logins: ThrottledLog | None = None
+    # The WebSocket connection the call came on (None: over HTTP).
+    live: LiveSession | None = None
     # The caller once known (``_settled``); else the lookup under way (shared by a batch).
     _known: Actor | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
@@ -93,6 +111,13 @@ class RpcContext:
             self._lookup_task = asyncio.ensure_future(self._lookup(self.token, token_hash))
         # Shielded: one item's cancellation (its timeout) must not cancel the others' lookup.
         return self._settle(await asyncio.shield(self._lookup_task))
+
+    def authenticated_as(self, token: str, actor: Actor) -> None:
+        """The caller is ``actor``, holder of ``token`` (rpc.authenticate checked it):
+        the calls of this request not yet identified act for it."""
+        self.token, self.ambiguous_credentials = token, False
+        if not self._settled and self._lookup_task is None:
+            self._settle(actor)
 
     def token_is_new(self) -> bool:
         """Whether identifying the caller would send a token this process knows nothing

@@ -19,9 +19,11 @@ from rpc_server.db.errors import database_unavailable
 from rpc_server.domain.errors import (
     Conflict,
     DomainError,
+    InvalidArgument,
     NotFound,
     PaymentNotVerified,
     Unauthenticated,
+    WebSocketOnly,
 )
 from rpc_server.http.request_id import current_request_id
 
@@ -45,6 +47,7 @@ RATE_LIMITED = 429
 
 # What each code means, as the OpenRPC document lists it.
 ERROR_MESSAGES: dict[int, str] = {
+    METHOD_NOT_FOUND: "Method not found",
     INVALID_PARAMS: "Invalid params",
     INTERNAL_ERROR: "Internal error",
     SERVICE_UNAVAILABLE: "Service unavailable",
@@ -62,6 +65,8 @@ STANDARD_METHOD_ERRORS = (
 
 ERROR_CODES: dict[type[BaseException], int] = {
     Unauthenticated: UNAUTHENTICATED,
+    InvalidArgument: INVALID_PARAMS,
+    WebSocketOnly: METHOD_NOT_FOUND,
     PaymentNotVerified: PAYMENT_NOT_VERIFIED,
     NotFound: NOT_FOUND,
     Conflict: CONFLICT,

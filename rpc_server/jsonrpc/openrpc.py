@@ -22,7 +22,7 @@ from marshmallow import Schema, fields
 from rpc_server import __version__
 from rpc_server.domain.errors import PaymentNotVerified
 from rpc_server.jsonrpc.errors import ERROR_MESSAGES, PAYMENT_NOT_VERIFIED, STANDARD_METHOD_ERRORS
-from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod
+from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod, ServerNotification
 from schemas.fields import Cursor
 
 OPENRPC_VERSION = "1.3.2"
@@ -151,7 +151,46 @@ class OpenRpcBuilder:
             document["description"] = method.description
         if method.example is not None:
             document["examples"] = [self._example(method)]
+        if method.transport == "websocket":
+            document["servers"] = [self._websocket_server()]
+            document["x-transport"] = "websocket"
         return document
+
+    def _websocket_server(self) -> dict[str, Any]:
+        scheme, rest = self.server_url.split("://", 1)
+        return {
+            "name": "this server over a WebSocket",
+            "url": f"{'wss' if scheme == 'https' else 'ws'}://{rest}",
+            "description": "GET /rpc with Upgrade: websocket; JSON-RPC 2.0 in text frames.",
+        }
+
+    def notification(self, notification: ServerNotification) -> dict[str, Any]:
+        """A notification the server sends, as OpenRPC 1.3 can say it: a method without a
+        result (what the specification calls a notification), marked with the ``x-``
+        extensions ``x-notification: "server-to-client"`` and ``x-subscription`` (the
+        method that subscribes). OpenRPC has no construct for subscriptions."""
+        return {
+            "name": notification.name,
+            "summary": notification.summary,
+            "description": notification.description,
+            "paramStructure": "by-name",
+            "params": [
+                {
+                    "name": "subscription",
+                    "required": True,
+                    "description": f"The id {notification.subscribed_by} answered.",
+                    "schema": {"type": "string"},
+                },
+                {"name": "result", "required": True, "schema": self._schema(notification.result)},
+            ],
+            "servers": [self._websocket_server()],
+            "x-transport": "websocket",
+            "x-notification": "server-to-client",
+            "x-subscription": {
+                "subscribe": notification.subscribed_by,
+                "unsubscribe": notification.subscribed_by.replace("subscribe", "unsubscribe"),
+            },
+        }
 
     @staticmethod
     def _error(code: int) -> dict[str, Any]:
@@ -174,6 +213,7 @@ class OpenRpcBuilder:
 
     def build(self) -> dict[str, Any]:
         methods = [self.method(m) for m in self.registry.methods.values()]
+        methods += [self.notification(n) for n in self.registry.notifications.values()]
         return {
             "openrpc": OPENRPC_VERSION,
             "info": {"title": self.title, "version": __version__, "description": self.description},
@@ -192,8 +232,11 @@ def build_document(registry: MethodRegistry, *, server_url: str) -> dict[str, An
         server_url=server_url,
         title="Purchase fulfillment JSON-RPC API",
         description=(
-            "JSON-RPC 2.0 over HTTP POST /rpc. Authenticate with 'Authorization: Bearer "
-            "<token>'. Params go by name or by position (in the order listed). Batches "
-            "are answered item by item; notifications are never answered."
+            "JSON-RPC 2.0 over HTTP POST /rpc, and over a WebSocket on GET /rpc (text "
+            "frames; the same methods, plus subscriptions). Authenticate with "
+            "'Authorization: Bearer <token>' (on a WebSocket, or with rpc.authenticate as "
+            "its first call). Params go by name or by position (in the order listed). "
+            "Batches are answered item by item; notifications are never answered. Methods "
+            "marked x-notification are sent by the server to a subscription, never called."
         ),
     ).build()

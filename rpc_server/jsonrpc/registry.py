@@ -21,7 +21,7 @@ from jsonrpcserver import InvalidParams, Success
 from jsonrpcserver.result import Result
 from marshmallow import Schema, ValidationError
 
-from rpc_server.domain.errors import Unauthenticated
+from rpc_server.domain.errors import Unauthenticated, WebSocketOnly
 from rpc_server.jsonrpc.context import RpcContext
 from rpc_server.jsonrpc.errors import error_result, timed_out
 from schemas.dumping import Dumper, compile_dumper
@@ -66,6 +66,8 @@ class RpcMethod:
     # A method that answered another shape before it took params keeps answering that
     # shape to a call made without any (registration.list's bare array): its schema.
     result_without_params: Schema | None = None
+    # "websocket": offered over a WebSocket connection to /rpc only (rpc_server.live).
+    transport: str = "any"
     summary: str = field(init=False)
     description: str = field(init=False)
     # One params schema per method, built once: Marshmallow schemas are reusable, and
@@ -144,6 +146,8 @@ class RpcMethod:
     async def _call(
         self, ctx: RpcContext, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> Result:
+        if self.transport == "websocket" and ctx.live is None:
+            raise WebSocketOnly(self.name)  # whatever the params and the token
         actor = await ctx.authenticate()
         if self.auth and actor is None:
             raise Unauthenticated()
@@ -155,8 +159,27 @@ class RpcMethod:
         return Success(self.dump_result(value, params))
 
 
+@dataclass(frozen=True)
+class ServerNotification:
+    """A notification the server sends (over a WebSocket) to a subscription: described
+    in the OpenRPC document, never dispatched. ``params`` is ``{"subscription": id,
+    "result": <result, dumped>}``."""
+
+    name: str
+    summary: str
+    description: str
+    result: Schema
+    # The method whose answer names the subscription.
+    subscribed_by: str
+
+
 class MethodRegistry:
-    def __init__(self, methods: Iterable[RpcMethod]):
+    def __init__(
+        self,
+        methods: Iterable[RpcMethod],
+        notifications: Iterable[ServerNotification] = (),
+    ):
+        self.notifications = {n.name: n for n in notifications}
         self.methods: dict[str, RpcMethod] = {}
         for method in methods:
             if method.name in self.methods:

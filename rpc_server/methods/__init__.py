@@ -4,10 +4,18 @@ Handlers are thin: they get loaded params and the caller, make one domain servic
 and return a record; the registry dumps it through the result schema.
 """
 
-from rpc_server.jsonrpc.errors import CONFLICT, NOT_FOUND, PAYMENT_NOT_VERIFIED, UNAUTHENTICATED
-from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod
-from rpc_server.methods import courses, discovery, examples, purchases, registrations
+from rpc_server.jsonrpc.errors import (
+    CONFLICT,
+    METHOD_NOT_FOUND,
+    NOT_FOUND,
+    PAYMENT_NOT_VERIFIED,
+    UNAUTHENTICATED,
+)
+from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod, ServerNotification
+from rpc_server.methods import courses, discovery, examples, live, purchases, registrations
 from schemas import (
+    AuthenticatedOut,
+    AuthenticateParams,
     CourseListParams,
     CourseOut,
     DiscoverParams,
@@ -20,10 +28,20 @@ from schemas import (
     PurchaseListParams,
     PurchaseOut,
     PurchasePageOut,
+    PurchaseResyncOut,
+    PurchaseSubscribeParams,
+    PurchaseUnsubscribeParams,
+    PurchaseUpdateOut,
     RegistrationListParams,
     RegistrationOut,
     RegistrationPageOut,
 )
+
+SUBSCRIPTION_ID_SCHEMA = {
+    "type": "string",
+    "pattern": "^[0-9a-f]{32}$",
+    "description": "An opaque subscription id: notifications carry it as params.subscription.",
+}
 
 REGISTRY = MethodRegistry(
     [
@@ -61,8 +79,45 @@ REGISTRY = MethodRegistry(
             example=examples.REGISTRATION_LIST, result_without_params=RegistrationOut(many=True),
         ),
         RpcMethod(
+            "purchase.subscribe", live.subscribe, PurchaseSubscribeParams, None,
+            errors=(UNAUTHENTICATED, NOT_FOUND, CONFLICT, METHOD_NOT_FOUND),
+            result_name="subscription", result_json_schema=SUBSCRIPTION_ID_SCHEMA,
+            example=examples.PURCHASE_SUBSCRIBE, transport="websocket",
+        ),
+        RpcMethod(
+            "purchase.unsubscribe", live.unsubscribe, PurchaseUnsubscribeParams, None,
+            errors=(UNAUTHENTICATED, METHOD_NOT_FOUND), result_name="unsubscribed",
+            result_json_schema={"type": "boolean"}, transport="websocket",
+        ),
+        RpcMethod(
+            "rpc.authenticate", live.authenticate, AuthenticateParams, AuthenticatedOut(),
+            auth=False, errors=(UNAUTHENTICATED, CONFLICT, METHOD_NOT_FOUND),
+            result_name="caller", transport="websocket",
+        ),
+        RpcMethod(
             "rpc.discover", discovery.discover, DiscoverParams, None, auth=False,
             result_name="OpenRPC document", result_json_schema={"$ref": discovery.META_SCHEMA_URL},
         ),
-    ]
+    ],
+    notifications=[
+        ServerNotification(
+            "purchase.updated",
+            "A purchase in a subscription changed state (one notification per change).",
+            "Sent to a purchase.subscribe subscription, in seq order, each change once. The "
+            "result holds the change's seq, the event as purchase.events shows it, and the "
+            "purchase as purchase.get shows it when the notification is sent. Keep the last "
+            "seq: resubscribe with it as since after a reconnection.",
+            PurchaseUpdateOut(),
+            subscribed_by="purchase.subscribe",
+        ),
+        ServerNotification(
+            "purchase.resync",
+            "The changes after since cannot be replayed: read the purchases again.",
+            "Sent once, first, to a subscription whose since is older than the replay "
+            "window; purchase.updated notifications follow for the changes after the "
+            "result's seq.",
+            PurchaseResyncOut(),
+            subscribed_by="purchase.subscribe",
+        ),
+    ],
 )  # fmt: skip

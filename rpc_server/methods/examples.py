@@ -120,3 +120,9 @@ PURCHASE_EVENTS = Example(
         ),
     ],
 )
+
+PURCHASE_SUBSCRIBE = Example(
+    "follow one purchase, from the last change seen",
+    {"purchase_id": PURCHASE_ID, "since": 1041},
+    "9f86d081884c7d659a2feaa0c55ad015",
+)

@@ -135,6 +135,7 @@ class GuardedConnection(asyncio.Protocol):
 
     __slots__ = (
         "_bytes_while_handling",
+        "_counted",
         "_deadline",
         "_guard",
         "_inner",
@@ -156,6 +157,8 @@ class GuardedConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._received = 0  # bytes of the current request so far (for the log line)
         self._bytes_while_handling = False
+        # Whether it counts against max_connections (a WebSocket stops counting).
+        self._counted = False
         # Closed because its request did not arrive in time (read by receiving_body).
         self.timed_out = False
 
@@ -169,6 +172,7 @@ class GuardedConnection(asyncio.Protocol):
             self._refuse(transport)
             return
         guard.open += 1
+        self._counted = True
         self._arm()
         self._inner = guard.protocol_factory()
         self._inner.connection_made(transport)
@@ -199,7 +203,8 @@ class GuardedConnection(asyncio.Protocol):
         if self._state == REFUSED:
             self._guard.refusing -= 1
             return
-        self._guard.open -= 1
+        if self._counted:
+            self._guard.open -= 1
         assert self._inner is not None
         self._inner.connection_lost(exc)
 
@@ -240,6 +245,14 @@ class GuardedConnection(asyncio.Protocol):
                 self._received = 0
                 self._arm()
         return True
+
+    def became_websocket(self) -> None:
+        """The connection was upgraded to a WebSocket (``rpc_server.live``): it no longer
+        counts against ``RPC_SERVER_MAX_CONNECTIONS`` (WebSockets have their own cap,
+        ``RPC_SERVER_WS_MAX_CONNECTIONS``), so held-open sockets never starve HTTP calls."""
+        if self._counted:
+            self._counted = False
+            self._guard.open -= 1
 
     # --- the deadline ---------------------------------------------------------------
 

@@ -27,6 +27,10 @@ class InFlight:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            # A WebSocket lives as long as its client wants: not a call the drain waits
+            # for. It is closed with 1001 after the drain (rpc_server.live.transport).
+            return await handler(request)
         self.count += 1
         self._idle.clear()
         try:

@@ -5,14 +5,17 @@ each engine), starts the server on a free port (``tests.processes.running_server
 the example payment provider (``examples/payment_provider.py``, a real process, signing
 with the public demo key the server accepts while the demo data is live), then runs one
 example against them: curl.sh, the Python client, the Node.js client (skipped only where
-``node`` is missing, outside CI) and the browser frontend in headless Chromium, served
-over HTTP from an origin of its own and calling the server and the provider through CORS.
+``node`` is missing, outside CI), the live-updates client (examples/live_updates.py, over a
+WebSocket, also across a cut connection) and the browser frontend in headless Chromium,
+served over HTTP from an origin of its own, calling the server and the provider through
+CORS and following the purchase over a WebSocket until the server pushes its fulfilment.
 Chromium is Debian's (``.ci/run`` installs it); without it the browser test fails in CI
 rather than skips, so CI can never pass without having run it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -24,24 +27,25 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
-from playwright.sync_api import Request, expect, sync_playwright
+from playwright.sync_api import Request, WebSocket, expect, sync_playwright
 from standardwebhooks import Webhook
 
 from rpc_server.cli.demo import DEMO_PAYMENT_KEY
 from tests.conftest import FRONTEND_URL
 from tests.node_packages import EXAMPLES, in_ci, install_node_dependencies, require_node
 from tests.processes import RPC_SERVER, free_port, running_server
+from tests.tcp_proxy import TcpProxy
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -235,7 +239,18 @@ def test_node_client_pays_with_the_proof_alone(demo_env: dict[str, str], tmp_pat
         with running_provider(port, webhook=False) as provider:
             run = run_example([node, str(EXAMPLES / "node_client.mjs")], rpc_url, provider)
         assert run.returncode == 0, run.stdout + run.stderr
-        assert_paid_once(rpc_url, bought_by_the_example(rpc_url, before), "rpc")
+        bought = bought_by_the_example(rpc_url, before)
+        assert_paid_once(rpc_url, bought, "rpc")
+        created, fulfilled = result(rpc_url, "purchase.events", [bought["purchase_id"]])
+    # Subscribed over the WebSocket from the creation's seq, and the fulfilment was pushed:
+    # one notification, the fulfilment's own seq.
+    assert f"live: subscribed to {bought['purchase_id']} since #{created['seq']}\n" in run.stdout
+    pushed = re.findall(r"^live: purchase\.updated .*$", run.stdout, re.MULTILINE)
+    assert pushed == [
+        f"live: purchase.updated #{fulfilled['seq']} pending -> fulfilled by rpc (payment_event),"
+        " purchase now fulfilled"
+    ]
+    assert f"live: fulfilled, pushed as #{fulfilled['seq']}\n" in run.stdout
     assert "error: code=402 message=Payment not verified: " in run.stdout
     assert 'data={"reason":"missing"}' in run.stdout
     assert "purchase.fulfill again: identical answer" in run.stdout
@@ -244,6 +259,202 @@ def test_node_client_pays_with_the_proof_alone(demo_env: dict[str, str], tmp_pat
     assert "batch missing: error 404" in run.stdout
     assert "error: code=409 message=You are already registered for this course" in run.stdout
     assert run.stdout.rstrip().endswith("all calls answered as expected")
+
+
+class OutputLines:
+    """A running example's stdout, read line by line on a thread of its own, so that a test
+    can wait (with a deadline) for a line while the example goes on running."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        self.process = process
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(
+            target=self._read, args=(process.stdout,), name="example-output", daemon=True
+        )
+        self.reader.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self.changed:
+                self.lines.append(line.rstrip("\n"))
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 15) -> re.Match[str]:
+        """The first line matching ``pattern`` (a regex, from the start of the line)."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for line in self.lines:
+                    if found := re.match(pattern, line):
+                        return found
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.reader.is_alive():
+                    raise AssertionError(f"no line matching {pattern!r} in:\n{self.text()}")
+                self.changed.wait(min(left, 0.5))
+
+    def finish(self, timeout: float = 30) -> int:
+        """Wait for the example to exit; its exit code."""
+        code = self.process.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return code
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@contextmanager
+def running_live_updates(
+    rpc_url: str, *args: str, token: str = "demo-alice"
+) -> Iterator[OutputLines]:
+    """Run ``python examples/live_updates.py ARGS`` against ``rpc_url``; kill it if the test
+    leaves it running."""
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "live_updates.py"), *args],
+        env={**os.environ, "RPC_URL": rpc_url, "TOKEN": token},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield OutputLines(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def update_line(event: dict[str, Any], state: str) -> str:
+    """How examples/live_updates.py prints the notification of ``event``."""
+    return (
+        f"#{event['seq']} {event['purchase_id']} {event['from_state']} -> {event['to_state']} "
+        f"by {event['source']} ({event['evidence']}) payment_ref={event['payment_ref']} "
+        f"now {state}"
+    )
+
+
+def test_live_updates_prints_a_fulfilment_made_meanwhile(
+    demo_env: dict[str, str], tmp_path: Path
+) -> None:
+    with running_server(demo_env, cwd=tmp_path) as (port, _):
+        rpc_url = f"http://127.0.0.1:{port}/rpc"
+        (pending,) = result(rpc_url, "purchase.list", {"state": "pending"}, "demo-alice")["items"]
+        purchase_id = pending["purchase_id"]
+        (created,) = result(rpc_url, "purchase.events", [purchase_id])
+        until_fulfilled = ("--purchase-id", purchase_id, "--until-state", "fulfilled")
+        with (
+            running_provider(port) as provider,
+            running_live_updates(rpc_url, *until_fulfilled, "--timeout", "30") as live,
+        ):
+            # It read the purchase's history and subscribed from its latest seq.
+            live.wait_for(rf"purchase {purchase_id} is pending \(#{created['seq']}\)$")
+            live.wait_for(rf"subscribed: \S+ to {purchase_id} since {created['seq']}$")
+            # Meanwhile, the buyer pays: the provider's webhook fulfils the purchase.
+            status, paid = post_json(f"{provider}/pay", {"purchase_id": purchase_id})
+            assert status == 200, paid
+            assert live.finish() == 0, live.text()
+        events = result(rpc_url, "purchase.events", [purchase_id])
+    assert [(e["from_state"], e["to_state"]) for e in events] == [
+        (None, "pending"),
+        ("pending", "fulfilled"),
+    ]
+    fulfilment = events[-1]
+    assert fulfilment["source"] == "webhook" and fulfilment["payment_ref"].startswith("pi_demo_")
+    notifications = [line for line in live.lines if line.startswith("#")]
+    assert notifications == [update_line(fulfilment, "fulfilled")]
+    assert live.lines[-1] == f"done: 1 notification(s), last seq {fulfilment['seq']}"
+
+
+@contextmanager
+def cuttable_proxy(port: int) -> Iterator[tuple[int, Callable[[], None], Callable[[], None]]]:
+    """A TCP proxy to 127.0.0.1:``port`` on a thread of its own; yields its port and two
+    functions: ``cut()`` closes every connection through it and refuses new ones,
+    ``restore()`` listens again on the same port."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="proxy", daemon=True)
+    thread.start()
+    proxy = TcpProxy("127.0.0.1", port)
+
+    def run(coroutine: Coroutine[Any, Any, None]) -> None:
+        asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=10)
+
+    try:
+        run(proxy.start())
+        yield proxy.port, lambda: run(proxy.stop()), lambda: run(proxy.start())
+    finally:
+        run(proxy.stop())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def test_live_updates_resume_after_a_cut_from_the_last_seq_seen(
+    demo_env: dict[str, str], tmp_path: Path
+) -> None:
+    with (
+        running_server(demo_env, cwd=tmp_path) as (port, _),
+        cuttable_proxy(port) as (proxy_port, cut, restore),
+    ):
+        rpc_url = f"http://127.0.0.1:{port}/rpc"
+        python = {"course": "python-basics"}
+        # Every purchase of alice's, live from now, through the proxy; it stops after three
+        # notifications.
+        through_proxy = f"http://127.0.0.1:{proxy_port}/rpc"
+        with running_live_updates(through_proxy, "--count", "3", "--timeout", "30") as live:
+            live.wait_for(r"subscribed: \S+ to all purchases in scope since now \(live only\)$")
+            first = result(rpc_url, "purchase.create", python, "demo-alice")
+            (created,) = result(rpc_url, "purchase.events", [first["purchase_id"]])
+            live.wait_for(re.escape(update_line(created, "pending")) + "$")
+
+            # The connection is cut; while it is down, two more changes commit.
+            cut()
+            live.wait_for(
+                r"disconnected \(.*\); reconnecting in [0-9.]+ s, "
+                rf"resuming after #{created['seq']}$"
+            )
+            cancel = [first["purchase_id"], "canceled"]
+            canceled = result(rpc_url, "purchase.fulfill", cancel, "demo-alice")
+            assert canceled["purchase"]["state"] == "canceled"
+            second = result(rpc_url, "purchase.create", python, "demo-alice")
+            restore()
+            # It subscribed again from the last seq it printed, and got both, once each.
+            live.wait_for(rf"subscribed: \S+ to all purchases in scope since {created['seq']}$")
+            assert live.finish() == 0, live.text()
+        (_, canceling) = result(rpc_url, "purchase.events", [first["purchase_id"]])
+        (created_second,) = result(rpc_url, "purchase.events", [second["purchase_id"]])
+    notifications = [line for line in live.lines if line.startswith("#")]
+    assert notifications == [
+        update_line(created, "pending"),
+        update_line(canceling, "canceled"),
+        update_line(created_second, "pending"),
+    ], live.text()
+    assert live.lines[-1] == f"done: 3 notification(s), last seq {created_second['seq']}"
+
+
+def test_live_updates_exits_non_zero_when_refused_or_when_nothing_comes(
+    demo_env: dict[str, str], tmp_path: Path
+) -> None:
+    with running_server(demo_env, cwd=tmp_path) as (port, _):
+        rpc_url = f"http://127.0.0.1:{port}/rpc"
+        (pending,) = result(rpc_url, "purchase.list", {"state": "pending"}, "demo-alice")["items"]
+        wait = ("--purchase-id", pending["purchase_id"], "--until-state", "fulfilled")
+        # Nobody pays: it gives up after its timeout.
+        with running_live_updates(rpc_url, *wait, "--timeout", "1") as waiting:
+            assert waiting.finish() == 1, waiting.text()
+        assert waiting.lines[-1] == "timed out after 1 s without reaching the end asked for"
+        # A token the server does not know: the upgrade is refused, and it does not retry.
+        with running_live_updates(rpc_url, *wait, token="not-a-token") as unknown:
+            assert unknown.finish() == 1, unknown.text()
+        assert unknown.lines == ["refused: the upgrade answered HTTP 401"]
+        # Another buyer's purchase: not found (404), as over HTTP.
+        with running_live_updates(rpc_url, *wait, token="demo-bob") as other:
+            assert other.finish() == 1, other.text()
+        assert other.lines[-1].startswith("refused: purchase.events: error 404 "), other.text()
 
 
 def test_curl_example_pays_through_the_provider(demo_env: dict[str, str], tmp_path: Path) -> None:
@@ -406,12 +617,39 @@ def frontend_site(tmp_path: Path) -> Iterator[FrontendSite]:
             thread.join(timeout=10)
 
 
+@dataclass
+class SocketFrames:
+    """One WebSocket a page opened: its URL and the JSON frames it sent and received."""
+
+    url: str
+    sent: list[Any] = field(default_factory=list)
+    received: list[Any] = field(default_factory=list)
+
+
+class WebSocketFrames:
+    """Every WebSocket a page opens, frame by frame (playwright's ``websocket`` event)."""
+
+    def __init__(self) -> None:
+        self.sockets: list[SocketFrames] = []
+
+    def watch(self, socket: WebSocket) -> None:
+        frames = SocketFrames(socket.url)
+        self.sockets.append(frames)
+        socket.on("framesent", lambda payload: frames.sent.append(json.loads(payload)))
+        socket.on("framereceived", lambda payload: frames.received.append(json.loads(payload)))
+
+
+def method_names(body: Any) -> list[str]:
+    """The methods a JSON-RPC request or batch calls."""
+    return [item["method"] for item in (body if isinstance(body, list) else [body])]
+
+
 def origin_of(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
+def test_frontend_pays_then_waits_for_the_pushed_fulfilment_over_a_websocket(
     demo_env: dict[str, str], frontend_site: FrontendSite, tmp_path: Path
 ) -> None:
     if not CHROMIUM.exists():
@@ -434,6 +672,8 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
         # The demo data gives alice one pending purchase and one fulfilled one.
         (pending,) = [item for item in listed if item["state"] == "pending"]
         purchase_id = pending["purchase_id"]
+        (created,) = result(rpc_url, "purchase.events", [purchase_id])
+        course_start = f"{FRONTEND_URL}/courses/{pending['course']}/start"
         frontend_site.deploy(rpc_url, provider)
         # The old way to preset the page, and what an attacker's link would carry: an
         # endpoint of theirs and a token. The page uses neither and drops them from the URL.
@@ -448,6 +688,13 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
                 page.on("pageerror", lambda error: page_errors.append(str(error)))
                 contacted: list[str] = []
                 page.on("request", lambda sent: contacted.append(sent.url))
+                sockets = WebSocketFrames()
+                page.on("websocket", sockets.watch)
+                # The shop's frontend, where a fulfilled purchase continues (no such host:
+                # the browser is answered here).
+                page.route(f"{FRONTEND_URL}/**", lambda route: route.fulfill(
+                    content_type="text/html", body="<title>Your course</title>Welcome"
+                ))  # fmt: skip
                 page.goto(f"{frontend_origin}/index.html?{query}")
 
                 expect(page.locator("#status")).to_have_text(
@@ -475,34 +722,72 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
                 )
                 row.locator('button[data-action="pay"]').click()
 
-                outcome = page.locator("#outcome")
-                expect(outcome).to_be_visible()
-                expect(outcome).to_have_attribute("data-state", "fulfilled")
-                expect(row).to_have_attribute("data-state", "fulfilled")
-                expect(row.locator('[data-field="state"]')).to_have_text("fulfilled")
-                expect(row.locator('button[data-action="pay"]')).to_have_count(0)
-                expect(page.locator("#redirect-url")).to_have_text(
-                    f"{FRONTEND_URL}/courses/{pending['course']}/start"
-                )
-                expect(page.locator("#redirect-url")).to_have_attribute(
-                    "href", f"{FRONTEND_URL}/courses/{pending['course']}/start"
-                )
-                # One POST to the provider, then ONE POST carrying the whole batch: the
-                # fulfillment with the provider's proof and the refreshed list.
-                assert [sent.url for sent in posts] == [f"{provider}/pay", rpc_url]
-                assert posts[0].post_data_json == {"purchase_id": purchase_id, "fail": False}
-                provider_answer = posts[0].response()
-                assert provider_answer is not None
-                proof = provider_answer.json()["payment_proof"]
-                batch = posts[1].post_data_json
-                assert [item["method"] for item in batch] == ["purchase.fulfill", "purchase.list"]
-                assert batch[0]["params"] == {
+                # The server pushed the fulfilment and the page continued to the course.
+                page.wait_for_url(course_start, timeout=20_000)
+                expect(page).to_have_title("Your course")
+                fulfilment = result(rpc_url, "purchase.events", [purchase_id])[-1]
+                assert fulfilment["to_state"] == "fulfilled"
+
+                # Over plain HTTP: the seq it starts from (read before paying), the payment
+                # at the provider, and the proof handed on.
+                assert [sent.url for sent in posts] == [rpc_url, f"{provider}/pay", rpc_url]
+                events_call = posts[0].post_data_json
+                assert (events_call["method"], events_call["params"]) == (
+                    "purchase.events", {"purchase_id": purchase_id}
+                )  # fmt: skip
+                assert posts[1].post_data_json == {"purchase_id": purchase_id, "fail": False}
+                fulfill_call = posts[2].post_data_json
+                assert fulfill_call["method"] == "purchase.fulfill"
+                proof = fulfill_call["params"]["payment_proof"]
+                assert fulfill_call["params"] == {
                     "purchase_id": purchase_id,
                     "purchase_state": "fulfilled",
                     "payment_proof": proof,
                 }
+                # The proof is the provider's signed event, the one that fulfilled (by its
+                # webhook); the page cannot have made it up. (Its answer's body is gone with
+                # the navigation.)
+                signed = Webhook(DEMO_PAYMENT_KEY).verify(proof["payload"], {
+                    "webhook-id": proof["id"],
+                    "webhook-timestamp": str(proof["timestamp"]),
+                    "webhook-signature": proof["signature"],
+                })  # fmt: skip
+                assert signed["data"]["payment_ref"] == fulfilment["payment_ref"]
+                # Over one WebSocket to the endpoint, with no token in its URL: authenticate,
+                # subscribe from the creation's seq, and one notification: the fulfilment.
+                ws_url = f"ws://127.0.0.1:{port}/rpc"
+                (socket,) = sockets.sockets
+                assert socket.url == ws_url
+                assert [(f["method"], f["params"]) for f in socket.sent] == [
+                    ("rpc.authenticate", {"token": "demo-alice"}),
+                    ("purchase.subscribe", {"purchase_id": purchase_id, "since": created["seq"]}),
+                ]
+                answers = {f["id"]: f for f in socket.received if "id" in f}
+                authenticated, subscribed = (answers[f["id"]] for f in socket.sent)
+                assert authenticated["result"] == {"user": "alice@example.com", "scope": "buyer"}
+                notifications = [f for f in socket.received if "method" in f]
+                assert [f["method"] for f in notifications] == ["purchase.updated"]
+                pushed = notifications[0]["params"]
+                assert pushed["subscription"] == subscribed["result"]
+                assert pushed["result"]["seq"] == fulfilment["seq"]
+                assert pushed["result"]["event"] == fulfilment
+                assert pushed["result"]["purchase"]["state"] == "fulfilled"
+                assert pushed["result"]["purchase"]["purchase_id"] == purchase_id
+                # Pushed, never polled: no purchase.get at all, over HTTP or the socket.
+                called = [f["method"] for f in socket.sent]
+                for sent in posts:
+                    if sent.url == rpc_url:
+                        called += method_names(sent.post_data_json)
+                assert called.count("purchase.get") == 0, called
 
-                # A declined card: a new purchase, paid with the test card that fails.
+                # Back on the page (the token is still in this tab): the purchase is paid.
+                page.goto(f"{frontend_origin}/index.html")
+                expect(rows).to_have_count(len(listed))
+                expect(row).to_have_attribute("data-state", "fulfilled")
+                expect(row.locator('button[data-action="pay"]')).to_have_count(0)
+
+                # A declined card: a new purchase, paid with the test card that fails. The
+                # page stays, shows the failure as the server pushes it, and links to checkout.
                 posts.clear()
                 page.select_option("#course", "sql-fundamentals")
                 page.click("#create")
@@ -513,6 +798,7 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
                 assert declined_id and declined_id != purchase_id
                 page.check("#decline")
                 new_row.locator('button[data-action="pay"]').click()
+                outcome = page.locator("#outcome")
                 expect(outcome).to_have_attribute("data-state", "failed")
                 expect(outcome).to_have_attribute("data-purchase-id", declined_id)
                 expect(page.locator("#outcome-error")).to_have_text(": Your card was declined.")
@@ -521,6 +807,13 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
                 )
                 declined_row = table.locator(f'tr[data-purchase-id="{declined_id}"]')
                 expect(declined_row.locator('[data-field="state"]')).to_have_text("failed")
+                declined_change = result(rpc_url, "purchase.events", [declined_id])[-1]
+                (logged,) = page.locator("#live-log li").all()
+                expect(logged).to_have_attribute("data-seq", str(declined_change["seq"]))
+                expect(logged).to_have_attribute("data-state", "failed")
+                expect(logged).to_contain_text("pending → failed (webhook, payment_event)")
+                assert page.url == f"{frontend_origin}/index.html"
+                assert len(sockets.sockets) == 2
 
                 # The token stays in this tab's sessionStorage (a reload keeps it), never
                 # in localStorage or the URL; "Forget token" removes it.
@@ -534,8 +827,11 @@ def test_frontend_pays_then_fulfils_with_one_batch_through_cors(
                 assert "demo-alice" not in page.evaluate("JSON.stringify(sessionStorage)")
                 # (The first request is the test's own navigation to the link above.)
                 assert all("demo-alice" not in url for url in contacted[1:]), contacted
-                # Nothing but the page's own origin and its two configured addresses.
-                allowed = {frontend_origin, origin_of(rpc_url), origin_of(provider)}
+                # Nothing but the page's own origin, its two configured addresses and the
+                # shop's frontend it sent the buyer to.
+                allowed = {
+                    frontend_origin, origin_of(rpc_url), origin_of(provider), FRONTEND_URL
+                }  # fmt: skip
                 assert {origin_of(url) for url in contacted} <= allowed, contacted
                 assert page_errors == []
             finally:

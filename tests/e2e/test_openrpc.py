@@ -118,7 +118,7 @@ def test_meta_schema_validation_catches_a_broken_document() -> None:
 
 def test_every_registered_method_is_described_with_its_params_in_order() -> None:
     described = {m["name"]: m for m in DOCUMENT["methods"]}
-    assert set(described) == set(REGISTRY.methods)
+    assert set(described) == set(REGISTRY.methods) | set(REGISTRY.notifications)
     for name, method in REGISTRY.methods.items():
         fields = method.params().load_fields
         params = described[name]["params"]
@@ -166,9 +166,9 @@ def test_payment_proof_and_the_402_error_are_described() -> None:
     assert payment["data"]["required"] == ["reason"]
     assert payment["data"]["properties"]["reason"]["enum"] == PAYMENT_REASONS
     # Only fulfilling needs a payment: no other method lists 402.
-    assert [m["name"] for m in DOCUMENT["methods"] if 402 in {e["code"] for e in m["errors"]}] == [
-        "purchase.fulfill"
-    ]
+    assert [
+        m["name"] for m in DOCUMENT["methods"] if 402 in {e["code"] for e in m.get("errors", [])}
+    ] == ["purchase.fulfill"]
     # The documented example fulfils with a proof, and that proof fits its schema.
     [example] = fulfill["examples"]
     example_params = {p["name"]: p["value"] for p in example["params"]}
@@ -242,7 +242,7 @@ async def test_docs_page_is_a_readable_self_contained_reference(
 
 async def test_live_answers_match_the_documented_result_schemas(rpc: RpcCall, world: World) -> None:
     """What the server returns is what the document says it returns, formats included."""
-    described = {m["name"]: m["result"]["schema"] for m in DOCUMENT["methods"]}
+    described = {m["name"]: m["result"]["schema"] for m in DOCUMENT["methods"] if "result" in m}
     token = world.alice.token
     created = (await rpc("purchase.create", {"course": "python-basics"}, token=token))["result"]
     fulfill = {"purchase_id": created["purchase_id"], "purchase_state": "fulfilled"}
@@ -272,11 +272,56 @@ async def test_live_answers_match_the_documented_result_schemas(rpc: RpcCall, wo
             "result"
         ],
     }
-    assert set(answers) == set(described) - {"rpc.discover"}
+    websocket_only = {"rpc.authenticate", "purchase.subscribe", "purchase.unsubscribe"}
+    assert set(answers) == set(described) - {"rpc.discover"} - websocket_only
     assert [e["to_state"] for e in answers["purchase.events"]] == ["pending", "fulfilled"]
     for name, value in answers.items():
         document_validator(described[name]).validate(value)
     meta_schema_validator().validate((await rpc("rpc.discover"))["result"])
+
+
+async def test_websocket_answers_and_notifications_match_the_document(
+    client: TestClient[Any, Any], rpc: RpcCall, world: World
+) -> None:
+    """The WebSocket-only methods answer, and purchase.updated carries, what the
+    document describes; the notifications are result-less methods marked as such."""
+    described = {m["name"]: m for m in DOCUMENT["methods"]}
+    updated = described["purchase.updated"]
+    assert "result" not in updated and updated["x-notification"] == "server-to-client"
+    assert updated["x-subscription"] == {
+        "subscribe": "purchase.subscribe",
+        "unsubscribe": "purchase.unsubscribe",
+    }
+    assert [p["name"] for p in updated["params"]] == ["subscription", "result"]
+    assert described["purchase.subscribe"]["servers"][0]["url"].startswith("ws://")
+    created = await rpc("purchase.create", {"course": "python-basics"}, token=world.alice.token)
+    async with client.ws_connect("/rpc") as ws:
+        answers = {}
+        for number, (method, params) in enumerate(
+            [
+                ("rpc.authenticate", {"token": world.alice.token}),
+                ("purchase.subscribe", {"since": 0}),
+            ]
+        ):
+            await ws.send_json({"jsonrpc": "2.0", "method": method, "params": params, "id": number})
+            answers[method] = (await ws.receive_json(timeout=5))["result"]
+        notification = await ws.receive_json(timeout=5)
+        assert notification["method"] == "purchase.updated"
+        assert notification["params"]["subscription"] == answers["purchase.subscribe"]
+        assert (
+            notification["params"]["result"]["purchase"]["purchase_id"]
+            == (created["result"]["purchase_id"])
+        )
+        await ws.send_json(
+            {"jsonrpc": "2.0", "method": "purchase.unsubscribe", "id": 9,
+             "params": {"subscription": answers["purchase.subscribe"]}}
+        )  # fmt: skip
+        answers["purchase.unsubscribe"] = (await ws.receive_json(timeout=5))["result"]
+    assert answers["purchase.unsubscribe"] is True
+    for name, value in answers.items():
+        document_validator(described[name]["result"]["schema"]).validate(value)
+    for param in updated["params"]:
+        document_validator(param["schema"]).validate(notification["params"][param["name"]])
 
 
 def test_a_wrong_date_time_in_an_answer_would_be_caught() -> None:

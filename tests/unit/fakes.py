@@ -39,8 +39,10 @@ from rpc_server.domain.records import (
     NewPurchaseEvent,
     Purchase,
     PurchaseEventRecord,
+    PurchaseUpdate,
     Registration,
     Source,
+    UpdateScope,
 )
 from rpc_server.domain.states import PurchaseState, Scope
 from rpc_server.domain.tokens import hash_token
@@ -796,6 +798,24 @@ class FakePurchaseEventRepository:
 
     async def payment_event_applied(self, event_id: str) -> bool:
         return any(row.payment_event_id == event_id for row in self._uow.store.events)
+
+    async def latest_seq(self) -> int:
+        return max((row.seq for row in self._uow.store.events), default=0)
+
+    async def updates_after(
+        self, after: int, scope: UpdateScope, *, upto: int | None = None, limit: int
+    ) -> list[PurchaseUpdate]:
+        store = self._uow.store
+        updates = []
+        for row in sorted(store.events, key=lambda row: row.seq):
+            purchase = store.purchases[row.purchase_pk].purchase
+            if row.seq <= after or (upto is not None and row.seq > upto):
+                continue
+            if not scope.covers(purchase):
+                continue
+            [event] = [e for e in await self.list_for(row.purchase_pk) if e.seq == row.seq]
+            updates.append(PurchaseUpdate(event=event, purchase=purchase))
+        return updates[:limit]
 
 
 class FakeUnitOfWork:

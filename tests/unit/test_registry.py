@@ -51,10 +51,13 @@ def test_the_registry_holds_the_documented_methods() -> None:
         "purchase.events",
         "registration.list",
         "rpc.discover",
+        "rpc.authenticate",
+        "purchase.subscribe",
+        "purchase.unsubscribe",
     }
     assert REGISTRY.dispatch_table() == REGISTRY.methods
     public = [name for name, m in REGISTRY.methods.items() if not m.auth]
-    assert public == ["course.list", "rpc.discover"]
+    assert public == ["course.list", "rpc.authenticate", "rpc.discover"]
 
 
 def test_positional_params_map_in_declaration_order() -> None:

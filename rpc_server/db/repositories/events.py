@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Select, bindparam, func, insert, select, update
+from sqlalchemy.orm import aliased
 
+from models import Course as CourseRow
 from models import EventSequence as EventSequenceRow
 from models import Purchase as PurchaseRow
 from models import PurchaseEvent as PurchaseEventRow
 from models import User as UserRow
+from rpc_server.db.repositories.purchases import PURCHASE_COLUMNS, purchase_from_row
 from rpc_server.db.repositories.rows import UnitOfWorkConnection, as_utc
 from rpc_server.domain.records import (
     Backing,
     NewPurchaseEvent,
     PurchaseEventRecord,
+    PurchaseUpdate,
     Source,
+    UpdateScope,
 )
 from rpc_server.domain.states import PurchaseState, Scope
 
@@ -48,6 +56,22 @@ _EVENTS_OF_PURCHASE = (
     .where(PurchaseEventRow.purchase_id == bindparam("purchase_pk"))
     .order_by(PurchaseEventRow.seq)
 )
+_LATEST_SEQ = select(func.coalesce(func.max(PurchaseEventRow.seq), 0))
+_EVENT_ACTOR = aliased(UserRow, name="actor")
+_UPDATE_COLUMNS = (
+    PurchaseEventRow.seq,
+    PurchaseEventRow.from_state,
+    PurchaseEventRow.to_state,
+    PurchaseEventRow.actor_user_id,
+    _EVENT_ACTOR.email,
+    PurchaseEventRow.actor_scope,
+    PurchaseEventRow.source,
+    PurchaseEventRow.evidence,
+    PurchaseEventRow.payment_ref,
+    PurchaseEventRow.error_msg,
+    PurchaseEventRow.created_at,
+    *PURCHASE_COLUMNS,
+)
 _EVENT_OF_PAYMENT = (
     select(PurchaseEventRow.seq)
     .where(PurchaseEventRow.payment_event_id == bindparam("event_id"))
@@ -55,11 +79,64 @@ _EVENT_OF_PAYMENT = (
 )
 
 
+@functools.cache
+def _updates_query(*, bounded: bool, of_owner: bool, of_purchase: bool) -> Select[*tuple[Any, ...]]:
+    """Events after ``:after`` (and up to ``:upto`` when ``bounded``), joined to their
+    purchase as ``purchase.get`` reads it, in sequence order; one statement per shape.
+
+    Walked on the primary key from ``:after`` (the events a subscriber has not seen yet
+    are the newest ones); one purchase's on ``(purchase_id, seq)``.
+    """
+    query: Select[*tuple[Any, ...]] = (
+        select(*_UPDATE_COLUMNS)
+        .select_from(PurchaseEventRow)
+        .join(PurchaseRow, PurchaseRow.id == PurchaseEventRow.purchase_id)
+        .join(UserRow, UserRow.id == PurchaseRow.owner_id)
+        .join(CourseRow, CourseRow.id == PurchaseRow.course_id)
+        .outerjoin(_EVENT_ACTOR, _EVENT_ACTOR.id == PurchaseEventRow.actor_user_id)
+        .where(PurchaseEventRow.seq > bindparam("after"))
+        .order_by(PurchaseEventRow.seq)
+        .limit(bindparam("limit"))
+    )
+    if bounded:
+        query = query.where(PurchaseEventRow.seq <= bindparam("upto"))
+    if of_purchase:
+        query = query.where(PurchaseEventRow.purchase_id == bindparam("purchase_pk"))
+    elif of_owner:
+        query = query.where(PurchaseRow.owner_id == bindparam("owner_id"))
+    return query
+
+
+def _update_from_row(row: Sequence[Any]) -> PurchaseUpdate:
+    (seq, from_state, to_state, actor_user_id, actor_email, scope, source, evidence,
+     payment_ref, error_msg, created_at) = row[:11]  # fmt: skip
+    purchase = purchase_from_row(row[11:])
+    return PurchaseUpdate(
+        event=PurchaseEventRecord(
+            seq=seq,
+            purchase_id=purchase.purchase_id,
+            from_state=None if from_state is None else PurchaseState(from_state),
+            to_state=PurchaseState(to_state),
+            actor_user_id=actor_user_id,
+            actor_email=actor_email,
+            actor_scope=None if scope is None else Scope(scope),
+            source=Source(source),
+            backing=None if evidence is None else Backing(evidence),
+            payment_ref=payment_ref,
+            error_msg=error_msg,
+            created_at=as_utc(created_at),
+        ),
+        purchase=purchase,
+    )
+
+
 class SqlPurchaseEventRepository:
     """The audit trail of purchase state changes (``purchase_events``)."""
 
     def __init__(self, connection: UnitOfWorkConnection):
         self.connection = connection
+        # Whether this unit of work appended an event (its commit wakes the live feed).
+        self.appended = False
 
     async def append(self, event: NewPurchaseEvent, *, now: datetime) -> int:
         seq = await self.connection.scalar(_NEXT_SEQ)
@@ -81,6 +158,7 @@ class SqlPurchaseEventRepository:
                 "created_at": now,
             },
         )
+        self.appended = True
         return int(seq)
 
     async def list_for(self, purchase_pk: int) -> list[PurchaseEventRecord]:
@@ -107,3 +185,24 @@ class SqlPurchaseEventRepository:
     async def payment_event_applied(self, event_id: str) -> bool:
         found = await self.connection.scalar(_EVENT_OF_PAYMENT, {"event_id": event_id})
         return found is not None
+
+    async def latest_seq(self) -> int:
+        return int(await self.connection.scalar(_LATEST_SEQ) or 0)
+
+    async def updates_after(
+        self, after: int, scope: UpdateScope, *, upto: int | None = None, limit: int
+    ) -> list[PurchaseUpdate]:
+        query = _updates_query(
+            bounded=upto is not None,
+            of_owner=scope.owner_id is not None,
+            of_purchase=scope.purchase_pk is not None,
+        )
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        if upto is not None:
+            params["upto"] = upto
+        if scope.purchase_pk is not None:
+            params["purchase_pk"] = scope.purchase_pk
+        elif scope.owner_id is not None:
+            params["owner_id"] = scope.owner_id
+        rows = await self.connection.execute(query, params)
+        return [_update_from_row(row) for row in rows]

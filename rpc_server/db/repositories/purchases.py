@@ -31,7 +31,7 @@ from rpc_server.domain.errors import PaymentNotVerified
 from rpc_server.domain.records import Course, Purchase
 from rpc_server.domain.states import PurchaseState
 
-_PURCHASE_COLUMNS = (
+PURCHASE_COLUMNS = (
     PurchaseRow.id,
     PurchaseRow.purchase_id,
     PurchaseRow.owner_id,
@@ -51,7 +51,7 @@ _PURCHASE_COLUMNS = (
 
 # Built once: every purchase read is this statement with some conditions.
 _PURCHASE_QUERY: Select[*tuple[Any, ...]] = (
-    select(*_PURCHASE_COLUMNS)
+    select(*PURCHASE_COLUMNS)
     .join(UserRow, UserRow.id == PurchaseRow.owner_id)
     .join(CourseRow, CourseRow.id == PurchaseRow.course_id)
 )
@@ -145,7 +145,7 @@ def _transition_statement(sources: frozenset[PurchaseState], target: PurchaseSta
     )
 
 
-def _purchase(row: Sequence[Any]) -> Purchase:
+def purchase_from_row(row: Sequence[Any]) -> Purchase:
     (pk, purchase_id, owner_id, email, course_pk, slug, title, amount, currency,
      state, error_msg, created_at, updated_at, fulfilled_at) = row  # fmt: skip
     return Purchase(
@@ -177,7 +177,7 @@ class SqlPurchaseRepository:
         self, query: Select[*tuple[Any, ...]], params: dict[str, Any]
     ) -> Purchase | None:
         row = (await self.connection.execute(query, params)).first()
-        return None if row is None else _purchase(row)
+        return None if row is None else purchase_from_row(row)
 
     async def add(
         self,
@@ -228,7 +228,7 @@ class SqlPurchaseRepository:
             chunk = purchase_ids[start : start + IDS_PER_STATEMENT]
             params = {f"id_{n}": id_ for n, id_ in enumerate(chunk)}
             for row in await self.connection.execute(_purchases_by_ids(len(chunk)), params):
-                purchase = _purchase(row)
+                purchase = purchase_from_row(row)
                 if owner_id is None or purchase.owner_id == owner_id:
                     found[purchase.purchase_id] = purchase
         return found
@@ -256,7 +256,7 @@ class SqlPurchaseRepository:
             params["state"] = state.value
         if before is not None:
             params["before"] = before
-        return [_purchase(row) for row in await self.connection.execute(query, params)]
+        return [purchase_from_row(row) for row in await self.connection.execute(query, params)]
 
     async def transition(
         self,
