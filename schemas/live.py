@@ -3,6 +3,7 @@
 
 from marshmallow import fields, validate
 
+from rpc_server.domain.states import Scope
 from schemas.base import Out, Params
 from schemas.purchase import PurchaseEventOut, PurchaseOut
 
@@ -20,7 +21,7 @@ class AuthenticateParams(Params):
 
 class AuthenticatedOut(Out):
     user = fields.String(attribute="email")
-    scope = fields.String(attribute="scope.value")
+    scope = fields.Enum(Scope, by_value=True)
 
 
 class PurchaseSubscribeParams(Params):

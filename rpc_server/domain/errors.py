@@ -23,6 +23,12 @@ class Unauthenticated(DomainError):
     message = "Unauthenticated: send a valid token as 'Authorization: Bearer <token>'"
 
 
+class Unavailable(DomainError):
+    """Something the call needs is not ready yet (the database is down): retry later."""
+
+    message = "Service unavailable: try again later"
+
+
 class InvalidArgument(DomainError):
     """Params that are well-formed but cannot be acted on (checked against the data)."""
 

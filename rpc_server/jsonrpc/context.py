@@ -45,6 +45,10 @@ class LiveSession(Protocol):
         """From now on the connection acts for ``actor``; raises Conflict if it already
         acts for someone."""
 
+    async def ready(self) -> None:
+        """Return once subscriptions can be opened; raises Unavailable if they cannot
+        (the database has been down since this process started)."""
+
     def subscribe(self, actor: Actor, scope: UpdateScope, since: int | None) -> str:
         """Open a subscription; return its id. Raises Conflict past the cap."""
         ...

@@ -23,6 +23,7 @@ from rpc_server.domain.errors import (
     NotFound,
     PaymentNotVerified,
     Unauthenticated,
+    Unavailable,
     WebSocketOnly,
 )
 from rpc_server.http.request_id import current_request_id
@@ -66,6 +67,7 @@ STANDARD_METHOD_ERRORS = (
 ERROR_CODES: dict[type[BaseException], int] = {
     Unauthenticated: UNAUTHENTICATED,
     InvalidArgument: INVALID_PARAMS,
+    Unavailable: SERVICE_UNAVAILABLE,
     WebSocketOnly: METHOD_NOT_FOUND,
     PaymentNotVerified: PAYMENT_NOT_VERIFIED,
     NotFound: NOT_FOUND,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rpc_server.domain import services
+from rpc_server.domain.errors import Unavailable
 from rpc_server.domain.ports import UnitOfWorkFactory
 from rpc_server.domain.records import Actor, PurchaseUpdate, UpdateScope
 
@@ -116,6 +117,7 @@ class EventFeed:
         self._by_purchase: dict[int, set[Subscription]] = {}
         self._count = 0
         self._wakeup = asyncio.Event()
+        self._started = asyncio.Event()  # set once last_seq is known
         self._reader: asyncio.Task[None] | None = None
         self._replays: set[asyncio.Task[None]] = set()
         # How many events this feed has read, and handed to subscriptions (for tests).
@@ -126,7 +128,8 @@ class EventFeed:
         return self._count
 
     async def start(self) -> None:
-        self.last_seq = await services.latest_event_seq(self._uow)
+        """Start reading (in a task: a database that is down at startup must not stop the
+        server; until the feed knows where the events stand, subscribing answers -32000)."""
         self._reader = asyncio.create_task(self._read_forever(), name="live-event-feed")
 
     async def stop(self) -> None:
@@ -135,6 +138,17 @@ class EventFeed:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._reader = None
+
+    async def ready(self, within: float) -> None:
+        """Return once the feed knows where the events stand (at once, but for the first
+        moments after startup); raises Unavailable if that takes over ``within`` s."""
+        if self.last_seq is not None:
+            return
+        try:
+            async with asyncio.timeout(within):
+                await self._started.wait()
+        except TimeoutError:
+            raise Unavailable() from None
 
     def wake(self, seq: int | None = None) -> None:
         """Events up to ``seq`` (None: unknown) may have been committed: read them."""
@@ -148,7 +162,8 @@ class EventFeed:
         """Register ``subscription``, held: from now on every event it concerns reaches
         it (kept aside until ``begin``). Never awaits, so a caller's check of a limit
         and this registration are one step."""
-        assert self.last_seq is not None, "the feed is not started"
+        if self.last_seq is None:
+            raise Unavailable()
         subscription.added_at = self.last_seq
         subscription.cursor = self.last_seq if subscription.since is None else subscription.since
         self._index(subscription).add(subscription)
@@ -231,6 +246,13 @@ class EventFeed:
     # --- reading --------------------------------------------------------------------
 
     async def _read_forever(self) -> None:
+        while self.last_seq is None:
+            try:
+                self.last_seq = await services.latest_event_seq(self._uow)
+                self._started.set()
+            except Exception as exc:
+                log.warning("live feed cannot start: %s; retrying", type(exc).__name__)
+                await asyncio.sleep(min(self.poll_interval, 1.0))
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval):

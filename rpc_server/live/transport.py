@@ -53,6 +53,9 @@ log = logging.getLogger("rpc_server.live")
 # and the poll is a safety net.
 POLL_SECONDS = {"sqlite": 1.0, "postgresql": 10.0}
 
+# How long a subscribe waits for a feed that is still starting (the database was down).
+FEED_READY_SECONDS = 5.0
+
 AnswerFrame = Callable[[LiveConnection, "MessageScope", bytes], Awaitable[None]]
 
 
@@ -66,6 +69,9 @@ class MessageScope:
 
     def authenticated(self, token: str, actor: Actor) -> None:
         self.connection.authenticated(token, actor)
+
+    async def ready(self) -> None:
+        await self.connection.feed.ready(FEED_READY_SECONDS)
 
     def subscribe(self, actor: Actor, scope: UpdateScope, since: int | None) -> str:
         subscription = self.connection.subscribe(actor, scope, since)

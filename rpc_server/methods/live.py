@@ -47,6 +47,7 @@ async def subscribe(
     notification precedes this answer.
     """
     live = _connection(ctx, "purchase.subscribe")
+    await live.ready()
     scope, latest = await services.update_scope(
         ctx.uow, actor, purchase_id=purchase_id, since=since
     )

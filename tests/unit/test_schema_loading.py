@@ -72,6 +72,9 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "limit": st.integers(1, 100),
     "cursor": st.builds(encode_cursor, st.integers(0, 2**63 - 1)),
     "error_msg": st.text(max_size=1000),
+    "since": st.integers(0, 2**63 - 1),
+    "subscription": st.from_regex(r"[0-9a-f]{1,64}", fullmatch=True),
+    "token": st.text(min_size=1, max_size=256),
     "payment_proof": st.fixed_dictionaries(
         {
             "id": st.from_regex(r"[\x21-\x7e]{1,20}", fullmatch=True),

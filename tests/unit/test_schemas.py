@@ -91,6 +91,9 @@ OUTS = [s for s in EXPORTED if isinstance(s, type) and issubclass(s, Out) and s 
 
 def test_every_exported_schema_is_params_or_out() -> None:
     assert {s.__name__ for s in PARAMS} == {
+        "AuthenticateParams",
+        "PurchaseSubscribeParams",
+        "PurchaseUnsubscribeParams",
         "CourseListParams",
         "CourseSaveParams",
         "DiscoverParams",
@@ -103,6 +106,9 @@ def test_every_exported_schema_is_params_or_out() -> None:
         "RegistrationListParams",
     }
     assert {s.__name__ for s in OUTS} == {
+        "AuthenticatedOut",
+        "PurchaseResyncOut",
+        "PurchaseUpdateOut",
         "CourseOut",
         "FulfillmentOut",
         "PurchaseEventOut",
