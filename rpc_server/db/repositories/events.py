@@ -60,6 +60,7 @@ _LATEST_SEQ = select(func.coalesce(func.max(PurchaseEventRow.seq), 0))
 _EVENT_ACTOR = aliased(UserRow, name="actor")
 _UPDATE_COLUMNS = (
     PurchaseEventRow.seq,
+    PurchaseRow.purchase_id,
     PurchaseEventRow.from_state,
     PurchaseEventRow.to_state,
     PurchaseEventRow.actor_user_id,
@@ -107,27 +108,28 @@ def _updates_query(*, bounded: bool, of_owner: bool, of_purchase: bool) -> Selec
     return query
 
 
-def _update_from_row(row: Sequence[Any]) -> PurchaseUpdate:
-    (seq, from_state, to_state, actor_user_id, actor_email, scope, source, evidence,
-     payment_ref, error_msg, created_at) = row[:11]  # fmt: skip
-    purchase = purchase_from_row(row[11:])
-    return PurchaseUpdate(
-        event=PurchaseEventRecord(
-            seq=seq,
-            purchase_id=purchase.purchase_id,
-            from_state=None if from_state is None else PurchaseState(from_state),
-            to_state=PurchaseState(to_state),
-            actor_user_id=actor_user_id,
-            actor_email=actor_email,
-            actor_scope=None if scope is None else Scope(scope),
-            source=Source(source),
-            backing=None if evidence is None else Backing(evidence),
-            payment_ref=payment_ref,
-            error_msg=error_msg,
-            created_at=as_utc(created_at),
-        ),
-        purchase=purchase,
+def _event_record(row: Sequence[Any]) -> PurchaseEventRecord:
+    """An event from the columns of ``_EVENTS_OF_PURCHASE`` (``_UPDATE_COLUMNS`` begin so)."""
+    (seq, purchase_id, from_state, to_state, actor_user_id, email, scope, source, evidence,
+     payment_ref, error_msg, created_at) = row  # fmt: skip
+    return PurchaseEventRecord(
+        seq=seq,
+        purchase_id=purchase_id,
+        from_state=None if from_state is None else PurchaseState(from_state),
+        to_state=PurchaseState(to_state),
+        actor_user_id=actor_user_id,
+        actor_email=email,
+        actor_scope=None if scope is None else Scope(scope),
+        source=Source(source),
+        backing=None if evidence is None else Backing(evidence),
+        payment_ref=payment_ref,
+        error_msg=error_msg,
+        created_at=as_utc(created_at),
     )
+
+
+def _update_from_row(row: Sequence[Any]) -> PurchaseUpdate:
+    return PurchaseUpdate(event=_event_record(row[:12]), purchase=purchase_from_row(row[12:]))
 
 
 class SqlPurchaseEventRepository:
@@ -163,24 +165,7 @@ class SqlPurchaseEventRepository:
 
     async def list_for(self, purchase_pk: int) -> list[PurchaseEventRecord]:
         rows = await self.connection.execute(_EVENTS_OF_PURCHASE, {"purchase_pk": purchase_pk})
-        return [
-            PurchaseEventRecord(
-                seq=seq,
-                purchase_id=purchase_id,
-                from_state=None if from_state is None else PurchaseState(from_state),
-                to_state=PurchaseState(to_state),
-                actor_user_id=actor_user_id,
-                actor_email=email,
-                actor_scope=None if scope is None else Scope(scope),
-                source=Source(source),
-                backing=None if evidence is None else Backing(evidence),
-                payment_ref=payment_ref,
-                error_msg=error_msg,
-                created_at=as_utc(created_at),
-            )
-            for (seq, purchase_id, from_state, to_state, actor_user_id, email, scope, source,
-                 evidence, payment_ref, error_msg, created_at) in rows
-        ]  # fmt: skip
+        return [_event_record(row) for row in rows]
 
     async def payment_event_applied(self, event_id: str) -> bool:
         found = await self.connection.scalar(_EVENT_OF_PAYMENT, {"event_id": event_id})
