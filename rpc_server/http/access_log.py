@@ -66,7 +66,8 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         version = request.version
         status = response.status
-        if status < 400:
+        # 101: a WebSocket, logged when it ends; its upgrade was answered at its start.
+        if status < 400 and status != 101:
             transport = request.transport
             if transport is None or transport.is_closing():
                 status = CLIENT_CLOSED_REQUEST  # the client left before the answer

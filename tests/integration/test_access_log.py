@@ -6,6 +6,7 @@ import json
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.processes import running_server
@@ -42,3 +43,22 @@ async def test_access_log_lines_follow_the_setting(
     else:
         assert lines == []
         assert "JSON-RPC 2.0 endpoint" in log  # the server did log, just not requests
+
+
+async def test_a_websocket_is_logged_as_switching_protocols_when_it_ends(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The upgrade was answered (101); the socket's end, whoever closes it, is not a
+    client leaving before its answer (499)."""
+    env = {"RPC_SERVER_DATABASE_URL": database_url, "RPC_SERVER_MAIL_DIR": str(tmp_path / "m")}
+    output: list[str] = []
+    with running_server(env, output=output) as (port, _):
+        async with aiohttp.ClientSession() as session:
+            ws = await session.ws_connect(f"http://127.0.0.1:{port}/rpc")
+            await ws.send_json({"jsonrpc": "2.0", "method": "course.list", "id": 1})
+            assert (await ws.receive_json(timeout=5))["id"] == 1
+            await ws.close()
+        call(port, "after-the-socket")  # its line follows the socket's
+    [log] = output
+    lines = [line for line in log.splitlines() if '"GET /rpc HTTP/1.1"' in line]
+    assert len(lines) == 1 and '"GET /rpc HTTP/1.1" 101 ' in lines[0], lines
