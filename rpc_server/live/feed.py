@@ -37,6 +37,8 @@ log = logging.getLogger("rpc_server.live")
 
 # Events read per statement, when catching up or replaying.
 PAGE_SIZE = 500
+# How long stopping waits for the statement under way.
+STOP_SECONDS = 5.0
 
 
 class Subscriber(Protocol):
@@ -118,6 +120,7 @@ class EventFeed:
         self._count = 0
         self._wakeup = asyncio.Event()
         self._started = asyncio.Event()  # set once last_seq is known
+        self._stopping = False
         self._reader: asyncio.Task[None] | None = None
         self._replays: set[asyncio.Task[None]] = set()
         # How many events this feed has read, and handed to subscriptions (for tests).
@@ -133,22 +136,37 @@ class EventFeed:
         self._reader = asyncio.create_task(self._read_forever(), name="live-event-feed")
 
     async def stop(self) -> None:
+        """Stop reading: the statement under way finishes first (a driver call cut
+        short would leave SQLite's worker thread answering a loop that has gone)."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._reader is not None:
+            done, _ = await asyncio.wait([self._reader], timeout=STOP_SECONDS)
+            if not done:
+                self._reader.cancel()
         tasks = [*self._replays, *([self._reader] if self._reader else [])]
-        for task in tasks:
+        for task in self._replays:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._reader = None
 
     async def ready(self, within: float) -> None:
         """Return once the feed knows where the events stand (at once, but for the first
-        moments after startup); raises Unavailable if that takes over ``within`` s."""
-        if self.last_seq is not None:
-            return
-        try:
-            async with asyncio.timeout(within):
-                await self._started.wait()
-        except TimeoutError:
-            raise Unavailable() from None
+        moments after startup; raises Unavailable if that takes over ``within`` s), its
+        bookmark current if nobody was subscribed."""
+        if self.last_seq is None:
+            try:
+                async with asyncio.timeout(within):
+                    await self._started.wait()
+            except TimeoutError:
+                raise Unavailable() from None
+        if not self._count:
+            # Idle, the feed reads nothing (see ``_read_new``): move its bookmark to the
+            # latest event, unless a subscription arrived meanwhile (then the reader
+            # goes on from where it stands, so that nothing is skipped for it).
+            latest = await services.latest_event_seq(self._uow)
+            if not self._count and self.last_seq is not None:
+                self.last_seq = max(self.last_seq, latest)
 
     def wake(self, seq: int | None = None) -> None:
         """Events up to ``seq`` (None: unknown) may have been committed: read them."""
@@ -246,18 +264,20 @@ class EventFeed:
     # --- reading --------------------------------------------------------------------
 
     async def _read_forever(self) -> None:
-        while self.last_seq is None:
+        while self.last_seq is None and not self._stopping:
             try:
                 self.last_seq = await services.latest_event_seq(self._uow)
                 self._started.set()
             except Exception as exc:
                 log.warning("live feed cannot start: %s; retrying", type(exc).__name__)
                 await asyncio.sleep(min(self.poll_interval, 1.0))
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_interval):
                     await self._wakeup.wait()
             self._wakeup.clear()
+            if self._stopping:
+                return
             try:
                 await self._read_new()
             except Exception as exc:
@@ -271,11 +291,9 @@ class EventFeed:
         assert self.last_seq is not None
         while True:
             if not self._count:
-                # Nobody listens: only move the bookmark on (one cheap statement).
-                latest = await services.latest_event_seq(self._uow)
-                if not self._count:  # still nobody after the await
-                    self.last_seq = max(self.last_seq, latest)
-                    return
+                # Nobody listens: read nothing (an idle process costs the database no
+                # statement); ``ready`` moves the bookmark on before the next subscription.
+                return
             page = await services.purchase_updates(
                 self._uow, self.last_seq, UpdateScope(), limit=PAGE_SIZE
             )

@@ -53,6 +53,9 @@ def params_for(method: str, purchase_id: str) -> dict[str, Any]:
         "purchase.fulfill": {"purchase_id": purchase_id, "purchase_state": "canceled"},
         "purchase.events": {"purchase_id": purchase_id},
         "registration.list": {},
+        "rpc.authenticate": {"token": "rpcs_" + "x" * 43},
+        "purchase.subscribe": {"purchase_id": purchase_id, "since": 0},
+        "purchase.unsubscribe": {"subscription": "0" * 32},
     }[method]
 
 
@@ -103,7 +106,11 @@ async def test_object_level_authorization_for_every_method(
         for name, method in REGISTRY.methods.items():
             answer = await post(client, token, name, params_for(name, alices.purchase_id))
             probes += 1
-            if method.auth:
+            if method.transport == "websocket":
+                # Over HTTP whatever the token (tests/e2e/test_websocket.py probes them
+                # on a socket: another's purchase is 404 there too).
+                assert answer.get("error", {}).get("code") == -32601, (label, name, answer)
+            elif method.auth:
                 assert answer.get("error", {}).get("code") == 401, (label, name, answer)
             else:
                 assert "result" in answer, (label, name, answer)
