@@ -132,7 +132,15 @@ class EventFeed:
 
     async def start(self) -> None:
         """Start reading (in a task: a database that is down at startup must not stop the
-        server; until the feed knows where the events stand, subscribing answers -32000)."""
+        server; until the feed knows where the events stand, subscribing answers -32000).
+        Where the events stand is read here first, so that a server that starts with its
+        database up has done that read before it serves."""
+        try:
+            async with asyncio.timeout(STOP_SECONDS):
+                self.last_seq = await services.latest_event_seq(self._uow)
+            self._started.set()
+        except Exception as exc:
+            log.warning("live feed cannot start yet: %s; retrying", type(exc).__name__)
         self._reader = asyncio.create_task(self._read_forever(), name="live-event-feed")
 
     async def stop(self) -> None:
