@@ -226,18 +226,6 @@ class LiveData:
     seconds: float = 0.0
 
 
-_PENDING_COLUMNS = (
-    "purchase_id",
-    "owner_id",
-    "course_id",
-    "amount",
-    "currency",
-    "state",
-    "created_at",
-    "updated_at",
-)
-
-
 async def insert_pending(data: LiveData, owners: Iterable[tuple[int, int]]) -> dict[int, list[str]]:
     """``(user_id, count)`` new pending purchases each, in one COPY; return their ids."""
     now = datetime.now(UTC)
@@ -252,7 +240,7 @@ async def insert_pending(data: LiveData, owners: Iterable[tuple[int, int]]) -> d
             for pid in ids
         ]
     await data.bulk.connection.copy_records_to_table(
-        "purchases", records=records, columns=list(_PENDING_COLUMNS)
+        "purchases", records=records, columns=list(seed.PENDING_COLUMNS)
     )
     return made
 

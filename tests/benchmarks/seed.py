@@ -176,7 +176,7 @@ _FRESH_COURSE_PRICE = Decimal("19.00")
 _FRESH_COURSE_CURRENCY = "USD"
 _COURSE_COLUMNS = ("slug", "title", "price", "currency")
 
-_PENDING_COLUMNS = (
+PENDING_COLUMNS = (
     "purchase_id",
     "owner_id",
     "course_id",
@@ -219,11 +219,11 @@ class SqliteBulk:
             (pid, owner_id, course.pk, float(course.price), course.currency, "pending", now, now)
             for pid in ids
         ]
-        marks = ", ".join("?" * len(_PENDING_COLUMNS))
+        marks = ", ".join("?" * len(PENDING_COLUMNS))
         with self.connection:
             self.connection.execute("BEGIN IMMEDIATE")
             self.connection.executemany(
-                f"INSERT INTO purchases ({', '.join(_PENDING_COLUMNS)}) VALUES ({marks})", rows
+                f"INSERT INTO purchases ({', '.join(PENDING_COLUMNS)}) VALUES ({marks})", rows
             )
 
     async def insert_courses(self, slugs: Sequence[str]) -> None:
@@ -303,7 +303,7 @@ class PostgresBulk:
                 (pid, owner_id, course.pk, course.price, course.currency, "pending", now, now)
                 for pid in ids
             ],
-            columns=list(_PENDING_COLUMNS),
+            columns=list(PENDING_COLUMNS),
         )
 
     async def insert_courses(self, slugs: Sequence[str]) -> None:
