@@ -159,6 +159,9 @@ class ReceiptOutbox(Base):
     claim_token: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The W3C traceparent of the call that queued it, when tracing was on: the delivery's
+    # span continues that trace (rpc_server.observability.tracing).
+    trace_context: Mapped[str | None] = mapped_column(String(64))
 
 
 class RateLimitBucket(Base):

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -32,6 +32,7 @@ from rpc_server.http import (
 )
 from rpc_server.http import errors as http_errors
 from rpc_server.http.client_address import ClientAddresses
+from rpc_server.http.metrics_access import REFUSAL, may_scrape
 from rpc_server.http.readiness import Readiness
 from rpc_server.http.request_id import request_id_middleware
 from rpc_server.jsonrpc import json_codec
@@ -50,6 +51,12 @@ from rpc_server.mail.deliverer import ReceiptDeliverer, build_deliverer
 from rpc_server.methods import REGISTRY
 from rpc_server.payment_signatures import PaymentSignatures
 from rpc_server.server.client_faults import receiving_body
+
+if TYPE_CHECKING:  # imported when used: rpc_server.observability.metrics says why
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from rpc_server.observability.metrics import Metrics
+    from rpc_server.observability.tracing import Tracing
 
 
 @dataclass(frozen=True)
@@ -94,11 +101,15 @@ LINKS = web.AppKey("links", FrontendLinks)
 PAYMENTS = web.AppKey("payments", PaymentSignatures)
 READINESS = web.AppKey("readiness", Readiness)
 LIVE = web.AppKey("live", transport.LiveHub)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+TRACING: web.AppKey[Tracing] = web.AppKey("tracing")
 
 # An oversized body is read and thrown away (so the client sees our 413 rather than a
 # reset connection) up to this many bytes; beyond it the connection is closed.
 MAX_DISCARD_BYTES = 64 * 1024 * 1024
 READINESS_TIMEOUT_SECONDS = 2.0
+# A scrape waits this long for the outbox's figures, then answers without them.
+BACKLOG_TIMEOUT_SECONDS = 2.0
 
 
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
@@ -164,9 +175,30 @@ async def _discard(request: web.Request) -> None:
 
 async def handle_rpc(request: web.Request) -> web.StreamResponse:
     """POST /rpc: one JSON-RPC 2.0 request, notification or batch."""
+    tracing = request.app.get(TRACING)
+    if tracing is None:
+        return await _handle_rpc(request)
+    with tracing.request_span(
+        "POST /rpc", tracing.incoming(request.headers), _http_span_attributes(request)
+    ) as span:
+        response = await _handle_rpc(request)
+        span.set_attribute("http.response.status_code", response.status)
+        return response
+
+
+def _http_span_attributes(request: web.Request) -> dict[str, Any]:
+    return {"http.request.method": request.method, "url.path": request.path, "http.route": "/rpc"}
+
+
+async def _handle_rpc(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.observe_request(websocket=False)
     body = await read_body(request, settings.max_body_bytes)
     if body is None:
+        if metrics is not None:
+            metrics.observe_refusal("body_too_large")
         return json_response(
             invalid_request(f"The body is larger than {settings.max_body_bytes} bytes."),
             status=413,
@@ -174,8 +206,12 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     try:
         payload = parse(body, max_depth=settings.max_json_depth)
     except ParseError as exc:
+        if metrics is not None:
+            metrics.observe_refusal("parse_error")
         return json_response(parse_error(str(exc)))
     credentials = read_credentials(request.headers)
+    if credentials.ambiguous and metrics is not None:
+        metrics.observe_auth_failure("ambiguous_credentials")
     ctx = rpc_context(request, payload, token=credentials.token, ambiguous=credentials.ambiguous)
     result = await answer_payload(request, payload, ctx)
     if result is None:
@@ -210,6 +246,8 @@ def rpc_context(
         actors=app.get(ACTORS),
         failed_logins=app[FAILED_LOGINS],
         live=live,
+        metrics=app.get(METRICS),
+        tracing=app.get(TRACING),
     )
 
 
@@ -234,13 +272,31 @@ async def handle_rpc_websocket(request: web.Request) -> web.StreamResponse:
     (``rpc_server.live.transport``); a GET without the upgrade is refused with 405."""
     budget = request.app[SHUTDOWN].remaining(default=request.app[SETTINGS].shutdown_timeout)
 
+    metrics, tracing = request.app.get(METRICS), request.app.get(TRACING)
+    # Each frame's span continues the trace the upgrade request carried.
+    parent = None if tracing is None else tracing.incoming(request.headers)
+
     async def answer_frame(
         connection: LiveConnection, scope: transport.MessageScope, body: bytes
     ) -> None:
+        if tracing is None or parent is None:
+            await answer_body(connection, scope, body)
+            return
+        attributes = {"url.path": request.path, "http.route": "/rpc"}
+        with tracing.request_span("WebSocket /rpc message", parent, attributes):
+            await answer_body(connection, scope, body)
+
+    async def answer_body(
+        connection: LiveConnection, scope: transport.MessageScope, body: bytes
+    ) -> None:
         # One text frame, answered as POST /rpc answers a body (same checks and codes).
+        if metrics is not None:
+            metrics.observe_request(websocket=True)
         try:
             payload = parse(body, max_depth=request.app[SETTINGS].max_json_depth)
         except ParseError as exc:
+            if metrics is not None:
+                metrics.observe_refusal("parse_error")
             connection.send(json_codec.dumps(parse_error(str(exc))))
             return
         ctx = rpc_context(request, payload, token=connection.token, live=scope)
@@ -270,6 +326,8 @@ async def handle_payment_webhook(request: web.Request) -> web.StreamResponse:
                 request.app[UOW_FACTORY], request.app[PAYMENTS], signed
             )
     except PaymentNotVerified as exc:
+        if (metrics := request.app.get(METRICS)) is not None:
+            metrics.observe_payment_refused("webhook", exc.reason)
         answer, status = webhooks.refusal(exc)
         return json_response(answer, status=status)
     except Exception as exc:
@@ -317,11 +375,35 @@ async def handle_readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
+async def handle_metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the Prometheus text format, for scrapers on this machine or holding
+    the metrics token (``rpc_server.http.metrics_access``)."""
+    if not may_scrape(request, request.app[SETTINGS].metrics_token):
+        return json_response({"status": "forbidden", "message": REFUSAL}, status=403)
+    metrics = request.app[METRICS]
+    try:
+        async with asyncio.timeout(BACKLOG_TIMEOUT_SECONDS):
+            backlog = await services.receipt_backlog(request.app[UOW_FACTORY])
+    except Exception as exc:
+        if not (database_unavailable(exc) or isinstance(exc, TimeoutError)):
+            raise
+        backlog = None  # rpc_server_receipt_backlog_up 0 says so
+    # Several processes: their files are read and added up, off the event loop.
+    if metrics.multiprocess:
+        body = await asyncio.to_thread(metrics.exposition, backlog)
+    else:
+        body = metrics.exposition(backlog)
+    return web.Response(body=body, headers={"Content-Type": metrics.content_type})
+
+
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     engine = engine_from_settings(settings)
     app[ENGINE] = engine
-    app[UOW_FACTORY] = SqlUnitOfWorkFactory(engine)
+    metrics = app.get(METRICS)
+    app[UOW_FACTORY] = SqlUnitOfWorkFactory(engine, pool_observer=metrics)
+    if metrics is not None:
+        app[UOW_FACTORY].after_transitions.append(metrics.observe_transitions)
     # Per user, and per client address without a valid token (rpc_server.jsonrpc.rate_limit).
     if (limits := build_rate_limits(settings, engine)) is not None:
         app[LIMITER] = limits
@@ -331,7 +413,9 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def deliverer_ctx(app: web.Application) -> AsyncIterator[None]:
     """Run the receipt deliverer beside the server; on shutdown let it finish its message."""
-    deliverer = build_deliverer(app[SETTINGS], app[UOW_FACTORY])
+    deliverer = build_deliverer(
+        app[SETTINGS], app[UOW_FACTORY], metrics=app.get(METRICS), tracing=app.get(TRACING)
+    )
     app[DELIVERER] = deliverer
     app[UOW_FACTORY].after_receipts.append(deliverer.wake)
     task = asyncio.create_task(deliverer.run(), name="receipt-deliverer")
@@ -352,7 +436,7 @@ async def deliverer_ctx(app: web.Application) -> AsyncIterator[None]:
 async def live_ctx(app: web.Application) -> AsyncIterator[None]:
     """Live updates (``rpc_server.live``): the event feed, woken after local commits and,
     on PostgreSQL, by the LISTEN connection; its sockets closed with 1001 at shutdown."""
-    hub = transport.LiveHub(app[SETTINGS], app[UOW_FACTORY], app[ENGINE])
+    hub = transport.LiveHub(app[SETTINGS], app[UOW_FACTORY], app[ENGINE], app.get(METRICS))
     app[LIVE] = hub
     app[UOW_FACTORY].after_events.append(hub.feed.wake)
     await hub.start()
@@ -366,7 +450,21 @@ async def close_websockets(app: web.Application) -> None:
         await hub.going_away(app[SHUTDOWN].remaining(default=app[SETTINGS].shutdown_timeout))
 
 
-def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.Application:
+async def tracing_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Export the spans left at shutdown (the SDK's batch processor holds some)."""
+    yield
+    if (tracing := app.get(TRACING)) is not None:
+        await asyncio.to_thread(tracing.shutdown)
+
+
+def create_app(
+    settings: Settings,
+    registry: MethodRegistry = REGISTRY,
+    *,
+    tracer_provider: TracerProvider | None = None,
+) -> web.Application:
+    """The application. ``tracer_provider``: trace with it (a test's in-memory exporter)
+    instead of as ``RPC_SERVER_TRACING`` says."""
     app = web.Application(
         # Refusals (404, 405, 415, ...) as JSON-RPC errors, inside the request id.
         middlewares=[request_id_middleware, http_errors.error_middleware],
@@ -391,6 +489,17 @@ def create_app(settings: Settings, registry: MethodRegistry = REGISTRY) -> web.A
     app[OPENRPC] = ServiceDescription(
         document, docs_page.render(document), json_codec.Fragment(json_codec.dumps(document))
     )
+    methods = frozenset(registry.methods)
+    if settings.metrics:
+        from rpc_server.observability.metrics import Metrics
+
+        app[METRICS] = Metrics(methods)
+        app.router.add_get("/metrics", handle_metrics)
+    if tracer_provider is not None or settings.tracing:
+        from rpc_server.observability.tracing import Tracing, otlp_tracer_provider
+
+        app[TRACING] = Tracing(tracer_provider or otlp_tracer_provider(), methods)
+        app.cleanup_ctx.append(tracing_ctx)
     app.cleanup_ctx.append(database_ctx)
     if settings.mail_in_serve:
         app.cleanup_ctx.append(deliverer_ctx)

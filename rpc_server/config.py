@@ -142,6 +142,13 @@ class Settings:
     ws_auth_timeout: float = 10.0
     ws_token_recheck: float = 30.0
     ws_replay_window: int = 10000
+    # Prometheus metrics at GET /metrics (rpc_server.observability.metrics), readable from
+    # this machine; a scraper elsewhere sends metrics_token as a bearer token.
+    metrics: bool = True
+    metrics_token: str | None = None
+    # OpenTelemetry traces exported with OTLP (needs the otel extra; the exporter reads
+    # OTEL_EXPORTER_OTLP_ENDPOINT and the other OTEL_* variables).
+    tracing: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -240,6 +247,8 @@ class Settings:
         for name in ("ws_heartbeat", "ws_auth_timeout", "ws_token_recheck"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ConfigError(f"RPC_SERVER_{name.upper()} must be between 0 and 3600 seconds")
+        if self.metrics_token is not None and len(self.metrics_token) < 16:
+            raise ConfigError("RPC_SERVER_METRICS_TOKEN must be at least 16 characters")
         if not 0 < self.port < 65536:
             raise ConfigError("RPC_SERVER_PORT must be between 1 and 65535")
         if self.public_url is not None:

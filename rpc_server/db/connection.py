@@ -22,6 +22,7 @@ which the error table in ``rpc_server.jsonrpc.errors`` maps to JSON-RPC codes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -76,13 +77,24 @@ class Engine(Protocol):
         """Close the pool's connections (those checked out close when given back)."""
 
 
+class PoolObserver(Protocol):
+    """Told of each pooled connection a unit of work takes and gives back (the metrics)."""
+
+    def checked_out(self, waited: float) -> None:
+        """A connection was taken after ``waited`` seconds."""
+
+    def given_back(self) -> None:
+        """A connection taken was given back (or closed)."""
+
+
 class UnitOfWorkConnection:
     """One unit of work's statements on one pooled connection (see the module docstring)."""
 
-    __slots__ = ("_connection", "_engine", "_savepoints", "_statements", "_write")
+    __slots__ = ("_connection", "_engine", "_observer", "_savepoints", "_statements", "_write")
 
-    def __init__(self, engine: Engine, *, write: bool):
+    def __init__(self, engine: Engine, *, write: bool, observer: PoolObserver | None = None):
         self._engine = engine
+        self._observer = observer
         self._statements = engine.statements
         self._write = write
         self._connection: Any = None
@@ -126,6 +138,8 @@ class UnitOfWorkConnection:
         if connection is None:
             return
         self._connection = None
+        if self._observer is not None:
+            self._observer.given_back()
         try:
             await self._engine.rollback(connection)
         except BaseException as error:
@@ -161,6 +175,7 @@ class UnitOfWorkConnection:
         raise AssertionError("unreachable")
 
     async def _checkout(self) -> Any:
+        started = time.perf_counter()
         try:
             self._connection = await self._engine.acquire()
         except Exception as error:
@@ -168,11 +183,15 @@ class UnitOfWorkConnection:
             if translated is None:
                 raise
             raise translated from error
+        if self._observer is not None:
+            self._observer.checked_out(time.perf_counter() - started)
         return self._connection
 
     def _discard(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
+            if self._observer is not None:
+                self._observer.given_back()
             self._engine.discard(connection)
 
     def _failed(self, error: Exception, sql: str) -> Exception:

@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Self
 
 from rpc_server.db.coalescing import PurchaseLookups
-from rpc_server.db.connection import Engine, UnitOfWorkConnection
+from rpc_server.db.connection import Engine, PoolObserver, UnitOfWorkConnection
 from rpc_server.db.repositories import (
     SqlCourseRepository,
     SqlPurchaseEventRepository,
@@ -34,6 +34,7 @@ from rpc_server.db.repositories import (
     SqlRegistrationRepository,
     SqlUserRepository,
 )
+from rpc_server.db.repositories.events import Transition
 from rpc_server.domain.records import Purchase
 
 
@@ -44,10 +45,12 @@ class SqlUnitOfWork:
         after_receipts: Sequence[Callable[[], None]] = (),
         lookups: PurchaseLookups | None = None,
         after_events: Sequence[Callable[[], None]] = (),
+        after_transitions: Sequence[Callable[[Sequence[Transition]], None]] = (),
     ):
         self.connection = connection
         self._after_receipts = after_receipts
         self._after_events = after_events
+        self._after_transitions = after_transitions
         self._lookups = lookups
 
     async def __aenter__(self) -> Self:
@@ -80,27 +83,36 @@ class SqlUnitOfWork:
             # PostgreSQL other processes learn of them by NOTIFY: rpc_server.live).
             for listener in self._after_events:
                 listener()
+            for counter in self._after_transitions:
+                counter(self.events.transitions)
 
 
 class SqlUnitOfWorkFactory:
     """Makes units of work: reads without a transaction, writes in one (taking SQLite's
     write lock up front)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, pool_observer: PoolObserver | None = None):
         self.engine = engine
+        self.pool_observer = pool_observer
         # Called after a commit that added receipt outbox rows (the deliverer's wake-up).
         self.after_receipts: list[Callable[[], None]] = []
         # Called after a commit that appended purchase events (the live feed's wake-up).
         self.after_events: list[Callable[[], None]] = []
+        # Called with the state changes a commit made (the metrics' transition counts).
+        self.after_transitions: list[Callable[[Sequence[Transition]], None]] = []
 
     def __call__(
         self, *, write: bool = False, lookups: PurchaseLookups | None = None
     ) -> SqlUnitOfWork:
         """A unit of work; a read one (only) looks purchases up through ``lookups``: a
         write one must read inside its own transaction."""
-        connection = UnitOfWorkConnection(self.engine, write=write)
+        connection = UnitOfWorkConnection(self.engine, write=write, observer=self.pool_observer)
         return SqlUnitOfWork(
-            connection, self.after_receipts, None if write else lookups, self.after_events
+            connection,
+            self.after_receipts,
+            None if write else lookups,
+            self.after_events,
+            self.after_transitions,
         )
 
     def for_batch(self) -> BatchUnitOfWorkFactory:

@@ -37,6 +37,8 @@ class ReceiptJob:
     outbox_id: int
     attempts: int
     receipt: Receipt
+    # The traceparent of the call that queued it (None: not traced).
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,16 @@ class OutboxEntry:
     next_attempt_at: datetime
     sent_at: datetime | None
     last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptBacklog:
+    """What is not sent: pending and dead receipts, and when the oldest pending one was
+    queued (None: none is pending). The metrics' view of the outbox."""
+
+    pending: int
+    dead: int
+    oldest_pending_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

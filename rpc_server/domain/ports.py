@@ -12,7 +12,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Protocol, Self
 
-from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptJob
+from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptBacklog, ReceiptJob
 from rpc_server.domain.records import (
     Actor,
     Course,
@@ -182,6 +182,10 @@ class ReceiptOutboxRepository(Protocol):
 
     async def counts(self) -> dict[OutboxStatus, int]:
         """How many messages are in each status (statuses with none are left out)."""
+        ...
+
+    async def backlog(self) -> ReceiptBacklog:
+        """The messages not sent (pending, dead) and the oldest pending one's age."""
         ...
 
 

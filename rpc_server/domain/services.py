@@ -24,7 +24,7 @@ from rpc_server.domain.errors import (
     TooManyPendingPurchases,
 )
 from rpc_server.domain.links import FrontendLinks
-from rpc_server.domain.outbox import OutboxOverview, OutboxStatus
+from rpc_server.domain.outbox import OutboxOverview, OutboxStatus, ReceiptBacklog
 from rpc_server.domain.ports import PaymentVerifier, UnitOfWork, UnitOfWorkFactory
 from rpc_server.domain.records import (
     WEBHOOK_ACTOR,
@@ -572,6 +572,12 @@ async def outbox_overview(uow_factory: UnitOfWorkFactory, *, limit: int) -> Outb
     return OutboxOverview(
         counts={status: counts.get(status, 0) for status in OutboxStatus}, entries=entries
     )
+
+
+async def receipt_backlog(uow_factory: UnitOfWorkFactory) -> ReceiptBacklog:
+    """The receipts not sent, for the metrics (``rpc_server.observability.metrics``)."""
+    async with uow_factory() as uow:
+        return await uow.receipts.backlog()
 
 
 async def requeue_receipt(

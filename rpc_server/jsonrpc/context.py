@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rpc_server.domain import services
 from rpc_server.domain.errors import Unauthenticated
@@ -25,6 +25,10 @@ from rpc_server.domain.tokens import hash_token
 from rpc_server.jsonrpc.batch_deadline import BatchDeadline
 from rpc_server.jsonrpc.token_cache import ActorCache
 from rpc_server.log_throttle import ThrottledLog
+
+if TYPE_CHECKING:  # neither is imported before it is needed (rpc_server.observability)
+    from rpc_server.observability.metrics import Metrics
+    from rpc_server.observability.tracing import Tracing
 
 log = logging.getLogger("rpc_server.auth")
 
@@ -82,6 +86,9 @@ class RpcContext:
     failed_logins: ThrottledLog | None = None
     # The WebSocket connection the call came on (None: over HTTP).
     live: LiveSession | None = None
+    # Where calls are counted and traced (rpc_server.observability; None: off).
+    metrics: Metrics | None = None
+    tracing: Tracing | None = None
     # The caller once known (``_settled``); else the lookup under way (shared by a batch).
     _known: Actor | None = field(default=None, repr=False)
     _settled: bool = field(default=False, repr=False)
@@ -163,6 +170,8 @@ class RpcContext:
         return actor
 
     def _log_failure(self, token_hash: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_auth_failure("invalid_token")
         # Never the token itself: a short prefix of its hash is enough to correlate. INFO:
         # a bad token is the client's mistake (or an attack the limits absorb), not an
         # operator's problem.

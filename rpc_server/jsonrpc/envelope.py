@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from types import NoneType
 from typing import Any
 
 from jsonrpcserver.async_dispatcher import call
 from jsonrpcserver.dispatcher import create_request, to_response
+from jsonrpcserver.request import Request
 from jsonrpcserver.response import to_serializable_one
 from jsonrpcserver.result import Error, MethodNotFoundResult
 from jsonrpcserver.sentinels import NOID
@@ -26,6 +28,7 @@ from rpc_server.jsonrpc.errors import INVALID_REQUEST, PARSE_ERROR, RATE_LIMITED
 from rpc_server.jsonrpc.json_codec import ExactNumber, ParseError
 from rpc_server.jsonrpc.rate_limit import RateLimits, cost_of
 from rpc_server.jsonrpc.registry import MethodRegistry
+from rpc_server.observability.labels import OK
 
 JsonObject = dict[str, Any]
 logger = logging.getLogger("rpc_server.jsonrpc.envelope")
@@ -82,17 +85,43 @@ async def answer_one(
 ) -> JsonObject | None:
     """Answer one request object; None for a notification (never answered).
 
-    With ``retry_after`` set, the call is over its rate limit: it is not run.
+    With ``retry_after`` set, the call is over its rate limit: it is not run. Each valid
+    request object is one call for the metrics and traces (``ctx.metrics``, ``ctx.tracing``).
     """
     problem = problem_with(item)
     if problem is not None:
+        if ctx.metrics is not None:
+            ctx.metrics.observe_refusal("invalid_request")
         return invalid_request(problem)
-    if retry_after is not None:
-        if "id" not in item:
-            return None
-        return error_object(
-            RATE_LIMITED, "Too many requests", {"retry_after": retry_after}, item["id"]
+    metrics, tracing = ctx.metrics, ctx.tracing
+    if metrics is None and tracing is None:
+        return (await _run_call(item, registry, ctx, retry_after))[0]
+    started = time.perf_counter()
+    if tracing is None:
+        answer, code = await _run_call(item, registry, ctx, retry_after)
+    else:
+        with tracing.call_span(item["method"], item.get("id"), "id" in item) as span:
+            answer, code = await _run_call(item, registry, ctx, retry_after)
+            span.ended(code)
+    if metrics is not None:
+        metrics.observe_call(
+            metrics.method_label(item["method"]),
+            OK if code is None else str(code),
+            time.perf_counter() - started,
         )
+    return answer
+
+
+async def _run_call(
+    item: JsonObject, registry: MethodRegistry, ctx: RpcContext, retry_after: float | None
+) -> tuple[JsonObject | None, int | None]:
+    """Run one valid request object: its answer (None for a notification) and its error
+    code (None when it succeeded)."""
+    if retry_after is not None:
+        error = error_object(
+            RATE_LIMITED, "Too many requests", {"retry_after": retry_after}, item.get("id")
+        )
+        return (error if "id" in item else None), RATE_LIMITED
     # jsonrpcserver's own steps for one request object: make its Request, call the
     # method (which maps a JsonRpcError or any other exception to an error result), make
     # the response. Its outer layers (parse, schema-validate, gather) would only repeat
@@ -108,10 +137,22 @@ async def answer_one(
     else:
         result = await call(request, ctx, method)
     if request.id is NOID:
-        return None  # a notification: run, never answered
+        # A notification: run, never answered. Its outcome is still counted, read from
+        # the response it would have had (jsonrpcserver shows a result only so).
+        if ctx.metrics is None and ctx.tracing is None:
+            return None, None
+        unanswered = Request(request.method, request.params, None)
+        unsent = to_serializable_one(to_response(unanswered, result))
+        assert isinstance(unsent, dict)
+        return None, _error_code(unsent)
     answer = to_serializable_one(to_response(request, result))
     assert isinstance(answer, dict)  # one response in, one response object out
-    return answer
+    return answer, _error_code(answer)
+
+
+def _error_code(answer: JsonObject) -> int | None:
+    error = answer.get("error")
+    return None if error is None else int(error["code"])
 
 
 async def _over_limit(
@@ -129,6 +170,8 @@ async def _over_limit(
     admitted = await limits.admit(ctx, [cost_of(items[i]) for i in valid])
     for index, verdict in zip(valid, admitted, strict=True):
         verdicts[index] = verdict
+    if ctx.metrics is not None and (refused := sum(v is not None for v in admitted)):
+        ctx.metrics.observe_rate_limited(refused)
     return verdicts
 
 
@@ -148,12 +191,19 @@ async def answer(
     if not isinstance(payload, list):
         [verdict] = await _over_limit([payload], ctx, limiter)
         return await answer_one(payload, registry, ctx, retry_after=verdict)
+    metrics = ctx.metrics
     if not payload:
+        if metrics is not None:
+            metrics.observe_refusal("empty_batch")
         return invalid_request("An empty batch is not a request.")
     if len(payload) > max_batch_length:
+        if metrics is not None:
+            metrics.observe_refusal("batch_too_long")
         return invalid_request(
             f"A batch may hold at most {max_batch_length} requests, got {len(payload)}."
         )
+    if metrics is not None:
+        metrics.observe_batch(len(payload))
     verdicts = await _over_limit(payload, ctx, limiter)
     answers: list[JsonObject | None] = [None] * len(payload)
     pending = iter(range(len(payload)))

@@ -21,7 +21,7 @@ from jsonrpcserver import InvalidParams, Success
 from jsonrpcserver.result import Result
 from marshmallow import Schema, ValidationError
 
-from rpc_server.domain.errors import Unauthenticated, WebSocketOnly
+from rpc_server.domain.errors import PaymentNotVerified, Unauthenticated, WebSocketOnly
 from rpc_server.jsonrpc.context import RpcContext
 from rpc_server.jsonrpc.errors import error_result, timed_out
 from schemas.dumping import Dumper, compile_dumper
@@ -141,6 +141,8 @@ class RpcMethod:
                 return timed_out(ctx.call_timeout) if batch is None else batch.timed_out()
             return error_result(exc, method=self.name)
         except Exception as exc:
+            if isinstance(exc, PaymentNotVerified) and ctx.metrics is not None:
+                ctx.metrics.observe_payment_refused("proof", exc.reason)
             return error_result(exc, method=self.name)
 
     async def _call(

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,7 +107,9 @@ class EventFeed:
         replay_window: int,
         poll_interval: float,
         max_held: int = 10_000,
+        count_changed: Callable[[int], None] | None = None,
     ):
+        """``count_changed``: told the number of subscriptions whenever it changes."""
         self._uow = uow_factory
         self.replay_window = replay_window
         self.poll_interval = poll_interval
@@ -118,6 +120,7 @@ class EventFeed:
         self._by_owner: dict[int, set[Subscription]] = {}
         self._by_purchase: dict[int, set[Subscription]] = {}
         self._count = 0
+        self._count_changed = count_changed
         self._wakeup = asyncio.Event()
         self._started = asyncio.Event()  # set once last_seq is known
         self._stopping = False
@@ -194,6 +197,8 @@ class EventFeed:
         subscription.cursor = self.last_seq if subscription.since is None else subscription.since
         self._index(subscription).add(subscription)
         self._count += 1
+        if self._count_changed is not None:
+            self._count_changed(self._count)
 
     def remove(self, subscription: Subscription) -> None:
         if subscription.ended:
@@ -203,6 +208,8 @@ class EventFeed:
         index = self._index(subscription)
         index.discard(subscription)
         self._count -= 1
+        if self._count_changed is not None:
+            self._count_changed(self._count)
         scope = subscription.scope
         if not index:
             if scope.purchase_pk is not None:

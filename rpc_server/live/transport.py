@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -45,6 +46,9 @@ from rpc_server.live.connection import POLICY_VIOLATION, LiveConnection
 from rpc_server.live.feed import EventFeed, Subscription
 from rpc_server.live.listener import PostgresListener
 from rpc_server.server.connection_limits import connection_of
+
+if TYPE_CHECKING:  # imported when used (rpc_server.observability.metrics says why)
+    from rpc_server.observability.metrics import Metrics
 
 log = logging.getLogger("rpc_server.live")
 
@@ -91,13 +95,21 @@ class MessageScope:
 class LiveHub:
     """This process's live updates: the feed, its PostgreSQL listener, the sockets."""
 
-    def __init__(self, settings: Settings, uow_factory: UnitOfWorkFactory, engine: Engine):
+    def __init__(
+        self,
+        settings: Settings,
+        uow_factory: UnitOfWorkFactory,
+        engine: Engine,
+        metrics: Metrics | None = None,
+    ):
         self.settings = settings
         self.uow = uow_factory
+        self.metrics = metrics
         self.feed = EventFeed(
             uow_factory,
             replay_window=settings.ws_replay_window,
             poll_interval=POLL_SECONDS.get(engine.dialect_name, 1.0),
+            count_changed=None if metrics is None else metrics.subscription_count,
         )
         connect = getattr(engine, "connect", None)
         self.listener = (
@@ -139,11 +151,13 @@ def _refusal(status: int, code: int, message: str, data: object = None) -> web.R
 
 
 async def _authenticate_upgrade(
-    request: web.Request, uow: UnitOfWorkFactory
+    request: web.Request, uow: UnitOfWorkFactory, metrics: Metrics | None
 ) -> tuple[str | None, Actor | None] | web.Response:
     """The header's token and its holder (both None without a header), or the refusal."""
     credentials = read_credentials(request.headers)
     if credentials.ambiguous:
+        if metrics is not None:
+            metrics.observe_auth_failure("ambiguous_credentials")
         return _refusal(401, UNAUTHENTICATED, AMBIGUOUS_CREDENTIALS)
     if credentials.token is None:
         return None, None
@@ -154,6 +168,8 @@ async def _authenticate_upgrade(
             raise
         return _refusal(503, SERVICE_UNAVAILABLE, "Service unavailable: try again later")
     if actor is None:
+        if metrics is not None:
+            metrics.observe_auth_failure("invalid_token")
         return _refusal(
             401,
             UNAUTHENTICATED,
@@ -188,7 +204,7 @@ async def serve_websocket(
     connection: LiveConnection | None = None
     timer: asyncio.TimerHandle | None = None
     try:
-        caller = await _authenticate_upgrade(request, hub.uow)
+        caller = await _authenticate_upgrade(request, hub.uow, hub.metrics)
         if isinstance(caller, web.Response):
             return caller
         token, actor = caller
@@ -202,6 +218,8 @@ async def serve_websocket(
             token_recheck=settings.ws_token_recheck,
         )  # fmt: skip
         hub.connections.add(connection)
+        if hub.metrics is not None:
+            hub.metrics.websocket_count(len(hub.connections))
         if token is not None and actor is not None:
             connection.authenticated(token, actor)
         else:
@@ -215,6 +233,8 @@ async def serve_websocket(
             timer.cancel()
         if connection is not None:
             hub.connections.discard(connection)
+            if hub.metrics is not None:
+                hub.metrics.websocket_count(len(hub.connections))
             await connection.finish(shutdown_budget)
     return ws
 

@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from rpc_server.config import Settings
 from rpc_server.domain.outbox import OutboxStatus, ReceiptJob
@@ -34,6 +35,10 @@ from rpc_server.domain.ports import UnitOfWorkFactory
 from rpc_server.domain.services import Clock, utcnow
 from rpc_server.mail.mailer import Mailer, PermanentMailError, TemporaryMailError, mailer_for
 from rpc_server.mail.receipts import build_receipt
+
+if TYPE_CHECKING:  # imported when used (rpc_server.observability.metrics says why)
+    from rpc_server.observability.metrics import Metrics
+    from rpc_server.observability.tracing import Tracing
 
 log = logging.getLogger("rpc_server.mail.deliverer")
 
@@ -79,12 +84,16 @@ class ReceiptDeliverer:
         gather_seconds: float = 0.05,
         clock: Clock = utcnow,
         outage: Callable[[BaseException], bool] = lambda _error: False,
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ):
         """``concurrency``: messages of one claim sent at the same time;
         ``gather_seconds``: how long receipts gather after a claim that was not full
         before the next claim. ``outage``:
         whether an error means the database is not there right now (a warning, waited
-        out), rather than a fault worth a traceback."""
+        out), rather than a fault worth a traceback. ``metrics``: counts each attempt
+        by outcome; ``tracing``: a span per send, in the trace of the call that queued
+        the receipt (``rpc_server.observability``)."""
         self.uow_factory = uow_factory
         self.mailer = mailer
         self.mail_from = mail_from
@@ -96,6 +105,8 @@ class ReceiptDeliverer:
         self.gather_seconds = gather_seconds
         self.clock = clock
         self.outage = outage
+        self.metrics = metrics
+        self.tracing = tracing
         self._wake = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
@@ -236,6 +247,17 @@ class ReceiptDeliverer:
                 log.warning("receipt lease not renewed (%s); retrying", type(error).__name__)
 
     async def _send(self, job: ReceiptJob) -> Outcome:
+        if self.tracing is None:
+            outcome = await self._send_one(job)
+        else:
+            with self.tracing.receipt_span(job.trace_context, job.outbox_id) as span:
+                outcome = await self._send_one(job)
+                span.set_attribute("rpc_server.receipt.outcome", _ATTEMPT_OUTCOMES[outcome.status])
+        if self.metrics is not None:
+            self.metrics.observe_receipt_attempt(_ATTEMPT_OUTCOMES[outcome.status])
+        return outcome
+
+    async def _send_one(self, job: ReceiptJob) -> Outcome:
         status: OutboxStatus = OutboxStatus.SENT
         retry_at: datetime | None = None
         error: str | None = None
@@ -277,7 +299,19 @@ class ReceiptDeliverer:
                         purchase, job.attempts, retry_at, error)  # fmt: skip
 
 
-def build_deliverer(settings: Settings, uow_factory: UnitOfWorkFactory) -> ReceiptDeliverer:
+# An attempt's outcome as the metrics and spans name it.
+_ATTEMPT_OUTCOMES = {
+    OutboxStatus.SENT: "sent", OutboxStatus.PENDING: "retry", OutboxStatus.DEAD: "dead",
+}  # fmt: skip
+
+
+def build_deliverer(
+    settings: Settings,
+    uow_factory: UnitOfWorkFactory,
+    *,
+    metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
+) -> ReceiptDeliverer:
     """The deliverer the settings describe (mailer, retries, lease, poll interval), on
     the server's database (whose outages it waits out with a warning)."""
     from rpc_server.db.errors import database_unavailable  # the SQL side, composed here
@@ -295,4 +329,6 @@ def build_deliverer(settings: Settings, uow_factory: UnitOfWorkFactory) -> Recei
         poll_seconds=settings.mail_poll_interval,
         concurrency=settings.mail_concurrency,
         outage=database_unavailable,
+        metrics=metrics,
+        tracing=tracing,
     )

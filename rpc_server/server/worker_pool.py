@@ -11,15 +11,28 @@ kernel hands each connection to one of them.
 
 gunicorn's own log lines ("Booting worker with pid: …", "Worker (pid:…) was sent
 SIGKILL!") go through our logging configuration (``GunicornLog``), one format for all.
+
+Metrics (``rpc_server.observability.metrics``): before it forks, the arbiter points
+prometheus-client's multiprocess mode at a fresh private directory (unless
+``PROMETHEUS_MULTIPROC_DIR`` is already set: then that one, which the operator empties
+between runs), so that any worker answering ``/metrics`` reports every worker's values;
+when a worker exits its gauges stop counting (``mark_process_dead``); the arbiter removes
+the directory it made when it stops. Nothing in this process imports prometheus-client
+before that variable is set (the library reads it once, at import).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import signal
 import socket
+import tempfile
+from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 from aiohttp import web
 from gunicorn.app.base import BaseApplication  # type: ignore[import-untyped]
@@ -39,11 +52,40 @@ def run_workers(settings: Settings, host: str, port: int, workers: int) -> int:
     """Run ``workers`` server processes until SIGTERM/SIGINT; return the exit status
     (0 once stopped; gunicorn's 3 if a worker could not start, 1 if it could not bind)."""
     block_stop_signals_around_forks()
-    try:
-        ServerApplication(settings, host, port, workers).run()
-    except SystemExit as exc:  # how gunicorn's arbiter ends, also when all went well
-        return exc.code if isinstance(exc.code, int) else 1
+    with metrics_directory(settings.metrics):
+        try:
+            ServerApplication(settings, host, port, workers).run()
+        except SystemExit as exc:  # how gunicorn's arbiter ends, also when all went well
+            return exc.code if isinstance(exc.code, int) else 1
     return 0
+
+
+@contextlib.contextmanager
+def metrics_directory(enabled: bool) -> Iterator[None]:
+    """prometheus-client's multiprocess directory for the workers (see the module
+    docstring): a fresh one made here and removed after, or the operator's own."""
+    from rpc_server.observability.labels import MULTIPROCESS_DIR_VARIABLE
+
+    if not enabled or os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="rpc-server-metrics-")
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = directory
+    try:
+        yield
+    finally:
+        os.environ.pop(MULTIPROCESS_DIR_VARIABLE, None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def worker_exited(_arbiter: Any, worker: Any) -> None:
+    """gunicorn's ``child_exit`` hook: the worker's live gauges stop counting."""
+    from rpc_server.observability.labels import MULTIPROCESS_DIR_VARIABLE
+
+    if os.environ.get(MULTIPROCESS_DIR_VARIABLE):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def bind_addresses(host: str, port: int) -> list[str]:
@@ -75,6 +117,7 @@ class ServerApplication(BaseApplication):  # type: ignore[misc]  # gunicorn is u
             # gunicornc's control socket (one path per user by default: a second server
             # would take it over); we stop and scale by signals.
             "control_socket_disable": True,
+            "child_exit": worker_exited,
         }
         super().__init__()
 

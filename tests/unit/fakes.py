@@ -28,7 +28,7 @@ from types import TracebackType
 from typing import Self
 
 from rpc_server.domain.errors import PaymentNotVerified
-from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptJob
+from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptBacklog, ReceiptJob
 from rpc_server.domain.ports import UnitOfWorkFactory
 from rpc_server.domain.records import (
     WEBHOOK_ACTOR,
@@ -761,6 +761,15 @@ class FakeReceiptOutboxRepository:
         for row in self._uow.store.receipts:
             counts[row.status] = counts.get(row.status, 0) + 1
         return counts
+
+    async def backlog(self) -> ReceiptBacklog:
+        rows = self._uow.store.receipts
+        pending = [row.created_at for row in rows if row.status is OutboxStatus.PENDING]
+        return ReceiptBacklog(
+            pending=len(pending),
+            dead=sum(1 for row in rows if row.status is OutboxStatus.DEAD),
+            oldest_pending_at=min(pending, default=None),
+        )
 
 
 class FakePurchaseEventRepository:

@@ -27,6 +27,9 @@ from rpc_server.domain.records import (
 )
 from rpc_server.domain.states import PurchaseState, Scope
 
+# A committed state change as the metrics count it: (from state or None, to state).
+Transition = tuple[str | None, str]
+
 # The next sequence number; its row lock is held until the transaction ends, which is
 # what makes numbers follow commit order (models.EventSequence).
 _NEXT_SEQ = (
@@ -137,8 +140,10 @@ class SqlPurchaseEventRepository:
 
     def __init__(self, connection: UnitOfWorkConnection):
         self.connection = connection
-        # Whether this unit of work appended an event (its commit wakes the live feed).
+        # Whether this unit of work appended an event (its commit wakes the live feed),
+        # and the state changes they record (from, to), counted once committed.
         self.appended = False
+        self.transitions: list[Transition] = []
 
     async def append(self, event: NewPurchaseEvent, *, now: datetime) -> int:
         seq = await self.connection.scalar(_NEXT_SEQ)
@@ -161,6 +166,9 @@ class SqlPurchaseEventRepository:
             },
         )
         self.appended = True
+        self.transitions.append(
+            (None if event.from_state is None else event.from_state.value, event.to_state.value)
+        )
         return int(seq)
 
     async def list_for(self, purchase_pk: int) -> list[PurchaseEventRecord]:

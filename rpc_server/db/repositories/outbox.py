@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 
 from models import Course as CourseRow
 from models import Purchase as PurchaseRow
 from models import ReceiptOutbox as ReceiptRow
 from rpc_server.db.repositories.rows import UnitOfWorkConnection, as_utc
-from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptJob
+from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptBacklog, ReceiptJob
 from rpc_server.domain.records import Purchase
 from rpc_server.mail.receipts import Receipt
+from rpc_server.observability.trace_context import current_traceparent
 
 # The values as stored, bound into the statements below.
 _PENDING, _DEAD = OutboxStatus.PENDING.value, OutboxStatus.DEAD.value
@@ -51,6 +52,7 @@ _CLAIMED = (
         PurchaseRow.currency,
         PurchaseRow.fulfilled_at,
         PurchaseRow.updated_at,
+        ReceiptRow.trace_context,
     )
     .join(PurchaseRow, PurchaseRow.id == ReceiptRow.purchase_id)
     .join(CourseRow, CourseRow.id == PurchaseRow.course_id)
@@ -110,6 +112,13 @@ _OVERVIEW = (
     .limit(bindparam("limit"))
 )
 _COUNTS = select(ReceiptRow.status, func.count()).group_by(ReceiptRow.status)
+# Only the unsent rows, found by the (status, next_attempt_at) index: a scrape's cost does
+# not grow with the receipts ever sent.
+_BACKLOG = (
+    select(ReceiptRow.status, func.count(), func.min(ReceiptRow.created_at))
+    .where(or_(ReceiptRow.status == _PENDING, ReceiptRow.status == _DEAD))
+    .group_by(ReceiptRow.status)
+)
 
 
 class SqlReceiptOutboxRepository:
@@ -134,6 +143,8 @@ class SqlReceiptOutboxRepository:
                 "attempts": 0,
                 "next_attempt_at": now,
                 "created_at": now,
+                # The call's trace, when it is traced (rpc_server.observability).
+                "trace_context": current_traceparent.get(),
             },
         )
 
@@ -165,9 +176,10 @@ class SqlReceiptOutboxRepository:
                     currency=currency,
                     fulfilled_at=as_utc(fulfilled_at or updated_at),
                 ),
+                trace_context=trace_context,
             )
             for (outbox_id, attempts, recipient, purchase_id, title, amount, currency,
-                 fulfilled_at, updated_at) in rows
+                 fulfilled_at, updated_at, trace_context) in rows
         ]  # fmt: skip
 
     async def settle(
@@ -236,3 +248,16 @@ class SqlReceiptOutboxRepository:
         """How many messages are in each status (statuses with none are left out)."""
         rows = await self.connection.execute(_COUNTS)
         return {OutboxStatus(status): int(count) for status, count in rows}
+
+    async def backlog(self) -> ReceiptBacklog:
+        rows = {
+            status: (count, oldest)
+            for status, count, oldest in await self.connection.execute(_BACKLOG)
+        }
+        pending, oldest = rows.get(OutboxStatus.PENDING.value, (0, None))
+        dead, _ = rows.get(OutboxStatus.DEAD.value, (0, None))
+        return ReceiptBacklog(
+            pending=int(pending),
+            dead=int(dead),
+            oldest_pending_at=None if oldest is None else as_utc(oldest),
+        )
