@@ -247,6 +247,11 @@ class Settings:
         for name in ("ws_heartbeat", "ws_auth_timeout", "ws_token_recheck"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ConfigError(f"RPC_SERVER_{name.upper()} must be between 0 and 3600 seconds")
+        if self.tracing and not _tracing_installed():
+            raise ConfigError(
+                "RPC_SERVER_TRACING is on but OpenTelemetry is not installed: "
+                "pip install 'rpc-server[otel]'"
+            )
         if self.metrics_token is not None and len(self.metrics_token) < 16:
             raise ConfigError("RPC_SERVER_METRICS_TOKEN must be at least 16 characters")
         if not 0 < self.port < 65536:
@@ -390,3 +395,13 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
         closest = difflib.get_close_matches(upper.removeprefix(PREFIX), settings, n=1)
         notes.append(f"{name} (did you mean {settings[closest[0]]}?)" if closest else name)
     return notes
+
+
+def _tracing_installed() -> bool:
+    """Whether the ``otel`` extra (OpenTelemetry's SDK and OTLP exporter) is installed."""
+    import importlib.util
+
+    return all(
+        importlib.util.find_spec(name) is not None
+        for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+    )
