@@ -24,6 +24,7 @@ from rpc_server.domain import services
 from rpc_server.domain.errors import PaymentNotVerified
 from rpc_server.domain.links import FrontendLinks
 from rpc_server.http import (
+    access_log,
     content_encoding,
     cors,
     docs_page,
@@ -181,6 +182,7 @@ async def handle_rpc(request: web.Request) -> web.StreamResponse:
     with tracing.request_span(
         "POST /rpc", tracing.incoming(request.headers), _http_span_attributes(request)
     ) as span:
+        request[access_log.TRACE_ID] = tracing.trace_id_of(span)
         response = await _handle_rpc(request)
         span.set_attribute("http.response.status_code", response.status)
         return response

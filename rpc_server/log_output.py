@@ -17,6 +17,11 @@ characters of a message (a newline, a carriage return, an escape sequence) as ``
 escapes, and the access log escapes its quoted fields (``escape``), so a request can
 neither add a line nor forge a field. ``formatter("json")`` (``RPC_SERVER_LOG_FORMAT=json``)
 makes every line one JSON object (python-json-logger), the access log's fields included.
+
+With tracing on (``RPC_SERVER_TRACING``), ``trace_ids=True`` stamps each line with the
+trace id of the span it was logged in (``trace=<32 hex>`` after the request id, or
+``trace_id`` in JSON; ``-`` outside a span), so that a request's lines and its spans
+join up. Without it the lines are exactly as before, and OpenTelemetry is not imported.
 """
 
 from __future__ import annotations
@@ -32,22 +37,36 @@ from pythonjsonlogger.json import JsonFormatter
 from rpc_server.http.request_id import RequestIdFilter
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+# The same with the trace id (``trace_ids=True``).
+TRACED_TEXT_FORMAT = (
+    "%(asctime)s %(levelname)s %(name)s [%(request_id)s] trace=%(trace_id)s %(message)s"
+)
 # The fields every JSON line starts with; a record's extra fields follow (the access
 # log's method, path, status, …), then exc_info for an exception's traceback.
 JSON_FIELDS = ("levelname", "name", "request_id", "message")
+TRACED_JSON_FIELDS = ("levelname", "name", "request_id", "trace_id", "message")
 JSON_RENAMED = {"levelname": "level", "name": "logger"}
 
 
-def configure_logging(level: str, log_format: str = "text") -> None:
-    """Log to stderr, each line stamped with the id of the request it belongs to, as
-    escaped text or JSON (``formatter``), written a loop iteration's lines at a time
-    (``LoopBatchedStreamHandler``). Called once per process by the CLI; gunicorn's
-    workers inherit it with the fork."""
+def configure_logging(level: str, log_format: str = "text", *, trace_ids: bool = False) -> None:
+    """Log to stderr, each line stamped with the id of the request it belongs to (and,
+    with ``trace_ids``, of the trace), as escaped text or JSON (``formatter``), written
+    a loop iteration's lines at a time (``LoopBatchedStreamHandler``). Called once per
+    process by the CLI; gunicorn's workers inherit it with the fork."""
     handler = LoopBatchedStreamHandler(sys.stderr)
-    handler.setFormatter(formatter(log_format))
+    handler.setFormatter(formatter(log_format, trace_ids=trace_ids))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     for installed in logging.getLogger().handlers:
         installed.addFilter(RequestIdFilter())
+        if trace_ids:
+            installed.addFilter(_trace_id_filter())
+
+
+def _trace_id_filter() -> logging.Filter:
+    # Imported here: OpenTelemetry is the optional otel extra, needed only with tracing.
+    from rpc_server.observability.tracing import TraceIdFilter
+
+    return TraceIdFilter()
 
 
 def escape(text: str, *, quotes: bool = True) -> str:
@@ -84,13 +103,17 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def formatter(log_format: str) -> logging.Formatter:
-    """The formatter of ``RPC_SERVER_LOG_FORMAT``: ``text`` or ``json``."""
+def formatter(log_format: str, *, trace_ids: bool = False) -> logging.Formatter:
+    """The formatter of ``RPC_SERVER_LOG_FORMAT``: ``text`` or ``json``; with
+    ``trace_ids``, each line shows the record's ``trace_id`` (``TraceIdFilter`` sets it)."""
     if log_format == "json":
         return JsonFormatter(
-            JSON_FIELDS, rename_fields=JSON_RENAMED, timestamp="time", json_ensure_ascii=True
+            TRACED_JSON_FIELDS if trace_ids else JSON_FIELDS,
+            rename_fields=JSON_RENAMED,
+            timestamp="time",
+            json_ensure_ascii=True,
         )
-    return EscapingFormatter(TEXT_FORMAT)
+    return EscapingFormatter(TRACED_TEXT_FORMAT if trace_ids else TEXT_FORMAT)
 
 
 class LoopBatchedStreamHandler(logging.StreamHandler[TextIO]):

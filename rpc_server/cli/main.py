@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for unknown in unknown_variables():  # a typo'd name would otherwise do nothing
         print(f"warning: unknown variable {unknown}", file=sys.stderr)
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, trace_ids=settings.tracing)
     quiet_alembic_context_lines()
     run: Callable[[Settings, argparse.Namespace], int] = args.run
     try:

@@ -32,7 +32,7 @@ import logging
 
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.log import access_logger
-from aiohttp.web import BaseRequest, StreamResponse
+from aiohttp.web import BaseRequest, RequestKey, StreamResponse
 
 from rpc_server.http.request_id import HEADER as REQUEST_ID_HEADER
 from rpc_server.http.request_id import current_request_id
@@ -45,6 +45,8 @@ FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i" request_id=%{X-Request-ID}o'
 JSON_FORMAT = "json"
 LOGGER = access_logger
 CLIENT_CLOSED_REQUEST = 499
+# The trace of a request's span (set by ``handle_rpc`` when tracing is on).
+TRACE_ID = RequestKey("trace_id", str)
 
 
 def log_format_for(setting: str) -> str:
@@ -65,6 +67,10 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         version = request.version
+        # With tracing on, the line joins its request's trace (the span has ended by
+        # now, so the log filter cannot find it): only then, so lines stay as they were.
+        trace_id = request.get(TRACE_ID)
+        extra = None if trace_id is None else {"trace_id": trace_id}
         status = response.status
         # 101: a WebSocket, logged when it ends; its upgrade was answered at its start.
         if status < 400 and status != 101:
@@ -72,7 +78,7 @@ class AccessLogger(AbstractAccessLogger):
             if transport is None or transport.is_closing():
                 status = CLIENT_CLOSED_REQUEST  # the client left before the answer
         if self.json:
-            self._log_json(request, response, status, time)
+            self._log_json(request, response, status, time, extra or {})
             return
         self.logger.info(
             '%s "%s %s HTTP/%d.%d" %d %d %.6f "%s" request_id=%s',
@@ -86,10 +92,16 @@ class AccessLogger(AbstractAccessLogger):
             time,
             escape(request.headers.get("User-Agent", "-")),
             response.headers.get(REQUEST_ID_HEADER, "-"),
+            extra=extra,
         )
 
     def _log_json(
-        self, request: BaseRequest, response: StreamResponse, status: int, time: float
+        self,
+        request: BaseRequest,
+        response: StreamResponse,
+        status: int,
+        time: float,
+        extra: dict[str, str],
     ) -> None:
         version = request.version
         # Every line's request_id comes from the context; the answer's id is that of
@@ -110,6 +122,7 @@ class AccessLogger(AbstractAccessLogger):
                     "bytes": response.body_length,
                     "duration": round(time, 6),
                     "user_agent": request.headers.get("User-Agent"),
+                    **extra,
                 },
             )
         finally:

@@ -50,9 +50,12 @@ CALL_DURATION_BUCKETS = (
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 POOL_WAIT_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
-# Why a body or a request object was refused before any method ran.
+# Why a body or a request object was refused before any method ran (the last two: a
+# connection past RPC_SERVER_MAX_CONNECTIONS answered 503, a request that did not arrive
+# within RPC_SERVER_READ_TIMEOUT answered 408, by rpc_server.server.connection_limits).
 REFUSAL_REASONS = (
     "body_too_large", "parse_error", "empty_batch", "batch_too_long", "invalid_request",
+    "too_many_connections", "read_timeout",
 )  # fmt: skip
 
 

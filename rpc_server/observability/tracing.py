@@ -19,6 +19,7 @@ in batches off the event loop (the SDK's ``BatchSpanProcessor`` thread).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -77,6 +78,11 @@ class Tracing:
     def incoming(headers: Mapping[str, str]) -> Context:
         """The context a request's ``traceparent`` (and ``tracestate``) header carries."""
         return _PROPAGATOR.extract(headers)
+
+    @staticmethod
+    def trace_id_of(span: Span) -> str:
+        """``span``'s trace id as 32 hex digits (as log lines show it)."""
+        return format_trace_id(span.get_span_context().trace_id)
 
     @contextmanager
     def request_span(
@@ -138,3 +144,20 @@ def trace_id_of_current_span() -> str | None:
 
     context = get_current_span().get_span_context()
     return format_trace_id(context.trace_id) if context.is_valid else None
+
+
+# A log line's trace id outside any span.
+NO_TRACE_ID = "-"
+
+
+class TraceIdFilter(logging.Filter):
+    """Adds ``trace_id`` to every record: the trace of the span current where the line
+    was logged (32 hex digits), or ``-`` outside any span, so that a request's log lines
+    and its spans join up. A record that already carries one (``extra={"trace_id": …}``,
+    e.g. a line logged after its span ended) keeps it. Installed on the log handlers by
+    ``log_output.configure_logging(..., trace_ids=True)``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "trace_id", None) is None:
+            record.trace_id = trace_id_of_current_span() or NO_TRACE_ID
+        return True

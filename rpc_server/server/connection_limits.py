@@ -101,8 +101,12 @@ class ConnectionGuard:
         *,
         read_timeout: float,
         max_connections: int,
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_refusal``: told why each connection was refused or cut
+        (``too_many_connections``, ``read_timeout``): the metrics."""
         self.protocol_factory = protocol_factory
+        self.on_refusal = on_refusal
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.open = 0  # connections being served
@@ -118,6 +122,8 @@ class ConnectionGuard:
         return GuardedConnection(self)
 
     def note_refusal(self) -> None:
+        if self.on_refusal is not None:
+            self.on_refusal("too_many_connections")
         self._refused_unlogged += 1
         now = time.monotonic()
         if now - self._refusal_logged_at >= REFUSAL_LOG_INTERVAL_SECONDS:
@@ -293,6 +299,8 @@ class GuardedConnection(asyncio.Protocol):
             )
             if self._state in (RECEIVING, BODY):  # nothing answered yet: say why
                 transport.write(self._guard.timeout_answer)
+                if self._guard.on_refusal is not None:
+                    self._guard.on_refusal("read_timeout")
         transport.close()
 
     # --- past the cap ---------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from rpc_server.app import SHUTDOWN, create_app
+from rpc_server.app import METRICS, SHUTDOWN, create_app
 from rpc_server.config import Settings
 from rpc_server.http import access_log
 from rpc_server.server import client_faults, connection_limits
@@ -117,10 +117,12 @@ async def start_serving(
     )
     await runner.setup()
     assert runner.server is not None  # set up
+    metrics = app.get(METRICS)
     guard = ConnectionGuard(
         runner.server,
         read_timeout=settings.read_timeout,
         max_connections=settings.max_connections,
+        on_refusal=None if metrics is None else metrics.observe_refusal,
     )
     loop = asyncio.get_running_loop()
     servers = []

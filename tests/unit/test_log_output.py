@@ -7,13 +7,19 @@ import asyncio
 import io
 import json
 import logging
+import re
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Tracer, format_trace_id
 
+from rpc_server.http.request_id import RequestIdFilter, current_request_id
 from rpc_server.log_output import LoopBatchedStreamHandler, escape, formatter
+from rpc_server.observability.tracing import TraceIdFilter
 
 
 class RecordingStream(io.StringIO):
@@ -211,3 +217,150 @@ async def test_json_lines_are_written_a_loop_iteration_at_a_time_too(
     assert [json.loads(line)["message"] for line in written.splitlines()] == [
         "line 0", "line 1", "line 2",
     ]  # fmt: skip
+
+
+# --- trace ids (tracing on) -------------------------------------------------------------
+
+TRACE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@pytest.fixture
+def tracer() -> Iterator[Tracer]:
+    """A tracer of an SDK provider of the test's own: its spans have real trace ids."""
+    provider = TracerProvider()
+    yield provider.get_tracer("test_log_output")
+    provider.shutdown()
+
+
+def traced_logger(stream: io.StringIO, log_format: str) -> logging.Logger:
+    """A logger writing as ``configure_logging(..., trace_ids=True)`` sets up: the
+    batching handler, the trace-id format and both id filters."""
+    handler = LoopBatchedStreamHandler(stream)
+    handler.setFormatter(formatter(log_format, trace_ids=True))
+    handler.addFilter(RequestIdFilter())
+    handler.addFilter(TraceIdFilter())
+    log = logging.getLogger(f"test_log_output.traced.{log_format}.{id(stream)}")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.handlers = [handler]
+    return log
+
+
+async def test_a_text_line_logged_inside_a_span_carries_its_trace_id_and_outside_a_dash(
+    stream: RecordingStream, tracer: Tracer
+) -> None:
+    log = traced_logger(stream, "text")
+    token = current_request_id.set("req-7")
+    try:
+        with tracer.start_as_current_span("POST /rpc") as span:
+            log.info("inside")
+        log.info("outside")
+        # Held until the loop comes round, yet stamped with the span it was logged in.
+        assert stream.writes == []
+        await asyncio.sleep(0)
+    finally:
+        current_request_id.reset(token)
+    trace_id = format_trace_id(span.get_span_context().trace_id)
+    assert TRACE_ID.fullmatch(trace_id)
+    inside, outside = stream.getvalue().splitlines()
+    assert inside.endswith(f" INFO {log.name} [req-7] trace={trace_id} inside")
+    assert outside.endswith(f" INFO {log.name} [req-7] trace=- outside")
+
+
+def test_a_json_line_logged_inside_a_span_carries_its_trace_id_and_outside_a_dash(
+    stream: RecordingStream, tracer: Tracer
+) -> None:
+    log = traced_logger(stream, "json")
+    with tracer.start_as_current_span("POST /rpc") as span, tracer.start_as_current_span("call"):
+        log.info("inside", extra={"status": 200})
+    log.info("outside")
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    trace_id = format_trace_id(span.get_span_context().trace_id)
+    # The fields in their order: the trace id right after the request id.
+    assert list(inside) == [
+        "level", "logger", "request_id", "trace_id", "message", "status", "time",
+    ]  # fmt: skip
+    assert inside["trace_id"] == trace_id  # the child span's trace: the same trace
+    assert inside["message"] == "inside"
+    assert outside["trace_id"] == "-"
+    assert outside["message"] == "outside"
+
+
+def test_two_spans_of_two_traces_give_two_trace_ids(
+    stream: RecordingStream, tracer: Tracer
+) -> None:
+    log = traced_logger(stream, "text")
+    with tracer.start_as_current_span("first"):
+        log.info("one")
+    with tracer.start_as_current_span("second"):
+        log.info("two")
+    ids = [TRACE_ID.search(line) for line in stream.getvalue().splitlines()]
+    assert all(ids), stream.getvalue()
+    assert ids[0] and ids[1] and ids[0].group() != ids[1].group()
+
+
+def test_a_trace_id_given_with_the_record_is_kept(stream: RecordingStream) -> None:
+    log = traced_logger(stream, "text")
+    log.info("after the span ended", extra={"trace_id": "0af7651916cd43dd8448eb211c80319c"})
+    assert stream.getvalue().endswith(
+        "trace=0af7651916cd43dd8448eb211c80319c after the span ended\n"
+    )
+
+
+def test_without_trace_ids_the_formats_are_as_before(tracer: Tracer) -> None:
+    with tracer.start_as_current_span("POST /rpc"):
+        made = record("inside a span")
+    line = formatter("text").format(made)
+    assert formatter("text", trace_ids=False).format(made) == line
+    assert "trace" not in line
+    assert line.endswith(" INFO rpc_server.test [req-1] inside a span")
+    assert list(json.loads(formatter("json").format(made))) == [
+        "level", "logger", "request_id", "message", "time",
+    ]  # fmt: skip
+
+
+# configure_logging changes the process's root logger: run in a process of its own.
+CONFIGURE_AND_LOG = """
+import logging, sys
+from rpc_server.log_output import configure_logging
+configure_logging("info", sys.argv[1], trace_ids=sys.argv[2] == "on")
+log = logging.getLogger("rpc_server.probe")
+log.info("before any span")
+if sys.argv[2] == "on":
+    from opentelemetry.sdk.trace import TracerProvider
+    tracer = TracerProvider().get_tracer("probe")
+    with tracer.start_as_current_span("POST /rpc") as span:
+        log.info("inside %s", format(span.get_span_context().trace_id, "032x"))
+print(sorted({name.split(".")[0] for name in sys.modules if name.startswith("opentelemetry")}))
+"""
+
+
+def configured_process(log_format: str, trace_ids: str) -> tuple[list[str], str]:
+    """The stderr lines and stdout of a process that configured logging and logged."""
+    done = subprocess.run(
+        [sys.executable, "-c", CONFIGURE_AND_LOG, log_format, trace_ids],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return done.stderr.splitlines(), done.stdout.strip()
+
+
+def test_configure_logging_with_trace_ids_stamps_every_line() -> None:
+    lines, _ = configured_process("text", "on")
+    before, inside = lines
+    assert before.endswith(" INFO rpc_server.probe [-] trace=- before any span")
+    match = re.search(
+        r" INFO rpc_server\.probe \[-\] trace=([0-9a-f]{32}) inside ([0-9a-f]{32})$", inside
+    )
+    assert match, inside
+    assert match.group(1) == match.group(2)  # the id of the span the line was logged in
+    [as_json] = (json.loads(line) for line in configured_process("json", "on")[0][1:])
+    assert as_json["trace_id"] == as_json["message"].removeprefix("inside ")
+
+
+def test_configure_logging_without_trace_ids_writes_as_before_without_opentelemetry() -> None:
+    lines, imported = configured_process("text", "off")
+    [line] = lines
+    assert line.endswith(" INFO rpc_server.probe [-] before any span")
+    assert imported == "[]"  # the otel extra is not needed with tracing off
+    [line] = configured_process("json", "off")[0]
+    assert list(json.loads(line)) == ["level", "logger", "request_id", "message", "time"]
