@@ -220,6 +220,10 @@ async def test_each_call_is_counted_once_by_method_and_outcome(
         "empty_batch": 0,
         "batch_too_long": 0,
         "invalid_request": 0,
+        # Counted by the connection guard of a served process (the test client has none):
+        # tests/integration/test_connection_refusal_metrics.py.
+        "too_many_connections": 0,
+        "read_timeout": 0,
     }
     assert metrics.value("rpc_server_rate_limited_calls_total") == 0
 
@@ -279,6 +283,8 @@ async def test_refusals_before_any_method_are_counted_by_reason(
         "empty_batch": 1,
         "batch_too_long": 1,
         "invalid_request": 3,
+        "too_many_connections": 0,
+        "read_timeout": 0,
     }
     assert metrics.value("rpc_server_requests_total", transport="http") == 6
     # Only the mixed batch was run (the empty and the too long one were refused whole).
