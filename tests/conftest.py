@@ -33,6 +33,7 @@ from rpc_server.domain.records import Actor, Course
 from rpc_server.domain.states import Scope
 from tests import databases
 from tests.payments import TEST_PAYMENT_KEY
+from tests.tcp_proxy import TcpProxy
 
 FRONTEND_URL = "https://shop.example"
 
@@ -219,3 +220,14 @@ def rpc(client: TestClient[Any, Any]) -> RpcCall:
         return await response.json()
 
     return call
+
+
+@pytest.fixture
+async def database_proxy(database_url: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the test's database server: a test connects through it
+    (its port) and stops it to take the database away, starts it to bring it back."""
+    url = make_url(database_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()

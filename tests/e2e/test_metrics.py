@@ -8,10 +8,10 @@ PostgreSQL and parsed with prometheus-client's own parser (never by matching the
   outbox (pending, its age, delivery attempts), WebSocket connections and subscriptions
   going up and back down, the database pool.
 - Bounded labels: a thousand made-up method names add one ``_OTHER`` series, nothing more.
-- Protection: loopback without a proxy header, or the metrics token; otherwise 403;
+- Protection: loopback without a database_proxy header, or the metrics token; otherwise 403;
   ``metrics=False`` has no ``/metrics`` at all.
 - A scrape while the database is away still answers, saying so (PostgreSQL: the database
-  is reached through a proxy the test cuts).
+  is reached through a database_proxy the test cuts).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import asyncio
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -579,7 +579,7 @@ async def test_the_metrics_token_lets_a_scraper_through_a_proxy(
     for wrong in wrong_ones:
         response = await client.get("/metrics", headers=wrong)
         assert response.status == 403, wrong
-    # Loopback without a proxy header still needs no token.
+    # Loopback without a database_proxy header still needs no token.
     assert (await client.get("/metrics")).status == 200
 
 
@@ -594,20 +594,12 @@ async def test_without_metrics_there_is_no_metrics_page(
 # --- the database away during a scrape ---------------------------------------------------
 
 
-@pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    url = make_url(database_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
-
-
 @pytest.mark.backends("postgresql")
 async def test_a_scrape_while_the_database_is_away_answers_with_backlog_up_0(
-    database_url: str, proxy: TcpProxy, app_client: AppClientFactory, settings: Settings
+    database_url: str, database_proxy: TcpProxy, app_client: AppClientFactory, settings: Settings
 ) -> None:
-    proxied = make_url(database_url).set(port=proxy.port).render_as_string(hide_password=False)
+    proxied_url = make_url(database_url).set(port=database_proxy.port)
+    proxied = proxied_url.render_as_string(hide_password=False)
     client = await app_client(
         settings=dataclasses.replace(
             settings, database_url=proxied, db_connect_timeout=1.0, mail_in_serve=False
@@ -617,14 +609,14 @@ async def test_a_scrape_while_the_database_is_away_answers_with_backlog_up_0(
     up = await scrape_of(client)
     assert up.value("rpc_server_receipt_backlog_up") == 1
 
-    await proxy.stop()
+    await database_proxy.stop()
     down = await scrape_of(client)
     assert down.value("rpc_server_receipt_backlog_up") == 0
     assert down.series("rpc_server_receipts") == {}
     assert down.series("rpc_server_receipt_oldest_pending_age_seconds") == {}
     assert down.calls() == {("course.list", "ok"): 1}  # the process's own series still there
 
-    await proxy.start()
+    await database_proxy.start()
     back = await eventually(
         lambda: scrape_of(client),
         lambda m: m.value("rpc_server_receipt_backlog_up") == 1,

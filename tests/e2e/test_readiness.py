@@ -10,7 +10,7 @@ failed probe the schema is read again.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +65,12 @@ async def test_readyz_keeps_its_positive_answer_for_the_process(
     assert await readyz(client) == (200, READY)
 
 
-@pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    url = make_url(database_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
-
-
 @pytest.mark.backends("postgresql")
 async def test_after_a_failed_probe_readyz_reads_the_schema_again(
-    database_url: str, proxy: TcpProxy, app_client: AppClientFactory, settings: Settings
+    database_url: str, database_proxy: TcpProxy, app_client: AppClientFactory, settings: Settings
 ) -> None:
-    proxied = make_url(database_url).set(port=proxy.port).render_as_string(hide_password=False)
+    proxied_url = make_url(database_url).set(port=database_proxy.port)
+    proxied = proxied_url.render_as_string(hide_password=False)
     client = await app_client(
         settings=dataclasses.replace(
             settings, database_url=proxied, db_connect_timeout=1.0, mail_in_serve=False
@@ -87,10 +79,10 @@ async def test_after_a_failed_probe_readyz_reads_the_schema_again(
     assert await readyz(client) == (200, READY)
 
     # The database goes away, and comes back restored from an older backup.
-    await proxy.stop()
+    await database_proxy.stop()
     assert await readyz(client) == (503, UNAVAILABLE)
-    await set_revision(database_url, OLDER_REVISION)  # directly, not through the proxy
-    await proxy.start()
+    await set_revision(database_url, OLDER_REVISION)  # directly, not through the database_proxy
+    await database_proxy.start()
     assert await readyz(client) == (503, SCHEMA_BEHIND)
 
     await set_revision(database_url, LATEST_REVISION)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -25,19 +25,10 @@ AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
-async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
-    url = make_url(database_url)
-    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
-    await proxy.start()
-    yield proxy
-    await proxy.stop()
-
-
-@pytest.fixture
 async def proxied_client(
-    aiohttp_client: AiohttpClient, settings: Settings, proxy: TcpProxy, world: World
+    aiohttp_client: AiohttpClient, settings: Settings, database_proxy: TcpProxy, world: World
 ) -> TestClient[Any, Any]:
-    url = make_url(settings.database_url).set(port=proxy.port)
+    url = make_url(settings.database_url).set(port=database_proxy.port)
     proxied = dataclasses.replace(
         settings,
         database_url=url.render_as_string(hide_password=False),
@@ -61,14 +52,14 @@ async def call(client: TestClient[Any, Any], token: str, method: str, params: An
 
 
 async def test_outage_answers_service_unavailable_then_recovers(
-    proxied_client: TestClient[Any, Any], proxy: TcpProxy, world: World
+    proxied_client: TestClient[Any, Any], database_proxy: TcpProxy, world: World
 ) -> None:
     token = world.alice.token
     created = await call(proxied_client, token, "purchase.create", {"course": "python-basics"})
     purchase_id = created["result"]["purchase_id"]
     assert (await proxied_client.get("/readyz")).status == 200
 
-    await proxy.stop()
+    await database_proxy.stop()
     during = await call(proxied_client, token, "purchase.get", [purchase_id])
     assert during["error"] == {"code": SERVICE_UNAVAILABLE, "message": during["error"]["message"]}
     assert "unavailable" in during["error"]["message"].lower()
@@ -76,14 +67,14 @@ async def test_outage_answers_service_unavailable_then_recovers(
     assert ready.status == 503
     assert await ready.json() == {"status": "unavailable"}
 
-    await proxy.start()
+    await database_proxy.start()
     after = await call(proxied_client, token, "purchase.get", [purchase_id])
     assert after["result"]["purchase_id"] == purchase_id
     assert (await proxied_client.get("/readyz")).status == 200
 
 
 async def test_outage_under_load_never_answers_internal_errors(
-    proxied_client: TestClient[Any, Any], proxy: TcpProxy, world: World
+    proxied_client: TestClient[Any, Any], database_proxy: TcpProxy, world: World
 ) -> None:
     """Calls in flight when the connection is cut fail as -32000, never -32603 or 500."""
     token = world.alice.token
@@ -99,9 +90,9 @@ async def test_outage_under_load_never_answers_internal_errors(
 
     workers = [asyncio.create_task(load(n)) for n in range(4)]
     await asyncio.sleep(0.3)
-    await proxy.stop()
+    await database_proxy.stop()
     await asyncio.sleep(0.5)
-    await proxy.start()
+    await database_proxy.start()
     await asyncio.sleep(1.0)
     stop.set()
     await asyncio.gather(*workers)
