@@ -9,6 +9,14 @@ from __future__ import annotations
 
 # A method name no method is registered under, as OpenTelemetry's conventions name it.
 OTHER_METHOD = "_OTHER"
+
+
+def method_label(method: str, registered: frozenset[str]) -> str:
+    """A method's name as metrics and spans show it: itself when registered, else
+    ``_OTHER`` (so what a client sends never makes a new label value)."""
+    return method if method in registered else OTHER_METHOD
+
+
 # A call's outcome when it succeeded (otherwise the error code, as a string).
 OK = "ok"
 

@@ -39,7 +39,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 from rpc_server.domain.outbox import ReceiptBacklog
-from rpc_server.observability.labels import MULTIPROCESS_DIR_VARIABLE, OTHER_METHOD
+from rpc_server.observability.labels import MULTIPROCESS_DIR_VARIABLE, method_label
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -181,7 +181,7 @@ class Metrics:
 
     def method_label(self, method: str) -> str:
         """The label of a method name: itself if registered, else ``_OTHER``."""
-        return method if method in self.methods else OTHER_METHOD
+        return method_label(method, self.methods)
 
     def observe_call(self, method: str, outcome: str, seconds: float) -> None:
         """One call ended: ``method`` already a label (``method_label``)."""

@@ -33,7 +33,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, format_trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from rpc_server import __version__
-from rpc_server.observability.labels import OTHER_METHOD
+from rpc_server.observability.labels import method_label
 from rpc_server.observability.trace_context import current_traceparent
 
 SERVICE_NAME = "rpc-server"
@@ -98,14 +98,13 @@ class Tracing:
     @contextmanager
     def call_span(self, method: str, request_id: Any, has_id: bool) -> Iterator[CallSpan]:
         """The span of one call (a batch item is one), current while the call runs."""
-        known = method in self.methods
-        label = method if known else OTHER_METHOD
+        label = method_label(method, self.methods)
         attributes: dict[str, Any] = {
             "rpc.system.name": "jsonrpc",
             "rpc.method": label,
             "jsonrpc.protocol.version": "2.0",
         }
-        if not known:
+        if label != method:
             attributes["rpc.method_original"] = method
         if has_id and request_id is not None:
             attributes["jsonrpc.request.id"] = str(request_id)

@@ -40,6 +40,7 @@ from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 
 from rpc_server.app import create_app
 from rpc_server.config import Settings
+from rpc_server.observability.labels import MULTIPROCESS_DIR_VARIABLE
 from rpc_server.server.gunicorn_worker import STOP_SIGNALS, ServerWorker
 from rpc_server.server.listening import BACKLOG, listen_addresses
 
@@ -64,8 +65,6 @@ def run_workers(settings: Settings, host: str, port: int, workers: int) -> int:
 def metrics_directory(enabled: bool) -> Iterator[None]:
     """prometheus-client's multiprocess directory for the workers (see the module
     docstring): a fresh one made here and removed after, or the operator's own."""
-    from rpc_server.observability.labels import MULTIPROCESS_DIR_VARIABLE
-
     if not enabled or os.environ.get(MULTIPROCESS_DIR_VARIABLE):
         yield
         return
@@ -80,8 +79,6 @@ def metrics_directory(enabled: bool) -> Iterator[None]:
 
 def worker_exited(_arbiter: Any, worker: Any) -> None:
     """gunicorn's ``child_exit`` hook: the worker's live gauges stop counting."""
-    from rpc_server.observability.labels import MULTIPROCESS_DIR_VARIABLE
-
     if os.environ.get(MULTIPROCESS_DIR_VARIABLE):
         from prometheus_client import multiprocess
 

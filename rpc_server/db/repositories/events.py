@@ -140,10 +140,14 @@ class SqlPurchaseEventRepository:
 
     def __init__(self, connection: UnitOfWorkConnection):
         self.connection = connection
-        # Whether this unit of work appended an event (its commit wakes the live feed),
-        # and the state changes they record (from, to), counted once committed.
-        self.appended = False
+        # The state changes (from, to) of the events this unit of work appended: counted
+        # once committed, and its commit wakes the live feed if there are any.
         self.transitions: list[Transition] = []
+
+    @property
+    def appended(self) -> bool:
+        """Whether this unit of work appended an event."""
+        return bool(self.transitions)
 
     async def append(self, event: NewPurchaseEvent, *, now: datetime) -> int:
         seq = await self.connection.scalar(_NEXT_SEQ)
@@ -165,7 +169,6 @@ class SqlPurchaseEventRepository:
                 "created_at": now,
             },
         )
-        self.appended = True
         self.transitions.append(
             (None if event.from_state is None else event.from_state.value, event.to_state.value)
         )
