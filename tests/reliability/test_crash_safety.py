@@ -75,6 +75,15 @@ def fulfill_params(exchange: Exchange) -> dict[str, Any] | None:
     return None
 
 
+async def until_a_call_is_in_flight(load: RpcLoad) -> None:
+    """Wait (10 s at most) until some request has been written and not yet answered."""
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        if any(e.sent is not None and not e.finished for e in load.exchanges):
+            return
+        await asyncio.sleep(0.002)
+
+
 async def test_kill_9_under_concurrent_fulfills_loses_and_duplicates_nothing(
     database_url: str,
     engine: AsyncEngine,
@@ -173,6 +182,8 @@ async def test_kill_9_under_concurrent_fulfills_loses_and_duplicates_nothing(
             workers = [asyncio.create_task(worker(n)) for n in range(WORKERS)]
             try:
                 await asyncio.sleep(LOAD_BEFORE_KILL)
+                # Kill while a call is on the wire, not in a gap between calls.
+                await until_a_call_is_in_flight(load)
                 in_data_at_kill = mail.in_data
                 first.kill()
                 killed_at = time.monotonic()
