@@ -7,6 +7,7 @@ Repositories never commit: the unit of work does, once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
@@ -154,6 +155,14 @@ class ReceiptOutboxRepository(Protocol):
         ``next_attempt_at``; ``dead`` is never due again (``now`` is kept as when it
         died). ``error`` (cut to 2000 characters) replaces the last error when given.
         """
+        ...
+
+    async def settle_sent(
+        self, outbox_ids: Sequence[int], *, token: str, now: datetime
+    ) -> set[int]:
+        """``settle`` with status ``sent`` for many claimed messages at once (a claim's
+        successful sends, recorded together); returns the ids whose claim under
+        ``token`` was still theirs, the only ones changed."""
         ...
 
     async def release(self, token: str, *, now: datetime) -> None:

@@ -4,7 +4,8 @@ Runs inside ``rpc-server serve`` (woken right after a fulfillment commits, polli
 fallback) or alone as ``rpc-server send-mail``. Rows are claimed (up to 50) under a
 lease in a short transaction, sent several at a time with no transaction open (SQLite's
 write lock is never held across SMTP; SMTP connections are kept open between messages),
-then settled together in one transaction, each only if the claim is still ours. The
+then settled together in one transaction, each only if the claim is still ours (the sent
+ones by one statement, recorded as sent when the claim is settled). The
 lease is short (15 s by default) and renewed while the sends go on: a deliverer that
 dies mid-send leaves its rows due again within the lease, for itself after a restart or
 for another process. At worst a receipt is sent twice, with the same Message-ID, never
@@ -193,19 +194,22 @@ class ReceiptDeliverer:
         finally:
             renewal.cancel()
             await asyncio.gather(renewal, return_exceptions=True)
+        sent = [o.job.outbox_id for o in outcomes if o.status is OutboxStatus.SENT]
         async with self.uow_factory(write=True) as uow:
-            settled = [
-                await uow.receipts.settle(
+            # The sends that went out in one statement (the usual case: one round trip
+            # per claim); retries and dead letters one by one, with their own times.
+            settled = await uow.receipts.settle_sent(sent, token=token, now=self.clock())
+            for outcome in outcomes:
+                if outcome.status is not OutboxStatus.SENT and await uow.receipts.settle(
                     outcome.job.outbox_id, token=token, status=outcome.status, now=outcome.at,
                     next_attempt_at=outcome.retry_at, error=outcome.error,
-                )
-                for outcome in outcomes
-            ]  # fmt: skip
+                ):  # fmt: skip
+                    settled.add(outcome.job.outbox_id)
             if len(outcomes) < len(jobs):  # stopping: give back what was not attempted
                 await uow.receipts.release(token, now=self.clock())
             await uow.commit()
-        for outcome, ok in zip(outcomes, settled, strict=True):
-            if not ok:
+        for outcome in outcomes:
+            if outcome.job.outbox_id not in settled:
                 log.warning(
                     "receipt %s: lease expired before the outcome was recorded",
                     outcome.job.outbox_id,

@@ -20,7 +20,7 @@ makes it visible to that call (READ COMMITTED, as a conditional UPDATE sees it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -704,6 +704,16 @@ class FakeReceiptOutboxRepository:
                 ),
             )
         )
+
+    async def settle_sent(
+        self, outbox_ids: Sequence[int], *, token: str, now: datetime
+    ) -> set[int]:
+        wanted = set(outbox_ids)
+        changed = self._uow.writable().change_receipts(
+            lambda row: row.pk in wanted and row.claim_token == token,
+            lambda row: replace(row, status=OutboxStatus.SENT, claim_token=None, sent_at=now),
+        )
+        return set(changed)
 
     async def release(self, token: str, *, now: datetime) -> None:
         self._uow.writable().change_receipts(

@@ -175,6 +175,27 @@ async def settling_records_the_outcome_only_under_the_current_claim(world: Outbo
     assert (await entries(world))[retried].last_error == "x" * 2000
 
 
+async def settling_sends_together_changes_only_those_still_claimed(world: OutboxWorld) -> None:
+    first, second, died, other = await queue_receipts(world, at(0), at(0), at(0), at(1))
+    jobs = {job.receipt.purchase_id: job for job in await claim(world, at(0), "t")}
+    [theirs] = await claim(world, at(1), "v")
+    assert await settle(world, jobs[died], "t", DEAD, at(1), error="550 no such user")
+    ids = [jobs[first].outbox_id, jobs[second].outbox_id, jobs[died].outbox_id]
+    async with world.uow_factory(write=True) as uow:
+        assert await uow.receipts.settle_sent([], token="t", now=at(2)) == set()
+        settled = await uow.receipts.settle_sent([*ids, theirs.outbox_id], token="t", now=at(2))
+        await uow.commit()
+    assert settled == {jobs[first].outbox_id, jobs[second].outbox_id}
+    found = await entries(world)
+    for sent in (first, second):
+        assert (found[sent].status, found[sent].sent_at, found[sent].last_error) == (
+            SENT, at(2), None,
+        )  # fmt: skip
+    assert (found[died].status, found[died].sent_at) == (DEAD, None)
+    assert (found[other].status, found[other].sent_at) == (PENDING, None)
+    assert await settle(world, theirs, "v", SENT, at(3)), "still claimed by v"
+
+
 async def releasing_gives_back_claimed_messages_not_attempted(world: OutboxWorld) -> None:
     sent, unsent = await queue_receipts(world, at(0), at(0))
     jobs = {job.receipt.purchase_id: job for job in await claim(world, at(0), "t")}
@@ -233,6 +254,7 @@ CHECKS: list[Check] = [
     added_receipts_are_pending_and_due_at_once,
     a_claim_takes_due_messages_oldest_first_and_leases_them,
     settling_records_the_outcome_only_under_the_current_claim,
+    settling_sends_together_changes_only_those_still_claimed,
     releasing_gives_back_claimed_messages_not_attempted,
     renewing_extends_only_the_claims_still_held,
     only_dead_messages_are_requeued,

@@ -6,9 +6,11 @@ Statuses are ``OutboxStatus`` values; the column's CHECK constraint refuses any 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import BindParameter, Update, bindparam, func, insert, or_, select, update
 
 from models import Course as CourseRow
 from models import Purchase as PurchaseRow
@@ -78,6 +80,24 @@ _SETTLE = (
     )
     .returning(ReceiptRow.id)
 )
+# At most this many rows settled by one statement (one bound value each).
+IDS_PER_SETTLEMENT = 100
+
+
+@functools.cache
+def _settle_sent(count: int) -> Update:
+    """Settle ``count`` sends that went out (``id_0`` …) in one statement, each only if
+    still claimed under ``token``: the usual end of a claim costs one round trip, not one
+    per message. Built and compiled once per count, like ``_purchases_by_ids``."""
+    ids: list[BindParameter[int]] = [bindparam(f"id_{n}") for n in range(count)]
+    return (
+        update(ReceiptRow)
+        .where(ReceiptRow.id.in_(ids), ReceiptRow.claim_token == bindparam("token"))
+        .values(status=OutboxStatus.SENT.value, claim_token=None, sent_at=bindparam("now"))
+        .returning(ReceiptRow.id)
+    )
+
+
 _RELEASE = (
     update(ReceiptRow)
     .where(ReceiptRow.claim_token == bindparam("token"), ReceiptRow.status == _PENDING)
@@ -207,6 +227,20 @@ class SqlReceiptOutboxRepository:
         }
         result = await self.connection.execute(_SETTLE, params)
         return result.first() is not None
+
+    async def settle_sent(
+        self, outbox_ids: Sequence[int], *, token: str, now: datetime
+    ) -> set[int]:
+        """Record that the claimed messages ``outbox_ids`` were sent at ``now``; returns
+        those still claimed under ``token`` (the others are left as they are)."""
+        settled: set[int] = set()
+        for start in range(0, len(outbox_ids), IDS_PER_SETTLEMENT):
+            chunk = outbox_ids[start : start + IDS_PER_SETTLEMENT]
+            params: dict[str, object] = {f"id_{n}": pk for n, pk in enumerate(chunk)}
+            params.update(token=token, now=now)
+            result = await self.connection.execute(_settle_sent(len(chunk)), params)
+            settled.update(result.scalars())
+        return settled
 
     async def release(self, token: str, *, now: datetime) -> None:
         """Give back rows claimed under ``token`` but not attempted (shutting down)."""
