@@ -255,17 +255,25 @@ class FileMailer:
 
     def _write(self, message: Message) -> None:
         name = re.sub(r"[^A-Za-z0-9._-]", "_", str(message["Message-ID"]).strip("<>"))
+        data = message.as_bytes()
         try:
-            # Receipts hold names, addresses and purchases: the server's user's alone
-            # (a directory it creates is 0700, every file 0600, whatever the umask).
-            make_private_directory(self.directory)
             # Write then rename: a reader never sees half a message, and a resend of
             # the same receipt replaces the file instead of adding one.
-            with tempfile.NamedTemporaryFile(
-                "wb", dir=self.directory, suffix=".tmp", delete=False
-            ) as handle:
-                make_private(handle.fileno())
-                handle.write(message.as_bytes())
-            os.replace(handle.name, self.directory / f"{name}.eml")
+            try:
+                descriptor, temporary = tempfile.mkstemp(suffix=".tmp", dir=self.directory)
+            except FileNotFoundError:  # the first message, or the directory was removed
+                # Receipts hold names, addresses and purchases: the server's user's alone
+                # (a directory it creates is 0700, every file 0600, whatever the umask).
+                make_private_directory(self.directory)
+                descriptor, temporary = tempfile.mkstemp(suffix=".tmp", dir=self.directory)
+            try:
+                with open(descriptor, "wb") as handle:
+                    make_private(handle.fileno())
+                    handle.write(data)
+                os.replace(temporary, self.directory / f"{name}.eml")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
         except OSError as exc:
             raise TemporaryMailError(f"cannot write to {self.directory}: {exc.strerror}") from None

@@ -188,3 +188,23 @@ async def test_file_mailer_raises_a_temporary_error_for_an_unwritable_directory(
 async def _row_with_status(engine: AsyncEngine, status: str) -> OutboxRow | None:
     rows = await outbox_rows(engine)
     return rows[0] if len(rows) == 1 and rows[0].status == status else None
+
+
+async def test_a_failed_write_leaves_no_partial_file_behind(tmp_path: Path) -> None:
+    """The message goes to a temporary file renamed into place; when the rename fails
+    (here a directory holds the message's name) the temporary file is removed too."""
+    mail_dir = tmp_path / "mail"
+    message = EmailMessage()
+    message["Message-ID"] = "<x@example.com>"
+    message.set_content("hello")
+    (mail_dir / "x_example.com.eml").mkdir(parents=True)
+    with pytest.raises(TemporaryMailError, match="cannot write to"):
+        await FileMailer(mail_dir).send(message)
+    assert [path.name for path in files_in(mail_dir)] == ["x_example.com.eml"]
+
+    (mail_dir / "x_example.com.eml").rmdir()
+    mail_dir.rmdir()  # removed while the server runs: made again, 0700
+    await FileMailer(mail_dir).send(message)
+    [path] = files_in(mail_dir)
+    assert read_eml(path)["Message-ID"] == "<x@example.com>"
+    assert (mail_dir.stat().st_mode & 0o777, path.stat().st_mode & 0o777) == (0o700, 0o600)
