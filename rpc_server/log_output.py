@@ -30,6 +30,7 @@ import asyncio
 import logging
 import sys
 import threading
+import time
 from typing import TextIO
 
 from pythonjsonlogger.json import JsonFormatter
@@ -96,7 +97,28 @@ def _escaped(char: str) -> str:
 
 class EscapingFormatter(logging.Formatter):
     """The text format, each message kept on its line (a traceback below it is the
-    server's own text, and stays as it is)."""
+    server's own text, and stays as it is).
+
+    The time is ``logging.Formatter``'s default (``2026-12-04 15:18:17,123``), its
+    date and second formatted once per second rather than once per line."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second: int | None = None
+        self._second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        # Called with the handler's lock held: one line at a time.
+        second = int(record.created)
+        if second != self._second:
+            when = self.converter(record.created)
+            self._second_text = time.strftime(self.default_time_format, when)
+            self._second = second
+        if self.default_msec_format is None:
+            return self._second_text
+        return self.default_msec_format % (self._second_text, record.msecs)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # logging's name
         record.message = escape(record.message, quotes=False)

@@ -80,20 +80,34 @@ class AccessLogger(AbstractAccessLogger):
         if self.json:
             self._log_json(request, response, status, time, extra or {})
             return
-        self.logger.info(
+        self._info(
             '%s "%s %s HTTP/%d.%d" %d %d %.6f "%s" request_id=%s',
-            escape(request.remote or "-"),
-            request.method,
-            escape(request.raw_path),
-            version.major,
-            version.minor,
-            status,
-            response.body_length,
-            time,
-            escape(request.headers.get("User-Agent", "-")),
-            response.headers.get(REQUEST_ID_HEADER, "-"),
-            extra=extra,
+            (
+                escape(request.remote or "-"),
+                request.method,
+                escape(request.raw_path),
+                version.major,
+                version.minor,
+                status,
+                response.body_length,
+                time,
+                escape(request.headers.get("User-Agent", "-")),
+                response.headers.get(REQUEST_ID_HEADER, "-"),
+            ),
+            extra,
         )
+
+    def _info(
+        self, message: str, args: tuple[object, ...], extra: dict[str, object] | None
+    ) -> None:
+        """``logger.info(message, *args, extra=extra)`` (``enabled`` was checked by
+        aiohttp), without looking up the caller's file and line, which no line shows:
+        that look-up walks the stack for every request."""
+        logger = self.logger
+        record = logger.makeRecord(
+            logger.name, logging.INFO, "", 0, message, args, None, extra=extra
+        )
+        logger.handle(record)
 
     def _log_json(
         self,
@@ -108,12 +122,10 @@ class AccessLogger(AbstractAccessLogger):
         # the request (the context was reset when the handler returned).
         reset = current_request_id.set(response.headers.get(REQUEST_ID_HEADER, "-"))
         try:
-            self.logger.info(
+            self._info(
                 "%s %s %d",
-                request.method,
-                request.raw_path,
-                status,
-                extra={
+                (request.method, request.raw_path, status),
+                {
                     "remote": request.remote,
                     "method": request.method,
                     "path": request.raw_path,

@@ -30,6 +30,9 @@ FORWARDED_FOR = "X-Forwarded-For"
 # Clients whose address cannot be read (no peer address) share one bucket.
 UNKNOWN = "unknown"
 IPV6_CLIENT_PREFIX = 64
+# Peers whose label is remembered (without trusted proxies the label depends on the peer
+# alone); past this many the memory starts afresh.
+LABELS_REMEMBERED = 4096
 
 
 def parse_address(text: str) -> IPAddress | None:
@@ -65,6 +68,7 @@ class ClientAddresses:
         self.trusted: tuple[IPNetwork, ...] = tuple(
             ipaddress.ip_network(proxy.strip(), strict=False) for proxy in trusted_proxies
         )
+        self._labels: dict[str | None, str] = {}
 
     def is_trusted(self, address: IPAddress) -> bool:
         return any(address in network for network in self.trusted)
@@ -86,4 +90,14 @@ class ClientAddresses:
 
     def label_of(self, request: web.Request) -> str:
         """The client of ``request``, as ``client_label`` names it."""
-        return client_label(self.client(request.remote, request.headers.getall(FORWARDED_FOR, [])))
+        peer = request.remote
+        if self.trusted:
+            return client_label(self.client(peer, request.headers.getall(FORWARDED_FOR, [])))
+        # No proxy is trusted: the peer is the client. Its label is remembered, so that
+        # the many requests of one keep-alive connection or client parse it once.
+        label = self._labels.get(peer)
+        if label is None:
+            if len(self._labels) >= LABELS_REMEMBERED:
+                self._labels.clear()
+            label = self._labels[peer] = client_label(self.client(peer))
+        return label

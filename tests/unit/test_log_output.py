@@ -14,6 +14,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Tracer, format_trace_id
 
@@ -364,3 +366,19 @@ def test_configure_logging_without_trace_ids_writes_as_before_without_openteleme
     assert imported == "[]"  # the otel extra is not needed with tracing off
     [line] = configured_process("json", "off")[0]
     assert list(json.loads(line)) == ["level", "logger", "request_id", "message", "time"]
+
+
+@given(
+    st.lists(
+        st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False), min_size=1, max_size=20
+    )
+)
+def test_text_lines_show_the_time_as_logging_formats_it(moments: list[float]) -> None:
+    """The text formatter formats the date and second once per second: each time it
+    shows is still the one ``logging.Formatter`` would, whatever the order of records."""
+    ours, standard = formatter("text"), logging.Formatter()
+    for moment in sorted(moments) + moments:
+        record = logging.makeLogRecord({"msg": "x"})
+        record.created, record.msecs = moment, int((moment - int(moment)) * 1000)
+        assert ours.formatTime(record) == standard.formatTime(record)
+        assert ours.formatTime(record, "%H:%M") == standard.formatTime(record, "%H:%M")

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from unittest import mock
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from rpc_server.http.client_address import ClientAddresses, client_label, parse_address
+from rpc_server.http.client_address import (
+    LABELS_REMEMBERED,
+    ClientAddresses,
+    client_label,
+    parse_address,
+)
 from rpc_server.jsonrpc.credentials import Credentials, read_credentials
 from rpc_server.log_throttle import ThrottledLog
 
@@ -157,3 +165,26 @@ def test_a_throttled_log_forgets_the_least_recently_used_keys() -> None:
         assert throttled.log(key, "x")
     assert throttled.log("a", "x")  # forgotten: written again
     assert not throttled.log("c", "x")
+
+
+def request_from(peer: str, *forwarded_for: str) -> web.Request:
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        (peer, 51234) if name == "peername" else default
+    )
+    headers = CIMultiDict(("X-Forwarded-For", value) for value in forwarded_for)
+    return make_mocked_request("POST", "/rpc", headers=headers, transport=transport)
+
+
+def test_a_request_is_labelled_as_its_client_whatever_the_peers_seen_before() -> None:
+    """Without trusted proxies a peer's label is remembered; the memory is bounded and
+    never changes an answer."""
+    nobody = ClientAddresses()
+    peers = [f"10.{n // 65536}.{n // 256 % 256}.{n % 256}" for n in range(LABELS_REMEMBERED + 10)]
+    for peer in [*peers, *peers[:20], "2001:db8::1", "::ffff:203.0.113.7"]:
+        assert nobody.label_of(request_from(peer, "198.51.100.1")) == label(nobody, peer)
+    assert nobody.label_of(request_from("2001:db8::1")) == "2001:db8::/64"
+    # Behind a trusted proxy the header still counts, request by request.
+    proxies = ClientAddresses(["10.0.0.0/8"])
+    assert proxies.label_of(request_from("10.1.2.3", "198.51.100.1")) == "198.51.100.1"
+    assert proxies.label_of(request_from("10.1.2.3", "198.51.100.2")) == "198.51.100.2"
