@@ -45,6 +45,7 @@ from rpc_server.db.stock_engine import stock_engine
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.links import FrontendLinks
+from rpc_server.jsonrpc.batch_deadline import BatchDeadline
 from rpc_server.jsonrpc.context import RpcContext
 from rpc_server.jsonrpc.envelope import answer
 from rpc_server.jsonrpc.json_codec import Fragment
@@ -55,6 +56,7 @@ from tests.benchmarks.seed import create_database, drop_database
 
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 REPEATS = 5
+BATCH = 50  # items of the batch measured
 
 
 async def cpu_per_call(step: Callable[[], Awaitable[Any]], calls: int) -> float:
@@ -160,6 +162,21 @@ async def measure(engine_name: str, url: str, calls: int) -> list[tuple[str, flo
         )
         results.append(("envelope.answer: purchase.get (all of the above)",
                         await cpu_per_call(envelope_get, calls)))  # fmt: skip
+
+        # A batch as the server runs it: its own context (coalesced reads, a deadline),
+        # each item another purchase.
+        others = [await services.create_purchase(uow_factory, actor, course="c")
+                  for _ in range(BATCH)]  # fmt: skip
+        batch = [{**request, "params": [p.purchase_id], "id": n} for n, p in enumerate(others)]
+
+        async def envelope_batch() -> None:
+            ctx = context()
+            ctx.uow, ctx.batch_deadline = uow_factory.for_batch(), BatchDeadline.from_now(30)
+            await answer(batch, REGISTRY, ctx, max_batch_length=100)
+
+        per_batch = await cpu_per_call(envelope_batch, max(1, calls // BATCH))
+        results.append((f"envelope.answer: a batch of {BATCH} purchase.get, per item",
+                        per_batch / BATCH))  # fmt: skip
         return results
     finally:
         await engine.dispose()
