@@ -868,7 +868,7 @@ def render(data: dict[str, Any]) -> str:
 async def main_async(args: argparse.Namespace) -> int:
     if args.from_json is not None:
         output = args.output or PARTIAL_OUTPUT
-        output.write_text(render(json.loads(args.from_json.read_text())))
+        write_report(output, render(json.loads(args.from_json.read_text())))
         log(f"report written to {output}")
         return 0
     loadgen.wrk_path()
@@ -893,12 +893,19 @@ async def main_async(args: argparse.Namespace) -> int:
     output = args.output or (DEFAULT_OUTPUT if full_run else PARTIAL_OUTPUT)
     data = record(bench, facts, started_load)
     if args.json:
-        args.json.write_text(json.dumps(data, indent=1) + "\n")
+        write_report(args.json, json.dumps(data, indent=1) + "\n")
     text = render(data)
-    output.write_text(text)
+    write_report(output, text)
     log("\n" + text)
     log(f"\nreport written to {output}")
     return 0
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write a report, making its directory if need be: a run's results (many minutes
+    of measurements) are never lost to a folder not made yet."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
