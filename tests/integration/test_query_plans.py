@@ -41,6 +41,7 @@ from sqlalchemy.sql import ClauseElement
 
 from rpc_server.db.engines import open_engine
 from rpc_server.db.repositories import courses, events, outbox, purchases, registrations, users
+from rpc_server.db.repositories.rows import IDS_PER_STATEMENT
 from rpc_server.db.stock_engine import stock_engine
 from rpc_server.domain.states import PurchaseState
 from rpc_server.jsonrpc import buckets
@@ -170,7 +171,7 @@ CASES: list[Case] = [
             _ids(count),
             {"purchases": PURCHASE_BY_ID},
         )
-        for count in (1, 50, purchases.IDS_PER_STATEMENT)
+        for count in (1, 50, IDS_PER_STATEMENT)
     ),
     Case(
         "purchases/by idempotency key",
@@ -279,6 +280,20 @@ CASES: list[Case] = [
         },
         # By key, or (PostgreSQL, with the claim's index) among the claim's few rows.
         {"receipt_outbox": by("pk_receipt_outbox", "ix_receipt_outbox_claim_token")},
+    ),
+    *(
+        Case(
+            f"outbox/settle {count} sent together",
+            outbox._settle_sent(count),
+            lambda shape, count=count: {
+                **{f"id_{n}": shape.outbox_id + n for n in range(count)},
+                "token": "a-claim",
+                "now": NOW,
+            },
+            # By key, or (PostgreSQL, with the claim's index) among the claim's few rows.
+            {"receipt_outbox": by("pk_receipt_outbox", "ix_receipt_outbox_claim_token")},
+        )
+        for count in (1, 50)
     ),
     Case(
         "outbox/requeue",

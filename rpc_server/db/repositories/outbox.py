@@ -10,12 +10,12 @@ import functools
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import BindParameter, Update, bindparam, func, insert, or_, select, update
+from sqlalchemy import Update, bindparam, func, insert, or_, select, update
 
 from models import Course as CourseRow
 from models import Purchase as PurchaseRow
 from models import ReceiptOutbox as ReceiptRow
-from rpc_server.db.repositories.rows import UnitOfWorkConnection, as_utc
+from rpc_server.db.repositories.rows import UnitOfWorkConnection, as_utc, id_binds, id_chunks
 from rpc_server.domain.outbox import OutboxEntry, OutboxStatus, ReceiptBacklog, ReceiptJob
 from rpc_server.domain.records import Purchase
 from rpc_server.mail.receipts import Receipt
@@ -80,8 +80,6 @@ _SETTLE = (
     )
     .returning(ReceiptRow.id)
 )
-# At most this many rows settled by one statement (one bound value each).
-IDS_PER_SETTLEMENT = 100
 
 
 @functools.cache
@@ -89,10 +87,9 @@ def _settle_sent(count: int) -> Update:
     """Settle ``count`` sends that went out (``id_0`` …) in one statement, each only if
     still claimed under ``token``: the usual end of a claim costs one round trip, not one
     per message. Built and compiled once per count, like ``_purchases_by_ids``."""
-    ids: list[BindParameter[int]] = [bindparam(f"id_{n}") for n in range(count)]
     return (
         update(ReceiptRow)
-        .where(ReceiptRow.id.in_(ids), ReceiptRow.claim_token == bindparam("token"))
+        .where(ReceiptRow.id.in_(id_binds(count)), ReceiptRow.claim_token == bindparam("token"))
         .values(status=OutboxStatus.SENT.value, claim_token=None, sent_at=bindparam("now"))
         .returning(ReceiptRow.id)
     )
@@ -234,11 +231,9 @@ class SqlReceiptOutboxRepository:
         """Record that the claimed messages ``outbox_ids`` were sent at ``now``; returns
         those still claimed under ``token`` (the others are left as they are)."""
         settled: set[int] = set()
-        for start in range(0, len(outbox_ids), IDS_PER_SETTLEMENT):
-            chunk = outbox_ids[start : start + IDS_PER_SETTLEMENT]
-            params: dict[str, object] = {f"id_{n}": pk for n, pk in enumerate(chunk)}
-            params.update(token=token, now=now)
-            result = await self.connection.execute(_settle_sent(len(chunk)), params)
+        for count, ids in id_chunks(outbox_ids):
+            params = {**ids, "token": token, "now": now}
+            result = await self.connection.execute(_settle_sent(count), params)
             settled.update(result.scalars())
         return settled
 

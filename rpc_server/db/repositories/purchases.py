@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    BindParameter,
     Select,
     Update,
     bindparam,
@@ -26,7 +25,12 @@ from models import Purchase as PurchaseRow
 from models import User as UserRow
 from models.tables import PENDING_ONLY
 from rpc_server.db.coalescing import PurchaseLookups
-from rpc_server.db.repositories.rows import UnitOfWorkConnection, as_utc
+from rpc_server.db.repositories.rows import (
+    UnitOfWorkConnection,
+    as_utc,
+    id_binds,
+    id_chunks,
+)
 from rpc_server.domain.errors import PaymentNotVerified
 from rpc_server.domain.records import Course, Purchase
 from rpc_server.domain.states import PurchaseState
@@ -61,9 +65,6 @@ _PURCHASE_BY_IDEMPOTENCY_KEY = _PURCHASE_QUERY.where(
     PurchaseRow.owner_id == bindparam("owner_id"),
     PurchaseRow.idempotency_key == bindparam("idempotency_key"),
 )
-# At most this many ids in one ``IN`` list (SQLite allows 32766 bound values, older
-# builds 999): longer lists are read in several statements.
-IDS_PER_STATEMENT = 100
 
 
 @functools.cache
@@ -80,8 +81,7 @@ def _purchases_by_ids(count: int) -> Select[*tuple[Any, ...]]:
     One statement per count (at most IDS_PER_STATEMENT), each built and compiled once,
     like the other statements here.
     """
-    ids: list[BindParameter[str]] = [bindparam(f"id_{n}") for n in range(count)]
-    return _PURCHASE_QUERY.where(PurchaseRow.purchase_id.in_(ids))
+    return _PURCHASE_QUERY.where(PurchaseRow.purchase_id.in_(id_binds(count)))
 
 
 _PURCHASE_BY_PAYMENT_REF = select(PurchaseRow.id).where(
@@ -224,10 +224,8 @@ class SqlPurchaseRepository:
     ) -> dict[str, Purchase]:
         """The purchases among ``purchase_ids`` (only ``owner_id``'s unless None), by id."""
         found: dict[str, Purchase] = {}
-        for start in range(0, len(purchase_ids), IDS_PER_STATEMENT):
-            chunk = purchase_ids[start : start + IDS_PER_STATEMENT]
-            params = {f"id_{n}": id_ for n, id_ in enumerate(chunk)}
-            for row in await self.connection.execute(_purchases_by_ids(len(chunk)), params):
+        for count, params in id_chunks(purchase_ids):
+            for row in await self.connection.execute(_purchases_by_ids(count), params):
                 purchase = purchase_from_row(row)
                 if owner_id is None or purchase.owner_id == owner_id:
                     found[purchase.purchase_id] = purchase
