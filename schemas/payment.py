@@ -9,12 +9,14 @@ signature has been verified (unknown fields are ignored: providers add their own
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from decimal import Decimal
 from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
-from rpc_server.domain.records import PaymentOutcome
+from rpc_server.domain.records import PaymentOutcome, SignedPayment
 from schemas.base import Params
 
 MAX_PAYLOAD_CHARS = 64 * 1024
@@ -37,6 +39,31 @@ class PaymentProofParams(Params):
     )
     signature = fields.String(required=True, validate=validate.Length(min=1, max=2048))
     payload = fields.String(required=True, validate=validate.Length(min=1, max=MAX_PAYLOAD_CHARS))
+
+
+class PaymentProof(fields.Nested):
+    """``payment_proof``: ``PaymentProofParams``, loaded as the ``SignedPayment`` it is."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(PaymentProofParams, **kwargs)
+
+    def _deserialize(
+        self,
+        value: Any,
+        attr: str | None,
+        data: Mapping[str, Any] | None,
+        partial: bool | Sequence[str] | AbstractSet[str] | None = None,
+        **kwargs: Any,
+    ) -> SignedPayment:
+        proof = super()._deserialize(value, attr, data, partial, **kwargs)
+        return SignedPayment(
+            message_id=proof["id"],
+            timestamp=proof["timestamp"],
+            signature=proof["signature"],
+            # As signed; text that is not Unicode (a lone surrogate) stays unreadable
+            # and is refused by the verifier as malformed.
+            payload=proof["payload"].encode("utf-8", "surrogatepass"),
+        )
 
 
 class PaymentEventData(Schema):

@@ -5,15 +5,13 @@
 and the nested ``purchase`` out.
 """
 
-from typing import Any
+from marshmallow import fields, validate
 
-from marshmallow import fields, post_load, validate
-
-from rpc_server.domain.records import Backing, SignedPayment, Source
+from rpc_server.domain.records import Backing, Source
 from rpc_server.domain.states import REQUESTABLE_STATES, PurchaseState, Scope
 from schemas.base import Out, Params
 from schemas.fields import Cursor
-from schemas.payment import PaymentProofParams, printable
+from schemas.payment import PaymentProof, printable
 
 REQUESTABLE = "Must be one of: " + ", ".join(REQUESTABLE_STATES) + "."
 PURCHASE_ID = fields.String(
@@ -48,21 +46,9 @@ class PurchaseFulfillParams(Params):
         validate=validate.OneOf(REQUESTABLE_STATES, error=REQUESTABLE),
     )
     error_msg = fields.String(validate=[validate.Length(max=1000), printable])
-    payment_proof = fields.Nested(PaymentProofParams)
-
-    @post_load
-    def signed_payment(self, params: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        proof = params.get("payment_proof")
-        if proof is not None:
-            params["payment_proof"] = SignedPayment(
-                message_id=proof["id"],
-                timestamp=proof["timestamp"],
-                signature=proof["signature"],
-                # As signed; text that is not Unicode (a lone surrogate) stays unreadable
-                # and is refused by the verifier as malformed.
-                payload=proof["payload"].encode("utf-8", "surrogatepass"),
-            )
-        return params
+    # Loaded as the SignedPayment it carries (a field, not a post_load hook, so that
+    # schemas/loading.py's fast path loads these params).
+    payment_proof = PaymentProof()
 
 
 class PurchaseEventsParams(Params):

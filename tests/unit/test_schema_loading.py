@@ -20,6 +20,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from marshmallow import EXCLUDE, INCLUDE, Schema, ValidationError, fields, post_load, validate
 
+from rpc_server.domain.records import SignedPayment
 from rpc_server.domain.states import PurchaseState
 from rpc_server.methods import REGISTRY
 from schemas.loading import compile_loader, has_fast_path
@@ -158,12 +159,50 @@ def test_valid_params_of_the_hot_methods_never_reach_schema_load(
         assert refusing_load(schema)(given_params) == expected
     assert all(
         has_fast_path(REGISTRY.methods[name].params_schema)
-        for name in ("purchase.get", "purchase.list", "purchase.create", "registration.list")
+        for name in (
+            "purchase.get",
+            "purchase.list",
+            "purchase.create",
+            "purchase.fulfill",
+            "registration.list",
+        )
     )
 
 
+@given(
+    purchase_id=VALID["purchase_id"],
+    purchase_state=st.sampled_from(["fulfilled", "failed", "canceled"]),
+    error_msg=st.none() | st.text("abc XYZ.é", max_size=50),
+    payment_proof=st.none()
+    | st.fixed_dictionaries(
+        {
+            "id": st.from_regex(r"[\x21-\x7e]{1,20}", fullmatch=True),
+            "timestamp": st.integers(0, 2**53),
+            "signature": st.text("v1,abc=+/ ", min_size=1, max_size=20),
+            "payload": st.text('{}":, aé✓', min_size=1, max_size=20),
+        }
+    ),
+)
+def test_valid_fulfil_params_never_reach_schema_load(
+    purchase_id: str, purchase_state: str, error_msg: str | None, payment_proof: Any
+) -> None:
+    """The proof is loaded as the SignedPayment it carries by its field (not a schema
+    hook), so valid params of purchase.fulfill, a proof among them, stay on the fast path."""
+    optional = {"error_msg": error_msg, "payment_proof": payment_proof}
+    params = {
+        "purchase_id": purchase_id,
+        "purchase_state": purchase_state,
+        **{key: value for key, value in optional.items() if value is not None},
+    }
+    schema = type(REGISTRY.methods["purchase.fulfill"].params_schema)()
+    expected = schema.load(params)
+    assert refusing_load(schema)(params) == expected
+    if payment_proof is not None:
+        assert isinstance(expected["payment_proof"], SignedPayment)
+
+
 def test_schemas_with_hooks_are_loaded_by_marshmallow_alone() -> None:
-    assert not has_fast_path(REGISTRY.methods["purchase.fulfill"].params_schema)  # post_load
+    assert not has_fast_path(PostLoaded())
 
     class Included(Schema):
         class Meta:
