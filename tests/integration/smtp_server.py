@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from email.message import EmailMessage
@@ -72,6 +72,9 @@ class Received:
     login: str | None
     # Whether the connection that delivered it was encrypted (STARTTLS).
     encrypted: bool = False
+    # The DATA as it arrived, and the MAIL FROM options (BODY=8BITMIME, SMTPUTF8).
+    content: bytes = field(default=b"", repr=False)
+    mail_options: tuple[str, ...] = ()
 
 
 class RecordingHandler:
@@ -105,7 +108,13 @@ class RecordingHandler:
         auth = session.auth_data if session.authenticated else None
         login = auth.login.decode() if isinstance(auth, LoginPassword) else None
         received = Received(
-            envelope.mail_from, tuple(envelope.rcpt_tos), message, login, session.ssl is not None
+            envelope.mail_from,
+            tuple(envelope.rcpt_tos),
+            message,
+            login,
+            session.ssl is not None,
+            content=envelope.original_content,
+            mail_options=tuple(envelope.mail_options),
         )
         with self._lock:
             self._received.append(received)

@@ -208,3 +208,60 @@ async def test_a_failed_write_leaves_no_partial_file_behind(tmp_path: Path) -> N
     [path] = files_in(mail_dir)
     assert read_eml(path)["Message-ID"] == "<x@example.com>"
     assert (mail_dir.stat().st_mode & 0o777, path.stat().st_mode & 0o777) == (0o700, 0o600)
+
+
+def small_message(message_id: str) -> EmailMessage:
+    message = EmailMessage()
+    message["Message-ID"] = f"<{message_id}@example.com>"
+    message.set_content(f"hello {message_id}")
+    return message
+
+
+async def test_sends_at_the_same_time_are_written_together_each_with_its_own_outcome(
+    tmp_path: Path,
+) -> None:
+    """The sends in flight go to the worker thread together; each returns once its own
+    file is in place, and one message's failure (a directory holds its name) is its own."""
+    mail_dir = tmp_path / "mail"
+    (mail_dir / "m7_example.com.eml").mkdir(parents=True)
+    mailer = FileMailer(mail_dir)
+    ids = [f"m{index}" for index in range(20)]
+    outcomes = await asyncio.gather(
+        *(mailer.send(small_message(message_id)) for message_id in ids), return_exceptions=True
+    )
+    assert [type(outcome).__name__ for outcome in outcomes] == [
+        "TemporaryMailError" if message_id == "m7" else "NoneType" for message_id in ids
+    ]
+    for message_id in ids:
+        if message_id != "m7":
+            path = mail_dir / f"{message_id}_example.com.eml"
+            assert plain_text(read_eml(path)) == f"hello {message_id}\n"
+    # Later sends start another write.
+    await mailer.send(small_message("later"))
+    assert (mail_dir / "later_example.com.eml").is_file()
+    assert not [path for path in files_in(mail_dir) if path.suffix == ".tmp"]
+
+
+async def test_a_send_cancelled_while_it_waits_is_not_written_and_holds_up_no_other(
+    tmp_path: Path,
+) -> None:
+    mail_dir = tmp_path / "mail"
+    mailer = FileMailer(mail_dir)
+    first = asyncio.create_task(mailer.send(small_message("first")))
+    second = asyncio.create_task(mailer.send(small_message("second")))
+    await asyncio.sleep(0)  # both wait for the write that the first one started
+    second.cancel()
+    await first
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert [path.name for path in files_in(mail_dir)] == ["first_example.com.eml"]
+
+
+async def test_closing_the_file_mailer_lets_the_write_under_way_finish(tmp_path: Path) -> None:
+    mail_dir = tmp_path / "mail"
+    mailer = FileMailer(mail_dir)
+    sends = [asyncio.create_task(mailer.send(small_message(f"m{i}"))) for i in range(3)]
+    await asyncio.sleep(0)
+    await mailer.close()
+    assert len(files_in(mail_dir)) == 3
+    await asyncio.gather(*sends)

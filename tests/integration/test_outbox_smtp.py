@@ -8,6 +8,7 @@ of retries, leases and shutdown must be controlled.
 from __future__ import annotations
 
 import asyncio
+import copy
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -18,6 +19,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import pytest
 from aiohttp.test_utils import TestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -28,8 +30,13 @@ from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.outbox import OutboxStatus
 from rpc_server.mail.deliverer import ReceiptDeliverer, build_deliverer
-from rpc_server.mail.mailer import NO_STARTTLS, NO_TLS_FOR_CREDENTIALS, SmtpMailer
-from rpc_server.mail.receipts import build_receipt, message_id_for
+from rpc_server.mail.mailer import (
+    NO_STARTTLS,
+    NO_TLS_FOR_CREDENTIALS,
+    SmtpMailer,
+    _plain_envelope,
+)
+from rpc_server.mail.receipts import Receipt, build_receipt, message_id_for
 from tests.conftest import World
 from tests.integration.smtp_server import (
     HOST,
@@ -792,3 +799,77 @@ async def test_a_non_ascii_receipt_reaches_the_mail_server_intact(
     assert plain is not None and html_part is not None
     assert f"Course:      {title}\n" in plain.get_content().replace("\r\n", "\n")
     assert "Pythön für Anfänger ✓ &lt;&amp;&gt; 🐍" in html_part.get_content()
+
+
+RECEIPT_CASES = [
+    ("Python Basics", "Course Shop <receipts@shop.example>"),
+    ("Café ✓ — « résumé »", "receipts@shop.example"),  # encoded Subject, quoted-printable
+    ("A rather long course title " * 4, "Shop <receipts@shop.example>"),  # folded Subject
+    ("From the start\tto the end <&>", '"Shop, Inc." <receipts@shop.example>'),
+    # A quoted-printable line that starts with "From " (a multipart's text is not
+    # "From "-mangled: the same either way).
+    ("é" + "x" * 36 + " From here", "receipts@shop.example"),
+]
+
+
+@pytest.mark.parametrize(("title", "mail_from"), RECEIPT_CASES)
+@pytest.mark.parametrize("starttls", ["", "?starttls=0"])  # greeted at connect, or not
+async def test_a_receipt_reaches_the_server_as_send_message_would_send_it(
+    smtp: SmtpServer, title: str, mail_from: str, starttls: str
+) -> None:
+    """The mailer writes a receipt out itself with the receipt's policy and hands it to
+    ``sendmail`` (rather than ``send_message``, which refolds every header with
+    compat32): the server gets the same envelope, options and bytes either way."""
+    receipt = Receipt(
+        purchase_id="0123456789abcdef",
+        recipient=ALICE,
+        course_title=title,
+        amount=Decimal("49.5"),
+        currency="EUR",
+        fulfilled_at=datetime(2026, 12, 4, 19, 30, tzinfo=UTC),
+    )
+    message = build_receipt(receipt, mail_from=mail_from)
+    assert _plain_envelope(message) is not None  # the mailer's own path is taken
+    mailer = SmtpMailer.from_url(f"{smtp.url}{starttls}")
+    await mailer.send(message)
+    await mailer.close()
+    reference = aiosmtplib.SMTP(hostname=HOST, port=smtp.port, start_tls=False)
+    async with reference:
+        await reference.send_message(message)
+    ours, theirs = smtp.received
+    assert ours.content == theirs.content
+    assert (ours.mail_from, ours.rcpt_tos, ours.mail_options) == (
+        theirs.mail_from,
+        theirs.rcpt_tos,
+        theirs.mail_options,
+    )
+    assert ours.rcpt_tos == (ALICE,)
+    assert ours.message["Subject"] == f"Your receipt: {title}"
+    if "From here" in title:
+        assert b"\nFrom here" in ours.content
+
+
+def test_messages_the_mailer_leaves_to_send_message() -> None:
+    """What ``send_message`` would read another envelope from, or write differently."""
+    receipt = build_receipt(
+        Receipt("p1", ALICE, "T", Decimal("1"), "EUR", datetime(2026, 1, 1, tzinfo=UTC)),
+        mail_from="shop@example.com",
+    )
+    assert _plain_envelope(receipt) == ("shop@example.com", [ALICE])
+    for name, value in [
+        ("Bcc", BOB),
+        ("Sender", "other@example.com"),
+        ("Resent-Date", "Fri, 04 Dec 2026 19:30:00 +0000"),
+    ]:
+        extra = copy.deepcopy(receipt)
+        extra[name] = value
+        assert _plain_envelope(extra) is None, name
+    with_cc = copy.deepcopy(receipt)
+    with_cc["Cc"] = BOB
+    assert _plain_envelope(with_cc) == ("shop@example.com", [ALICE, BOB])
+    unicode_recipient = copy.deepcopy(receipt)
+    unicode_recipient.replace_header("To", "jörg@example.com")
+    assert _plain_envelope(unicode_recipient) is None
+    modern = EmailMessage()
+    modern["From"], modern["To"] = "shop@example.com", ALICE
+    assert _plain_envelope(modern) is None

@@ -13,19 +13,21 @@ import email
 import email.policy
 import html
 import string
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage, Message
+from email.policy import compat32
 from email.utils import format_datetime, formataddr, parseaddr
 
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from rpc_server.mail.receipts import Receipt, build_receipt, message_id_for
+from rpc_server.mail.receipts import RECEIPT_POLICY, Receipt, build_receipt, message_id_for
 
 MAIL_FROM = "Course Shop <receipts@shop.example>"
 RECEIPT = Receipt(
@@ -387,3 +389,59 @@ def test_the_reference_and_the_builder_refuse_the_same_receipts(
     except ValueError as exc:  # a line break the reference let through at the very end
         assert "line break" in str(exc)
         assert any(text.endswith(tuple(LINE_BREAKS)) for text in (receipt.course_title, mail_from))
+
+
+# --- the receipt's policy: compat32, without its folder for headers that fit --------
+
+header_names = st.sampled_from(["Subject", "From", "To", "Date", "Message-ID", "X-A"])
+
+
+@settings(max_examples=500)
+@given(
+    name=header_names,
+    value=st.one_of(
+        st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=90),
+        st.text(max_size=40),  # non-ASCII, control characters, line breaks
+        st.text(" =?abc", max_size=90),  # runs of spaces, encoded-word look-alikes
+    ),
+    linesep=st.sampled_from(["\n", "\r\n"]),
+)
+@example(name="Subject", value="a" * 69, linesep="\n")  # "Subject: " + 69: 78, fits
+@example(name="Subject", value="a" * 70, linesep="\n")  # one more: compat32's folder
+@example(name="To", value=" leading and trailing ", linesep="\n")
+def test_the_receipt_policy_folds_every_header_as_compat32_does(
+    name: str, value: str, linesep: str
+) -> None:
+    ours, theirs = RECEIPT_POLICY.clone(linesep=linesep), compat32.clone(linesep=linesep)
+
+    def outcome(fold: Callable[[], object]) -> object:
+        try:
+            return fold()
+        except Exception as exc:  # the same refusal, if any
+            return type(exc)
+
+    assert outcome(lambda: ours.fold(name, value)) == outcome(lambda: theirs.fold(name, value))
+    assert outcome(lambda: ours.fold_binary(name, value)) == outcome(
+        lambda: theirs.fold_binary(name, value)
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(receipt=receipts, mail_from=senders)
+@example(receipt=RECEIPT, mail_from=MAIL_FROM)
+@example(receipt=replace(RECEIPT, course_title="x" * 2000), mail_from=MAIL_FROM)
+@example(receipt=replace(RECEIPT, course_title="Café ✓"), mail_from="Jörg <j@x.org>")
+def test_a_receipt_is_written_byte_for_byte_as_compat32_writes_it(
+    receipt: Receipt, mail_from: str
+) -> None:
+    """What the file mailer writes (``as_bytes()``, the message's own policy) is what
+    ``compat32`` writes, the policy aiosmtplib writes a compat32 message with."""
+    try:
+        message = build_receipt(receipt, mail_from=mail_from)
+    except ValueError:
+        return
+    if isinstance(message, EmailMessage):
+        return  # the rare receipts still built under email.policy.default
+    assert message.policy is RECEIPT_POLICY
+    assert message.as_bytes() == message.as_bytes(policy=compat32)
+    assert message.as_string() == message.as_string(policy=compat32)
