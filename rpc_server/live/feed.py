@@ -183,6 +183,10 @@ class EventFeed:
         """Events up to ``seq`` (None: unknown) may have been committed: read them."""
         if seq is not None and self.last_seq is not None and seq <= self.last_seq:
             return  # read already (a local commit woke the feed first)
+        if not self._count:
+            # Nobody listens, so the reader would read nothing (``_read_new``): not woken
+            # after every commit; the first subscription wakes it (``add``).
+            return
         self._wakeup.set()
 
     # --- subscriptions --------------------------------------------------------------
@@ -197,6 +201,8 @@ class EventFeed:
         subscription.cursor = self.last_seq if subscription.since is None else subscription.since
         self._index(subscription).add(subscription)
         self._count += 1
+        if self._count == 1:
+            self._wakeup.set()  # what was committed while nobody listened: read it now
         if self._count_changed is not None:
             self._count_changed(self._count)
 
