@@ -35,7 +35,7 @@ from aiohttp import web
 from gunicorn.workers.base import Worker  # type: ignore[import-untyped]
 
 from rpc_server.app import SETTINGS
-from rpc_server.server.serving import drain, start_serving
+from rpc_server.server.serving import drain, start_serving, tune_garbage_collector
 
 log = logging.getLogger("rpc_server.server.gunicorn_worker")
 
@@ -86,6 +86,7 @@ class ServerWorker(Worker):  # type: ignore[misc]  # gunicorn is untyped
             serving = await start_serving(
                 app, settings, [listener.sock for listener in self.sockets]
             )
+            tune_garbage_collector()
             self.booted = True
             log.info("worker %d serving", os.getpid())
             await stopping.wait()

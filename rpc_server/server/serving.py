@@ -22,6 +22,7 @@ in the kernel can be taken and served, not reset (see ``drain``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -64,6 +65,7 @@ async def serve_until_signalled(settings: Settings, listeners: Sequence[socket.s
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stopping.set)
     serving = await start_serving(create_app(settings), settings, listeners)
+    tune_garbage_collector()
     await stopping.wait()
     await drain(serving, settings)
 
@@ -132,6 +134,26 @@ async def start_serving(
             await loop.create_server(guard.protocol, sock=listener.dup(), backlog=BACKLOG)
         )
     return Serving(servers, list(listeners), guard, in_flight, runner)
+
+
+# Container allocations (less deallocations) between young-generation collections;
+# CPython's default is 700. The older generations keep their default ratios.
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_garbage_collector() -> None:
+    """For a server process once its app is serving (``rpc-server serve``, and each
+    gunicorn worker; not an app started in a test's process). What it built at startup
+    (modules, schemas, compiled statements, the OpenRPC document) is moved out of the
+    collector's way (``gc.freeze``), and the young generation is collected every
+    ``GC_YOUNG_THRESHOLD`` allocations rather than every 700. A request allocates
+    hundreds of short-lived containers and a batch thousands, nearly all freed by
+    reference counting; at 700 the collector ran several times per batch for little.
+    Measured on SQLite (``tests/benchmarks/profile.md``): server CPU per batch of 50
+    ``purchase.get`` about 11 % lower, per single call about 10 %, peak RSS unchanged."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 async def drain(serving: Serving, settings: Settings) -> None:
