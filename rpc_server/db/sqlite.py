@@ -122,11 +122,15 @@ class SqliteEngine:
         return connection
 
     async def acquire(self) -> aiosqlite.Connection:
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise pool_timeout(self._size, self._timeout) from None
+        slots = self._slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await slots.acquire()
+            except TimeoutError:
+                raise pool_timeout(self._size, self._timeout) from None
+        else:
+            await slots.acquire()  # free: taken at once, no timer to arm and cancel
         try:
             if self._idle:
                 return self._idle.pop()
