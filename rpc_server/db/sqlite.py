@@ -122,15 +122,8 @@ class SqliteEngine:
         return connection
 
     async def acquire(self) -> aiosqlite.Connection:
-        slots = self._slots
-        if slots.locked():
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await slots.acquire()
-            except TimeoutError:
-                raise pool_timeout(self._size, self._timeout) from None
-        else:
-            await slots.acquire()  # free: taken at once, no timer to arm and cancel
+        if not await _taken_within(self._slots, self._timeout):
+            raise pool_timeout(self._size, self._timeout)
         try:
             if self._idle:
                 return self._idle.pop()
@@ -185,15 +178,8 @@ class SqliteEngine:
             self._end_write_turn(connection)
 
     async def _take_write_turn(self, connection: aiosqlite.Connection) -> None:
-        turn = self._write_turn
-        if turn.locked():
-            try:
-                async with asyncio.timeout(self._write_wait):
-                    await turn.acquire()
-            except TimeoutError:
-                raise sqlite3.OperationalError("database is locked") from None
-        else:
-            await turn.acquire()  # free: taken at once
+        if not await _taken_within(self._write_turn, self._write_wait):
+            raise sqlite3.OperationalError("database is locked")
         self._writer = connection
 
     def _end_write_turn(self, connection: aiosqlite.Connection) -> None:
@@ -226,3 +212,17 @@ class SqliteEngine:
         for connection in list(self._open):
             self._open.discard(connection)
             connection.stop()
+
+
+async def _taken_within(gate: asyncio.Semaphore | asyncio.Lock, seconds: float) -> bool:
+    """Take ``gate``, waiting at most ``seconds``; False when that ran out. A free gate
+    is taken at once, without arming a timer only to cancel it."""
+    if not gate.locked():
+        await gate.acquire()
+        return True
+    try:
+        async with asyncio.timeout(seconds):
+            await gate.acquire()
+    except TimeoutError:
+        return False
+    return True
