@@ -322,7 +322,7 @@ def build_deliverer(
 
     return ReceiptDeliverer(
         uow_factory,
-        mailer_for(settings.smtp_url, settings.mail_dir),
+        mailer_for(settings.smtp_url, settings.mail_dir, keep_open=settings.mail_concurrency),
         mail_from=settings.mail_from,
         retry=RetryPolicy(
             max_attempts=settings.mail_max_attempts,

@@ -20,7 +20,7 @@ import re
 import ssl
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.generator import BytesGenerator
 from email.message import EmailMessage, Message
 from email.policy import Compat32
@@ -55,10 +55,13 @@ class PermanentMailError(MailError):
     """Retrying cannot help; the message is marked dead."""
 
 
-def mailer_for(smtp_url: str | None, mail_dir: str) -> Mailer:
-    """SMTP when a URL is configured, else ``.eml`` files in ``mail_dir``."""
+def mailer_for(smtp_url: str | None, mail_dir: str, *, keep_open: int | None = None) -> Mailer:
+    """SMTP when a URL is configured, else ``.eml`` files in ``mail_dir``. ``keep_open``:
+    SMTP connections kept open between messages (the deliverer's sends at once, so
+    that each of them finds one; None: ``SmtpMailer``'s default)."""
     if smtp_url:
-        return SmtpMailer.from_url(smtp_url)
+        mailer = SmtpMailer.from_url(smtp_url)
+        return mailer if keep_open is None else replace(mailer, max_idle=keep_open)
     return FileMailer(Path(mail_dir))
 
 
