@@ -40,6 +40,7 @@ from tests.reliability.load import (
     Exchange,
     RpcLoad,
     ServerProcess,
+    TimedHandler,
     add_courses,
     database_snapshot,
     duplicates,
@@ -75,11 +76,13 @@ def fulfill_params(exchange: Exchange) -> dict[str, Any] | None:
     return None
 
 
-async def until_a_call_is_in_flight(load: RpcLoad) -> None:
-    """Wait (10 s at most) until some request has been written and not yet answered."""
+async def until_mid_call_and_mid_send(load: RpcLoad, mail: TimedHandler) -> None:
+    """Wait (10 s at most) until some request has been written and not yet answered, and
+    a receipt is in DATA (so the deliverer holds a claim): not in a gap between calls, nor
+    between two claims (the deliverer settles one and claims the next)."""
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
-        if any(e.sent is not None and not e.finished for e in load.exchanges):
+        if mail.in_data and any(e.sent is not None and not e.finished for e in load.exchanges):
             return
         await asyncio.sleep(0.002)
 
@@ -182,8 +185,8 @@ async def test_kill_9_under_concurrent_fulfills_loses_and_duplicates_nothing(
             workers = [asyncio.create_task(worker(n)) for n in range(WORKERS)]
             try:
                 await asyncio.sleep(LOAD_BEFORE_KILL)
-                # Kill while a call is on the wire, not in a gap between calls.
-                await until_a_call_is_in_flight(load)
+                # Kill while a call is on the wire and a receipt is being sent.
+                await until_mid_call_and_mid_send(load, mail)
                 in_data_at_kill = mail.in_data
                 first.kill()
                 killed_at = time.monotonic()
