@@ -44,8 +44,13 @@ class Engine(Protocol):
     begin_sql: str
     statements: StatementCache
 
-    async def acquire(self) -> Any:
-        """A pooled connection; raises the pool's TimeoutError or a connect error."""
+    # Whether units of work that only read share connections (``acquire(write=False)``);
+    # the pool's metrics count only connections a unit of work has to itself.
+    shares_readers: bool
+
+    async def acquire(self, *, write: bool = True) -> Any:
+        """A connection for a unit of work (to share, if it only reads and
+        ``shares_readers``); raises the pool's TimeoutError or a connect error."""
 
     async def release(self, connection: Any) -> None:
         """Give back a connection with no transaction open."""
@@ -94,7 +99,8 @@ class UnitOfWorkConnection:
 
     def __init__(self, engine: Engine, *, write: bool, observer: PoolObserver | None = None):
         self._engine = engine
-        self._observer = observer
+        # A shared read connection is nobody's checkout: the pool's metrics leave it out.
+        self._observer = observer if write or not engine.shares_readers else None
         self._statements = engine.statements
         self._write = write
         self._connection: Any = None
@@ -114,7 +120,12 @@ class UnitOfWorkConnection:
 
     @asynccontextmanager
     async def begin_nested(self) -> AsyncIterator[None]:
-        """A savepoint: rolled back, and nothing else, if the block raises."""
+        """A savepoint: rolled back, and nothing else, if the block raises.
+
+        Only in a writing unit of work: a savepoint opens a transaction, and a reading
+        one may be on a connection other reads share."""
+        if not self._write:
+            raise RuntimeError("a savepoint needs a unit of work opened with write=True")
         self._savepoints += 1
         name = f"unit_of_work_{self._savepoints}"
         await self._run(f"SAVEPOINT {name}", ())
@@ -177,7 +188,7 @@ class UnitOfWorkConnection:
     async def _checkout(self) -> Any:
         started = time.perf_counter()
         try:
-            self._connection = await self._engine.acquire()
+            self._connection = await self._engine.acquire(write=self._write)
         except Exception as error:
             translated = self._engine.translate(error, "connect", True)
             if translated is None:

@@ -43,10 +43,12 @@ def open_engine(
     pool_timeout: float = 10.0,
     connect_timeout: float = 5.0,
     pre_ping: bool = False,
+    sqlite_readers: int = 1,
 ) -> Engine:
     """The engine for ``url`` (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``).
 
-    Raises ``ValueError`` for another driver.
+    ``sqlite_readers``: how many connections SQLite's reading units of work share (0:
+    each takes a pooled one, as on PostgreSQL). Raises ``ValueError`` for another driver.
     """
     parsed = make_url(url)
     driver = parsed.get_driver_name()
@@ -57,6 +59,7 @@ def open_engine(
             overflow=max_overflow,
             timeout=pool_timeout,
             private_file=sqlite_path(url),
+            readers=sqlite_readers,
         )
     if parsed.get_backend_name() == "postgresql" and driver == "asyncpg":
         return PostgresEngine(

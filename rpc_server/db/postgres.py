@@ -58,6 +58,8 @@ class PostgresEngine:
 
     dialect_name = "postgresql"
     begin_sql = "BEGIN"
+    # asyncpg runs one query at a time per connection: every unit of work has its own.
+    shares_readers = False
 
     def __init__(
         self,
@@ -103,7 +105,7 @@ class PostgresEngine:
         args, kwargs = self._connect_args
         return await asyncpg.connect(*args, **{**kwargs, **options})
 
-    async def acquire(self) -> Any:
+    async def acquire(self, *, write: bool = True) -> Any:
         pool = await self._opened_pool()
         try:
             connection = await pool.acquire(timeout=self._timeout)

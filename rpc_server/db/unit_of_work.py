@@ -1,7 +1,9 @@
 """The unit of work: one connection, one transaction, rolled back unless committed.
 
 Each JSON-RPC call (each item of a batch, too) gets its own unit of work from the
-factory in its context, so concurrent items never share a connection. A unit of work
+factory in its context, so concurrent items never share a transaction (on SQLite,
+units of work that only read share a connection: they have no transaction to share,
+``rpc_server.db.sqlite``). A unit of work
 is a connection checked out of the driver's pool at its first statement
 (``rpc_server.db.connection.UnitOfWorkConnection``), not an ORM session: repositories
 turn rows straight into domain records, and an ORM session would only add bookkeeping

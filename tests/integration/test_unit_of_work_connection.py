@@ -105,6 +105,24 @@ async def test_values_come_back_as_python_values(
     assert staff is True
 
 
+async def test_a_savepoint_needs_a_writing_unit_of_work(
+    uow_factory: SqlUnitOfWorkFactory, world: World
+) -> None:
+    """A savepoint opens a transaction, which a reading unit of work must not do (on
+    SQLite its connection is shared with other reads): refused before anything is sent."""
+    async with uow_factory() as uow:
+        with pytest.raises(RuntimeError, match="write=True"):
+            async with uow.connection.begin_nested():
+                pass
+        assert await count_users_in(uow) == 4  # the unit of work still reads
+    async with uow_factory(write=True) as uow, uow.connection.begin_nested():
+        assert await count_users_in(uow) == 4
+
+
+async def count_users_in(uow: Any) -> int:
+    return int(await uow.connection.scalar(select(func.count()).select_from(UserRow)))
+
+
 @pytest.mark.parametrize("where", ["rollback", "statement"])
 async def test_a_call_cancelled_mid_unit_of_work_gives_its_connection_back(
     where: str, small_engine: Engine, world: World, monkeypatch: pytest.MonkeyPatch
@@ -147,8 +165,11 @@ async def test_a_call_cancelled_mid_unit_of_work_gives_its_connection_back(
 
 async def test_units_of_work_beyond_the_pool_wait_their_turn(database_url: str) -> None:
     """Twenty units of work on two connections: each waits for one to come back (not for
-    the pool timeout), and every connection is back at the end."""
-    engine = open_engine(database_url, pool_size=2, max_overflow=0, pool_timeout=5)
+    the pool timeout), and every connection is back at the end. (SQLite's reads share
+    their connections unless told not to: ``test_sqlite_shared_readers.py``.)"""
+    engine = open_engine(
+        database_url, pool_size=2, max_overflow=0, pool_timeout=5, sqlite_readers=0
+    )
     uow_factory = SqlUnitOfWorkFactory(engine)
     in_use = {"now": 0, "most": 0}
 
@@ -176,7 +197,9 @@ async def test_waiting_for_a_connection_times_out_with_service_unavailable(
 ) -> None:
     """A unit of work that finds every connection busy for the pool timeout fails with
     the pool's TimeoutError (-32000), and the pool serves again once one is back."""
-    engine = open_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
+    engine = open_engine(
+        database_url, pool_size=1, max_overflow=0, pool_timeout=0.3, sqlite_readers=0
+    )
     uow_factory = SqlUnitOfWorkFactory(engine)
     try:
         held = await engine.acquire()
