@@ -170,9 +170,10 @@ def _count_statements() -> None:
                 COUNTS["sql_rollback"] += 1
             return await _f(self, connection)
 
-        async def counted_acquire(self: Any, _f: Any = acquire) -> Any:
+        async def counted_acquire(self: Any, *, write: bool = True, _f: Any = acquire) -> Any:
+            # A unit of work taking a connection (on SQLite, a read's is shared).
             COUNTS["pool_checkouts"] += 1
-            return await _f(self)
+            return await _f(self, write=write)
 
         engine.fetch = counted_fetch  # type: ignore[method-assign]
         engine.begin_and_fetch = counted_begin_and_fetch  # type: ignore[method-assign]
