@@ -24,6 +24,7 @@ from rpc_server.domain.records import (
     PurchaseUpdate,
     Registration,
     SignedPayment,
+    StateChange,
     UpdateScope,
 )
 from rpc_server.domain.states import PurchaseState, Scope
@@ -78,11 +79,14 @@ class PurchaseRepository(Protocol):
         error_msg: str | None,
         now: datetime,
         payment_ref: str | None = None,
-    ) -> bool:
+    ) -> StateChange | None:
         """Atomically move the purchase to ``target`` if its state is in ``sources``.
 
-        Returns True if this call made the change. This is one conditional UPDATE in
-        the database, never a read-then-write, so concurrent callers cannot both win.
+        Returns what this call changed (applied to the purchase as read, it is the
+        purchase as the database now holds it), or None if the state was not one of
+        ``sources``. This is one conditional UPDATE in the database (its RETURNING
+        saves reading the purchase again), never a read-then-write, so concurrent
+        callers cannot both win.
         ``payment_ref`` is recorded with a fulfilment; if another purchase already holds
         it (a race the caller's check could not see), raises
         ``PaymentNotVerified("reused")`` and the unit of work must be abandoned.

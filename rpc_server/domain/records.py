@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -58,6 +58,26 @@ class Purchase:
     created_at: datetime
     updated_at: datetime
     fulfilled_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """What a purchase's transition wrote (``PurchaseRepository.transition``), as the
+    database holds it: the rest of the purchase is as it was."""
+
+    state: PurchaseState
+    error_msg: str | None
+    updated_at: datetime
+    fulfilled_at: datetime | None
+
+    def applied_to(self, purchase: Purchase) -> Purchase:
+        return replace(
+            purchase,
+            state=self.state,
+            error_msg=self.error_msg,
+            updated_at=self.updated_at,
+            fulfilled_at=self.fulfilled_at,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -433,7 +433,7 @@ async def _request_state(
             # A signed payment.failed event's own message wins, however it came in.
             message = event.error_message or FAILED_PAYMENT if event is not None else error_msg
         now = clock()
-        changed = await uow.purchases.transition(
+        change = await uow.purchases.transition(
             purchase.pk,
             sources=frozenset({purchase.state}),
             target=requested,
@@ -445,10 +445,8 @@ async def _request_state(
             ),
             now=now,
         )
-        # Read back what the database holds now: ours if we won, the winner's if not.
-        refreshed = await uow.purchases.get(purchase.purchase_id, owner_id=owner)
-        assert refreshed is not None
-        if changed:
+        if change is not None:
+            refreshed = change.applied_to(purchase)
             if requested is PurchaseState.FULFILLED:
                 await uow.registrations.add(refreshed, now=now)
                 await uow.receipts.add(refreshed, now=now)
@@ -468,7 +466,10 @@ async def _request_state(
             )
             await uow.commit()
             return refreshed, step
-        purchase = refreshed
+        # Lost a race: read what the winner left, and consult the table again.
+        found = await uow.purchases.get(purchase.purchase_id, owner_id=owner)
+        assert found is not None
+        purchase = found
     raise AssertionError("a purchase changed state more often than it has states")
 
 

@@ -521,23 +521,26 @@ class Service:
                 # Conditional on the state just read (a concurrent change makes it miss).
                 before = row[9]
                 changed = await connection.fetch(sql, *values, row[0], before)
-                refreshed = await self._purchase(connection, purchase_id, actor)
-                assert refreshed is not None
-                row = refreshed
-                if changed:
-                    if requested == "fulfilled":
-                        await connection.fetch(
-                            self.insert_registration_sql, row[0], row[2], row[4], stamp
-                        )
-                        await connection.fetch(
-                            self.insert_receipt_sql, row[0], row[3], "pending", 0,
-                            d.timestamp(RECEIPT_NOT_DUE), stamp,
-                        )  # fmt: skip
-                    await self._append_event(
-                        connection, row[0], before, requested, actor, evidence, message, stamp
+                if not changed:  # lost a race: the winner's purchase, and the table again
+                    refreshed = await self._purchase(connection, purchase_id, actor)
+                    assert refreshed is not None
+                    row = refreshed
+                    continue
+                # The row as the project builds it: as read, with what the UPDATE returned.
+                row = (*row[:9], *changed[0])
+                if requested == "fulfilled":
+                    await connection.fetch(
+                        self.insert_registration_sql, row[0], row[2], row[4], stamp
                     )
-                    await tx.commit()
-                    break
+                    await connection.fetch(
+                        self.insert_receipt_sql, row[0], row[3], "pending", 0,
+                        d.timestamp(RECEIPT_NOT_DUE), stamp,
+                    )  # fmt: skip
+                await self._append_event(
+                    connection, row[0], before, requested, actor, evidence, message, stamp
+                )
+                await tx.commit()
+                break
             if step == CONFLICT:
                 raise invalid_transition(row[9], requested)
         return {
@@ -555,11 +558,13 @@ class Service:
                 f"UPDATE purchases SET state=?, error_msg=?, updated_at=?{fulfilled} "
                 f"WHERE purchases.id = ? AND purchases.state IN ({marks})"
             )
+            # The columns it changes (state, error_msg, updated_at, fulfilled_at), in the
+            # order of the purchase's row.
+            returning = "state, error_msg, updated_at, fulfilled_at"
             if isinstance(self.dialect, SqliteDialect):
-                sql += " RETURNING id"
-                self.transition_sql[key] = sql
+                self.transition_sql[key] = f"{sql} RETURNING {returning}"
             else:
-                self.transition_sql[key] = self.dialect.sql(sql, returning="purchases.id")
+                self.transition_sql[key] = self.dialect.sql(sql, returning=returning)
         return self.transition_sql[key]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -31,6 +31,7 @@ from rpc_server.db.connection import Engine
 from rpc_server.db.engines import open_engine
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
+from rpc_server.domain.states import PurchaseState
 from rpc_server.jsonrpc.errors import SERVICE_UNAVAILABLE
 from tests.conftest import World
 from tests.unit.test_errors import error_of
@@ -117,6 +118,39 @@ async def test_a_savepoint_needs_a_writing_unit_of_work(
         assert await count_users_in(uow) == 4  # the unit of work still reads
     async with uow_factory(write=True) as uow, uow.connection.begin_nested():
         assert await count_users_in(uow) == 4
+
+
+@pytest.mark.parametrize(
+    "target", [PurchaseState.FULFILLED, PurchaseState.FAILED, PurchaseState.CANCELED]
+)
+async def test_a_transition_returns_what_a_fresh_read_finds(
+    uow_factory: SqlUnitOfWorkFactory, world: World, target: PurchaseState
+) -> None:
+    """What ``transition`` returns (its UPDATE's RETURNING), applied to the purchase as
+    read before, is the purchase a later read finds: fulfil answers with it unread."""
+    purchase = await services.create_purchase(
+        uow_factory, world.alice.actor, course="python-basics"
+    )
+    later = purchase.created_at + timedelta(seconds=5, microseconds=123457)
+    pending = frozenset({PurchaseState.PENDING})
+    fulfilled = target is PurchaseState.FULFILLED
+    async with uow_factory(write=True) as uow:
+        change = await uow.purchases.transition(
+            purchase.pk, sources=pending, target=target, now=later,
+            error_msg="declined" if target is PurchaseState.FAILED else None,
+            payment_ref="pi_returning" if fulfilled else None,
+        )  # fmt: skip
+        # No longer pending: the same UPDATE changes nothing and says so.
+        again = await uow.purchases.transition(
+            purchase.pk, sources=pending, target=target, error_msg=None, now=later
+        )
+        await uow.commit()
+    async with uow_factory() as uow:
+        stored = await uow.purchases.get(purchase.purchase_id, owner_id=None)
+    assert change is not None and again is None
+    assert change.applied_to(purchase) == stored
+    assert stored is not None and stored.state is target and stored.updated_at == later
+    assert stored.fulfilled_at == (later if fulfilled else None)
 
 
 async def count_users_in(uow: Any) -> int:

@@ -42,6 +42,7 @@ from rpc_server.domain.records import (
     PurchaseUpdate,
     Registration,
     Source,
+    StateChange,
     UpdateScope,
 )
 from rpc_server.domain.states import PurchaseState, Scope
@@ -566,16 +567,16 @@ class FakePurchaseRepository:
         error_msg: str | None,
         now: datetime,
         payment_ref: str | None = None,
-    ) -> bool:
+    ) -> StateChange | None:
         factory = self._uow.factory
         factory.transition_calls.append((pk, sources, target, error_msg, payment_ref))
         factory._run_interleaved("purchases.transition", self._uow)
         store = self._uow.writable()
         if factory.lost_transitions > 0:
             factory.lost_transitions -= 1
-            return False
+            return None
         try:
-            return store.set_state(
+            changed = store.set_state(
                 pk,
                 sources=sources,
                 target=target,
@@ -587,6 +588,15 @@ class FakePurchaseRepository:
             raise PaymentNotVerified(
                 "reused", "this payment already fulfilled another purchase"
             ) from None
+        if not changed:
+            return None
+        now_held = store.purchases[pk].purchase
+        return StateChange(
+            state=now_held.state,
+            error_msg=now_held.error_msg,
+            updated_at=now_held.updated_at,
+            fulfilled_at=now_held.fulfilled_at,
+        )
 
     async def holder_of_payment_ref(self, payment_ref: str) -> int | None:
         return self._uow.store.holder_of(payment_ref)

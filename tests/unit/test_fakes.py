@@ -14,6 +14,7 @@ from rpc_server.domain.records import (
     NewPurchaseEvent,
     Purchase,
     Source,
+    StateChange,
 )
 from rpc_server.domain.states import PurchaseState, Scope
 from rpc_server.domain.tokens import hash_token
@@ -88,7 +89,7 @@ async def test_transition_is_conditional(fake: FakeWorld, clock: FixedClock) -> 
             now=clock(),
         )
         stored = await uow.purchases.get("abc", owner_id=None)
-    assert refused is False
+    assert refused is None
     assert stored == purchase
 
 
@@ -114,7 +115,9 @@ async def add_purchase(
     return purchase
 
 
-async def fulfil_with(uow: FakeUnitOfWork, pk: int, ref: str | None, now: datetime) -> bool:
+async def fulfil_with(
+    uow: FakeUnitOfWork, pk: int, ref: str | None, now: datetime
+) -> StateChange | None:
     return await uow.purchases.transition(
         pk, sources=frozenset({PENDING}), target=FULFILLED, error_msg=None, now=now,
         payment_ref=ref,
@@ -195,7 +198,7 @@ async def test_a_missed_transition_never_checks_the_payment_ref(
             second.pk, sources=frozenset({FAILED}), target=FULFILLED, error_msg=None,
             now=clock(), payment_ref="pi_1",
         )  # fmt: skip
-    assert refused is False
+    assert refused is None
 
 
 async def test_only_a_fulfilment_records_a_payment_ref(fake: FakeWorld, clock: FixedClock) -> None:
@@ -316,7 +319,7 @@ async def test_a_concurrent_winner_writes_its_change_and_its_event(
         )
         # The winner's committed change is visible to this unit of work.
         assert (await uow.purchases.get("abc", owner_id=None)) == fake.uow.purchase("abc")
-    assert lost is False
+    assert lost is None
     assert fake.uow.purchase("abc").state is FULFILLED
     assert fake.uow.payment_ref_of("abc") == "pi_w"
     assert len(fake.uow.registrations) == len(fake.uow.receipts) == 1

@@ -32,7 +32,7 @@ from rpc_server.db.repositories.rows import (
     id_chunks,
 )
 from rpc_server.domain.errors import PaymentNotVerified
-from rpc_server.domain.records import Course, Purchase
+from rpc_server.domain.records import Course, Purchase, StateChange
 from rpc_server.domain.states import PurchaseState
 
 PURCHASE_COLUMNS = (
@@ -123,7 +123,8 @@ def _page_query(*, of_owner: bool, in_state: bool, before: bool) -> Select[*tupl
 
 @functools.cache
 def _transition_statement(sources: frozenset[PurchaseState], target: PurchaseState) -> Update:
-    """``UPDATE purchases … WHERE id = :pk AND state IN (sources) RETURNING id``."""
+    """``UPDATE purchases … WHERE id = :pk AND state IN (sources) RETURNING`` the
+    columns it changes."""
     values: dict[str, Any] = {
         "state": target.value,
         "error_msg": bindparam("new_error_msg"),
@@ -141,8 +142,17 @@ def _transition_statement(sources: frozenset[PurchaseState], target: PurchaseSta
             PurchaseRow.state.in_([literal(s.value) for s in sorted(sources)]),
         )
         .values(**values)
-        .returning(PurchaseRow.id)
+        .returning(*_CHANGED_COLUMNS)
     )
+
+
+# What a transition changes, as ``StateChange`` holds it.
+_CHANGED_COLUMNS = (
+    PurchaseRow.state,
+    PurchaseRow.error_msg,
+    PurchaseRow.updated_at,
+    PurchaseRow.fulfilled_at,
+)
 
 
 def purchase_from_row(row: Sequence[Any]) -> Purchase:
@@ -265,7 +275,7 @@ class SqlPurchaseRepository:
         error_msg: str | None,
         now: datetime,
         payment_ref: str | None = None,
-    ) -> bool:
+    ) -> StateChange | None:
         params: dict[str, Any] = {"pk": pk, "new_error_msg": error_msg, "now": now}
         if target is PurchaseState.FULFILLED:
             params["payment_ref"] = payment_ref
@@ -280,7 +290,16 @@ class SqlPurchaseRepository:
             raise PaymentNotVerified(
                 "reused", "this payment already fulfilled another purchase"
             ) from None
-        return result.first() is not None
+        row = result.first()
+        if row is None:
+            return None
+        state, new_error_msg, updated_at, fulfilled_at = row
+        return StateChange(
+            state=PurchaseState(state),
+            error_msg=new_error_msg,
+            updated_at=as_utc(updated_at),
+            fulfilled_at=None if fulfilled_at is None else as_utc(fulfilled_at),
+        )
 
     async def holder_of_payment_ref(self, payment_ref: str) -> int | None:
         pk = await self.connection.scalar(_PURCHASE_BY_PAYMENT_REF, {"payment_ref": payment_ref})
