@@ -527,7 +527,8 @@ class Service:
                     row = refreshed
                     continue
                 # The row as the project builds it: as read, with what the UPDATE returned.
-                row = (*row[:9], *changed[0])
+                state, message_now, updated_at, fulfilled_at = changed[0]
+                row = (*row[:9], state, message_now, row[11], updated_at, fulfilled_at)
                 if requested == "fulfilled":
                     await connection.fetch(
                         self.insert_registration_sql, row[0], row[2], row[4], stamp
