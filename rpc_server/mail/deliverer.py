@@ -1,15 +1,15 @@
 """The receipt deliverer: claims due outbox rows, sends them, records the outcome.
 
 Runs inside ``rpc-server serve`` (woken right after a fulfillment commits, polling as a
-fallback) or alone as ``rpc-server send-mail``. Rows are claimed (up to 50) under a
-lease in a short transaction, sent several at a time with no transaction open (SQLite's
-write lock is never held across SMTP; SMTP connections are kept open between messages),
-then settled together in one transaction, each only if the claim is still ours (the sent
-ones by one statement, recorded as sent when the claim is settled). The
-lease is short (15 s by default) and renewed while the sends go on: a deliverer that
-dies mid-send leaves its rows due again within the lease, for itself after a restart or
-for another process. At worst a receipt is sent twice, with the same Message-ID, never
-lost.
+fallback) or alone as ``rpc-server send-mail``. Rows are claimed (50, more while a
+backlog lasts) under a lease in a short transaction, sent several at a time with no
+transaction open (SQLite's write lock is never held across SMTP; SMTP connections are
+kept open between messages), then settled together in one transaction, each only if the
+claim is still ours (the sent ones by one statement, recorded as sent when the claim is
+settled). The lease is short (15 s by default) and renewed while the sends go on: a
+deliverer that dies mid-send leaves its rows due again within the lease, for itself
+after a restart or for another process. At worst a receipt is sent twice, with the same
+Message-ID, never lost.
 
 Retry timing is stored in the row (``next_attempt_at``), so it survives restarts; that
 is why it is computed here rather than by an in-process retry library.
@@ -81,6 +81,7 @@ class ReceiptDeliverer:
         lease_seconds: float = 15.0,
         poll_seconds: float = 5.0,
         batch_size: int = 50,
+        max_claim: int = 800,
         concurrency: int = 8,
         gather_seconds: float = 0.05,
         clock: Clock = utcnow,
@@ -88,7 +89,13 @@ class ReceiptDeliverer:
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
     ):
-        """``concurrency``: messages of one claim sent at the same time;
+        """``batch_size``: receipts claimed at once; after a full claim the next one
+        claims twice as many, up to ``max_claim``, and after one that was not full,
+        ``batch_size`` again. A claim and its settlement are two write transactions,
+        each of which, on SQLite, waits its turn behind the calls that write: with a
+        backlog under a steady stream of fulfilments, bigger claims are what lets the
+        deliverer keep up (measured: 0.77 receipts a fulfil with claims of 50 at 712
+        fulfils/s). ``concurrency``: messages of one claim sent at the same time;
         ``gather_seconds``: how long receipts gather after a claim that was not full
         before the next claim. ``outage``:
         whether an error means the database is not there right now (a warning, waited
@@ -102,6 +109,8 @@ class ReceiptDeliverer:
         self.lease = timedelta(seconds=lease_seconds)
         self.poll_seconds = poll_seconds
         self.batch_size = batch_size
+        self.max_claim = max_claim
+        self._full_claims = 0  # claims in a row that found as many as they asked for
         self.concurrency = concurrency
         self.gather_seconds = gather_seconds
         self.clock = clock
@@ -181,11 +190,14 @@ class ReceiptDeliverer:
     async def _deliver_due(self) -> int:
         token = uuid.uuid4().hex
         now = self.clock()
+        limit = max(min(self.batch_size << min(self._full_claims, 16), self.max_claim), 1)
         async with self.uow_factory(write=True) as uow:
             jobs = await uow.receipts.claim_due(
-                now=now, lease_until=now + self.lease, token=token, limit=self.batch_size
+                now=now, lease_until=now + self.lease, token=token, limit=limit
             )
             await uow.commit()
+        # A full claim: more are waiting, claim twice as many next time.
+        self._full_claims = self._full_claims + 1 if len(jobs) == limit else 0
         if not jobs:
             return 0
         renewal = asyncio.create_task(self._renew(token))

@@ -66,7 +66,8 @@ async def test_two_deliverers_racing_send_each_receipt_once(
             build_deliverer(smtp_settings, SqlUnitOfWorkFactory(engine)) for engine in engines
         ]
         for deliverer in deliverers:
-            deliverer.batch_size = 3  # small claims, so the two interleave
+            # Small claims, never growing, so the two interleave.
+            deliverer.batch_size = deliverer.max_claim = 3
         handled = await asyncio.gather(*(d.deliver_all() for d in deliverers))
     finally:
         for engine in engines:
