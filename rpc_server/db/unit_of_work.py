@@ -3,11 +3,10 @@
 Each JSON-RPC call (each item of a batch, too) gets its own unit of work from the
 factory in its context, so concurrent items never share a transaction (on SQLite,
 units of work that only read share a connection: they have no transaction to share,
-``rpc_server.db.sqlite``). A unit of work
-is a connection checked out of the driver's pool at its first statement
-(``rpc_server.db.connection.UnitOfWorkConnection``), not an ORM session: repositories
-turn rows straight into domain records, and an ORM session would only add bookkeeping
-(identity map, snapshots, flush) that nothing here uses.
+``rpc_server.db.sqlite``). A unit of work is a connection checked out of the driver's
+pool at its first statement (``rpc_server.db.connection.UnitOfWorkConnection``), not
+an ORM session: repositories turn rows straight into domain records, and an ORM session
+would only add bookkeeping (identity map, snapshots, flush) that nothing here uses.
 
 Read units of work (``write=False``) do not open a transaction (no BEGIN is sent), so a
 read costs its statements and nothing else. Each statement still reads one consistent
