@@ -165,26 +165,29 @@ class SqliteEngine:
         """The shared read connection with the fewest units of work on it, opening
         another while there are fewer than ``readers`` and every one is in use."""
         sharing = self._sharing
-        if sharing:
-            connection = min(sharing, key=sharing.__getitem__)
-            if not sharing[connection] or len(sharing) >= self._readers:
-                sharing[connection] += 1
-                return connection
-        async with self._opening_reader:
-            if len(sharing) < self._readers:
-                connection = await self.connect()
-                if self._closed:  # while it connected: it would outlive the engine
-                    self._open.discard(connection)
-                    await connection.close()
-                    return await self._pooled()  # closed when given back
-                sharing[connection] = 0
-            connection = min(sharing, key=sharing.__getitem__)
-            sharing[connection] += 1
-            return connection
+        least = min(sharing, key=sharing.__getitem__, default=None)
+        if least is None or (sharing[least] and len(sharing) < self._readers):
+            async with self._opening_reader:
+                if len(sharing) < self._readers:  # not opened while this one waited
+                    connection = await self.connect()
+                    if self._closed:  # while it connected: it would outlive the engine
+                        self._open.discard(connection)
+                        await connection.close()
+                        return await self._pooled()  # closed when given back
+                    sharing[connection] = 0
+            least = min(sharing, key=sharing.__getitem__)
+        sharing[least] += 1
+        return least
+
+    def _unshare(self, connection: aiosqlite.Connection) -> bool:
+        """Count a read's shared connection as given back; False if it is not one."""
+        if connection not in self._sharing:
+            return False
+        self._sharing[connection] -= 1
+        return True
 
     async def release(self, connection: aiosqlite.Connection) -> None:
-        if connection in self._sharing:
-            self._sharing[connection] -= 1
+        if self._unshare(connection):
             return
         try:
             if connection not in self._open:
@@ -198,10 +201,9 @@ class SqliteEngine:
             self._slots.release()
 
     def discard(self, connection: aiosqlite.Connection) -> None:
-        if connection in self._sharing:
+        if self._unshare(connection):
             # Other reads may be on it, and a read holds nothing that could be left
             # half-done on it (SQLite's connections do not go away): it stays shared.
-            self._sharing[connection] -= 1
             return
         self._end_write_turn(connection)  # its transaction ends with it
         self._open.discard(connection)
