@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from models import User as UserRow
 from rpc_server.db.connection import Engine
 from rpc_server.db.engines import open_engine
-from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
+from rpc_server.db.unit_of_work import SqlUnitOfWork, SqlUnitOfWorkFactory
 from rpc_server.domain import services
 from rpc_server.domain.states import PurchaseState
 from rpc_server.jsonrpc.errors import SERVICE_UNAVAILABLE
@@ -66,7 +66,11 @@ async def assert_all_back(engine: Engine, size: int = SIZE) -> None:
 
 async def count_users(uow_factory: SqlUnitOfWorkFactory) -> int:
     async with uow_factory() as uow:
-        return int(await uow.connection.scalar(select(func.count()).select_from(UserRow)))
+        return await count_users_in(uow)
+
+
+async def count_users_in(uow: SqlUnitOfWork) -> int:
+    return int(await uow.connection.scalar(select(func.count()).select_from(UserRow)))
 
 
 async def test_a_duplicate_is_sqlalchemys_integrity_error_and_nothing_is_kept(
@@ -151,10 +155,6 @@ async def test_a_transition_returns_what_a_fresh_read_finds(
     assert change.applied_to(purchase) == stored
     assert stored is not None and stored.state is target and stored.updated_at == later
     assert stored.fulfilled_at == (later if fulfilled else None)
-
-
-async def count_users_in(uow: Any) -> int:
-    return int(await uow.connection.scalar(select(func.count()).select_from(UserRow)))
 
 
 @pytest.mark.parametrize("where", ["rollback", "statement"])
