@@ -125,25 +125,30 @@ class RpcMethod:
 
     async def __call__(self, ctx: RpcContext, /, *args: Any, **kwargs: Any) -> Result:
         # ctx is positional-only, so a client param named "ctx" is just an unknown field.
-        deadline = asyncio.timeout(ctx.call_timeout)
-        batch = ctx.batch_deadline  # in a batch, the sooner of its deadline and the call's
-        if batch is not None and batch.cuts(ctx.call_timeout):
+        batch = ctx.batch_deadline
+        if batch is not None:
+            # A batch item: its lane's timer cuts it (``rpc_server.jsonrpc.envelope.answer``).
             if batch.passed():
                 return batch.timed_out()  # not started in time: not started at all
-            deadline = asyncio.timeout_at(batch.at)
-        else:
-            batch = None
+            try:
+                return await self._call(ctx, args, kwargs)
+            except Exception as exc:  # a TimeoutError here is one of something inside
+                return self._failed(ctx, exc)
+        deadline = asyncio.timeout(ctx.call_timeout)
         try:
             async with deadline:
                 return await self._call(ctx, args, kwargs)
         except TimeoutError as exc:
             if deadline.expired():  # not a timeout of something inside
-                return timed_out(ctx.call_timeout) if batch is None else batch.timed_out()
-            return error_result(exc, method=self.name)
+                return timed_out(ctx.call_timeout)
+            return self._failed(ctx, exc)
         except Exception as exc:
-            if isinstance(exc, PaymentNotVerified) and ctx.metrics is not None:
-                ctx.metrics.observe_payment_refused("proof", exc.reason)
-            return error_result(exc, method=self.name)
+            return self._failed(ctx, exc)
+
+    def _failed(self, ctx: RpcContext, exc: Exception) -> Result:
+        if isinstance(exc, PaymentNotVerified) and ctx.metrics is not None:
+            ctx.metrics.observe_payment_refused("proof", exc.reason)
+        return error_result(exc, method=self.name)
 
     async def _call(
         self, ctx: RpcContext, args: Sequence[Any], kwargs: Mapping[str, Any]

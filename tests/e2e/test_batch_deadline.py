@@ -5,6 +5,7 @@ back; the calls already answered keep their answers; a single call keeps its own
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import Any
@@ -13,6 +14,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from rpc_server.config import Settings
+from rpc_server.domain.records import Actor
+from rpc_server.jsonrpc.context import RpcContext
+from rpc_server.jsonrpc.registry import MethodRegistry, RpcMethod
+from schemas.base import Out
 from tests.conftest import World
 from tests.e2e.conftest import (
     TIMED_OUT,
@@ -23,7 +28,7 @@ from tests.e2e.conftest import (
     request_object,
     send,
 )
-from tests.e2e.test_envelope_limits import SLOW_REGISTRY
+from tests.e2e.test_envelope_limits import SLOW_REGISTRY, NoParams
 
 BATCH_TIMEOUT = 0.5
 CALL_TIMEOUT = 5.0  # test.slow sleeps 5 s: only the batch's deadline can cut it in time
@@ -92,3 +97,64 @@ async def test_a_single_call_keeps_its_own_timeout(
     assert time.monotonic() - started >= 1.0
     error = assert_error(reply.json, TIMED_OUT, 1)
     assert error["data"] == {"timeout_seconds": 1.0}
+
+
+# --- one lane's calls, each with its own timeout ------------------------------------------
+
+CALL_TIMEOUT_IN_LANE = 0.3
+NAP = 0.12  # well within the call timeout; three of them are not
+
+
+async def nap(ctx: RpcContext, actor: Actor | None) -> Any:
+    """Takes NAP seconds."""
+    await asyncio.sleep(NAP)
+    return {}
+
+
+NAP_REGISTRY = MethodRegistry(
+    [*SLOW_REGISTRY.methods.values(), RpcMethod("test.nap", nap, NoParams, Out(), auth=False)]
+)
+
+
+async def test_each_call_of_a_lane_gets_its_own_timeout_and_the_lane_goes_on_after_a_cut(
+    app_client: AppClientFactory, settings: Settings
+) -> None:
+    # One lane: the items run one after another, and its calls share one timer
+    # (rpc_server.jsonrpc.envelope.answer), which must still give each call its own
+    # timeout: three naps in a row outlast one timeout, and none of them is cut.
+    client = await app_client(
+        settings=dataclasses.replace(settings, call_timeout=CALL_TIMEOUT_IN_LANE, db_pool_size=1),
+        registry=NAP_REGISTRY,
+    )
+    batch = [
+        request_object("test.nap", id="nap-1"),
+        request_object("test.nap", id="nap-2"),
+        request_object("test.nap", id="nap-3"),
+        request_object("test.slow", id="slow-1"),
+        request_object("test.quick", id="quick"),
+        notification_object("test.slow"),
+        request_object("test.slow", id="slow-2"),
+        request_object("test.nap", id="nap-4"),
+    ]
+    started = time.monotonic()
+    reply = await send(client, batch)
+    elapsed = time.monotonic() - started
+    answers = {answer["id"]: answer for answer in reply.json}
+    assert list(answers) == ["nap-1", "nap-2", "nap-3", "slow-1", "quick", "slow-2", "nap-4"]
+    for id in ("nap-1", "nap-2", "nap-3", "quick", "nap-4"):
+        assert answers[id] == {"jsonrpc": "2.0", "result": {}, "id": id}
+    for id in ("slow-1", "slow-2"):
+        error = assert_error(answers[id], TIMED_OUT, id)
+        assert error["data"] == {"timeout_seconds": CALL_TIMEOUT_IN_LANE}
+    # Four naps and three cuts, one after another: each cut at its own timeout (up to
+    # 1 % later), not at the first call's, nor after the 5 s a slow call takes.
+    assert 4 * NAP + 3 * CALL_TIMEOUT_IN_LANE <= elapsed < 4 * NAP + 3 * CALL_TIMEOUT_IN_LANE + 1.5
+    # The cut calls are counted as -32001, the notification's too, each once.
+    metrics = await client.get("/metrics")
+    text = await metrics.text()
+    cut = [
+        line
+        for line in text.splitlines()
+        if line.startswith("rpc_server_calls_total{") and 'method="test.slow"' in line
+    ]
+    assert cut == ['rpc_server_calls_total{method="test.slow",outcome="-32001"} 3.0'], cut

@@ -7,8 +7,17 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from rpc_server.jsonrpc.json_codec import MAX_NUMBER_LENGTH, ExactNumber, ParseError, dumps, loads
+from rpc_server.jsonrpc.json_codec import (
+    MAX_NUMBER_LENGTH,
+    ExactNumber,
+    ParseError,
+    depth_exceeds,
+    dumps,
+    loads,
+)
 
 
 def echo_id(raw_id: str) -> bytes:
@@ -144,3 +153,33 @@ def test_exact_numbers_show_their_text_in_logs() -> None:
 def test_other_objects_are_still_not_json() -> None:
     with pytest.raises(TypeError):
         dumps({"id": object()})
+
+
+def _depth_by_recursion(value: Any) -> int:
+    """The definition: a scalar 0, an empty array or object 1, else 1 + its deepest child."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if not isinstance(value, list):
+        return 0
+    return 1 + max(map(_depth_by_recursion, value), default=0)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+@given(_JSON, st.integers(min_value=0, max_value=8))
+def test_depth_exceeds_agrees_with_the_definition(value: Any, limit: int) -> None:
+    assert depth_exceeds(value, limit) is (_depth_by_recursion(value) > limit)
+
+
+def test_depth_exceeds_walks_deep_nesting_without_recursion() -> None:
+    deep: list[Any] = []
+    for _ in range(4999):
+        deep = [deep]
+    assert depth_exceeds(deep, 4999) and not depth_exceeds(deep, 5000)
