@@ -23,7 +23,9 @@ Internals" API (``SQLCompiler``), kept here and nowhere else:
 Bind and result processors come from the column types' public ``bind_processor`` and
 ``result_processor`` (the hooks custom types implement). Results are processed only on
 SQLite; asyncpg's values are already Python's, and its dialect's numeric result processor
-expects a cursor description that this path does not have.
+expects a cursor description that this path does not have. On SQLite a plain
+``DateTime`` column is read as an aware UTC datetime in one step (``_sqlite_utc``), the
+stock processor kept for text in a form ``fromisoformat`` does not read.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, cast
 
+from sqlalchemy import DateTime
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import ClauseElement, Executable
@@ -78,7 +82,8 @@ class CompiledStatement:
     names: tuple[str, ...]  # positional parameters, in order
     bound: Mapping[str, Any]  # values bound in the statement itself (and column defaults)
     bind_processors: tuple[Processor, ...]
-    result_processors: tuple[Processor, ...] | None  # None: rows need no processing
+    # The result columns that need processing, by index (empty: rows need none).
+    result_processors: tuple[tuple[int, Callable[[Any], Any]], ...]
 
     def parameters(self, params: Mapping[str, Any] | None) -> list[Any]:
         values = self.bound if not params else {**self.bound, **params}
@@ -93,17 +98,17 @@ class CompiledStatement:
 
     def rows(self, raw: Sequence[Any]) -> Rows:
         processors = self.result_processors
-        if processors is None:
+        if not processors:
             return Rows([tuple(row) for row in raw])
-        return Rows(
-            [
-                tuple(
-                    value if p is None else p(value)
-                    for p, value in zip(processors, row, strict=True)
-                )
-                for row in raw
-            ]
-        )
+        # Only the columns that have a processor are visited: a purchase's row has 14
+        # columns and 4 processors (SQLite's datetimes and decimal), 2.8 -> 1.4 µs a row.
+        rows = []
+        for row in raw:
+            values = list(row)
+            for index, process in processors:
+                values[index] = process(values[index])
+            rows.append(tuple(values))
+        return Rows(rows)
 
 
 def compile_statement(
@@ -132,12 +137,11 @@ def compile_statement(
         binds[name].type.dialect_impl(dialect).bind_processor(dialect) if name in binds else None
         for name in names
     )
-    result_processors: tuple[Processor, ...] | None = None
+    result_processors: tuple[tuple[int, Callable[[Any], Any]], ...] = ()
     if process_results and isinstance(statement, Executable):
         columns = getattr(statement, "exported_columns", ())
-        found = tuple(c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
-        if any(p is not None for p in found):
-            result_processors = found
+        found = (_result_processor(c.type, dialect) for c in columns)
+        result_processors = tuple((i, p) for i, p in enumerate(found) if p is not None)
     return CompiledStatement(
         sql=compiled.string,
         names=names,
@@ -145,6 +149,33 @@ def compile_statement(
         bind_processors=bind_processors,
         result_processors=result_processors,
     )
+
+
+def _result_processor(column_type: Any, dialect: Dialect) -> Processor:
+    stock = cast(Processor, column_type.dialect_impl(dialect).result_processor(dialect, None))
+    if dialect.name == "sqlite" and type(column_type) is DateTime and stock is not None:
+        return _sqlite_utc(stock)
+    return stock
+
+
+def _sqlite_utc(stock: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """A ``DateTime`` column read on SQLite: the text SQLAlchemy stored
+    (``2026-12-05 21:14:27.326000``, UTC as everything here) read as an aware UTC
+    datetime at once. The stock processor's naive datetime made aware afterwards
+    (``datetime.replace``) took 0.8 µs a value, ``fromisoformat`` with the offset
+    appended 0.1 µs; a purchase has three. Text in another form goes the stock way."""
+    parse = datetime.fromisoformat
+
+    def process(value: Any) -> Any:
+        if type(value) is str:
+            try:
+                return parse(value + "+00:00")
+            except ValueError:
+                pass
+        moment = stock(value)
+        return moment if moment is None else moment.replace(tzinfo=UTC)
+
+    return process
 
 
 class StatementCache:

@@ -41,5 +41,8 @@ def id_chunks(ids: Sequence[T]) -> Iterator[tuple[int, dict[str, T]]]:
 
 
 def as_utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything we store is UTC."""
+    """``moment`` in UTC: everything we store is UTC. SQLite's are read as UTC already
+    (``rpc_server.db.compile``), PostgreSQL's in the session's time zone."""
+    if moment.tzinfo is UTC:
+        return moment
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
