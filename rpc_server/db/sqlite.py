@@ -7,14 +7,21 @@ IMMEDIATE``: a deferred transaction that reads and then writes fails at once wit
 "database is locked" whatever the busy timeout, because SQLite cannot upgrade its read
 lock while another writer holds the database.
 
-Writers of one process take turns on an ``asyncio.Lock`` before ``BEGIN IMMEDIATE``,
-held until their commit or rollback. Without it they would contend for SQLite's write
-lock through its busy handler, which sleeps in growing steps (up to 100 ms) and polls:
-under concurrent fulfilments a write then waited far longer than the writes ahead of it
-took (fulfil p99 above a second at 600/s). With it, at most one of the process's
-connections asks SQLite for the write lock at a time, and only another process (a
-``send-mail``, a CLI command) ever waits in the busy handler. A writer waits for its turn
-as long as SQLite's busy timeout, then fails as SQLite would ("database is locked").
+Writers of one process take turns on an ``asyncio.Lock`` before they take a connection,
+and hold it until they give the connection back. Without it they would contend for
+SQLite's write lock through its busy handler, which sleeps in growing steps (up to
+100 ms) and polls: under concurrent fulfilments a write then waited far longer than the
+writes ahead of it took (fulfil p99 above a second at 600/s). With it, at most one of
+the process's connections asks SQLite for the write lock at a time, and only another
+process (a ``send-mail``, a CLI command) ever waits in the busy handler. A writer waits
+for its turn as long as SQLite's busy timeout, then fails as SQLite would ("database is
+locked"). The turn comes before the connection, so the writers take turns on the
+connection given back last (the pool's idle connections are a stack): its page cache is
+current, where a connection another one has written since must read again what changed.
+Measured on ``purchase.fulfill`` under load (one CPU, 32 clients, the deliverer off),
+against writers that each held a pooled connection while they waited for the turn (ten
+connections written in rotation): 1,280 -> 1,110 µs of server CPU a fulfil, 750 -> 870
+fulfils a second.
 
 Each aiosqlite connection owns a thread, and every call is one trip to it (a thread
 switch and an event-loop wake-up); a statement is one trip here (``execute_fetchall``),
@@ -111,7 +118,7 @@ class SqliteEngine:
         self._idle: list[aiosqlite.Connection] = []
         self._open: set[aiosqlite.Connection] = set()  # every connection not yet closed
         self._closed = False
-        # The process's turn to write, and the connection whose transaction holds it.
+        # The process's turn to write, and the connection that holds it (until given back).
         self._write_turn = asyncio.Lock()
         # The connections read units of work share (see ``acquire``), and how many
         # units of work are reading on each.
@@ -145,10 +152,20 @@ class SqliteEngine:
 
     async def acquire(self, *, write: bool = True) -> aiosqlite.Connection:
         """A connection for a unit of work: a shared one to read (``readers`` of them),
-        a pooled one of its own to write."""
-        if not write and self._readers and not self._closed:
-            return await self._shared_reader()
-        return await self._pooled()
+        a pooled one of its own to write, once it is this writer's turn (given back
+        with the connection)."""
+        if not write:
+            if self._readers and not self._closed:
+                return await self._shared_reader()
+            return await self._pooled()
+        await self._wait_for_write_turn()
+        try:
+            connection = await self._pooled()
+        except BaseException:
+            self._write_turn.release()
+            raise
+        self._writer = connection
+        return connection
 
     async def _pooled(self) -> aiosqlite.Connection:
         if not await _taken_within(self._slots, self._timeout):
@@ -188,6 +205,7 @@ class SqliteEngine:
 
     async def release(self, connection: aiosqlite.Connection) -> None:
         if self._unshare(connection):
+            self._end_write_turn(connection)  # (a read unit of work never takes one)
             return
         try:
             if connection not in self._open:
@@ -199,6 +217,8 @@ class SqliteEngine:
                 self._idle.append(connection)
         finally:
             self._slots.release()
+            # After it is idle again: the next writer takes this connection.
+            self._end_write_turn(connection)
 
     def discard(self, connection: aiosqlite.Connection) -> None:
         if self._unshare(connection):
@@ -219,28 +239,23 @@ class SqliteEngine:
     async def begin_and_fetch(
         self, connection: aiosqlite.Connection, sql: str, arguments: Sequence[Any]
     ) -> Sequence[Any]:
-        await self._take_write_turn(connection)
+        if self._writer is not connection:  # taken to read: its turn to write first
+            await self._wait_for_write_turn()
+            self._writer = connection
         await connection.execute_fetchall(self.begin_sql)
         return cast(Sequence[Any], await connection.execute_fetchall(sql, arguments))
 
     async def commit(self, connection: aiosqlite.Connection) -> None:
-        try:
-            if connection.in_transaction:
-                await connection.commit()
-        finally:
-            self._end_write_turn(connection)
+        if connection.in_transaction:
+            await connection.commit()
 
     async def rollback(self, connection: aiosqlite.Connection) -> None:
-        try:
-            if connection.in_transaction:
-                await connection.rollback()
-        finally:
-            self._end_write_turn(connection)
+        if connection.in_transaction:
+            await connection.rollback()
 
-    async def _take_write_turn(self, connection: aiosqlite.Connection) -> None:
+    async def _wait_for_write_turn(self) -> None:
         if not await _taken_within(self._write_turn, self._write_wait):
             raise sqlite3.OperationalError("database is locked")
-        self._writer = connection
 
     def _end_write_turn(self, connection: aiosqlite.Connection) -> None:
         if self._writer is connection:

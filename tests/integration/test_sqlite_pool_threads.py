@@ -21,8 +21,13 @@ from rpc_server.db.sqlite import SqliteEngine
 
 
 def pool(path: Path, *, size: int, overflow: int = 0, timeout: float = 5.0) -> SqliteEngine:
+    """A pool for reads (``readers=0``): writers take turns, one connection at a time."""
     return SqliteEngine(
-        make_url(f"sqlite+aiosqlite:///{path}"), size=size, overflow=overflow, timeout=timeout
+        make_url(f"sqlite+aiosqlite:///{path}"),
+        size=size,
+        overflow=overflow,
+        timeout=timeout,
+        readers=0,
     )
 
 
@@ -45,7 +50,7 @@ async def test_connections_beyond_the_pool_size_are_closed_when_given_back(
 ) -> None:
     before = set(threading.enumerate())
     engine = pool(tmp_path / "db.sqlite3", size=1, overflow=2)
-    connections = [await engine.acquire() for _ in range(3)]
+    connections = [await engine.acquire(write=False) for _ in range(3)]
     assert len(started_since(before)) == 3
     for connection in connections:
         await engine.release(connection)
@@ -58,7 +63,7 @@ async def test_connections_beyond_the_pool_size_are_closed_when_given_back(
 async def test_closing_stops_connections_still_checked_out(tmp_path: Path) -> None:
     before = set(threading.enumerate())
     engine = pool(tmp_path / "db.sqlite3", size=2)
-    idle, busy = await engine.acquire(), await engine.acquire()
+    idle, busy = await engine.acquire(write=False), await engine.acquire(write=False)
     await engine.release(idle)
     await engine.close()
     await threads_back_to(before)
@@ -85,9 +90,9 @@ async def test_a_connect_cancelled_midway_leaves_no_thread(tmp_path: Path) -> No
 
 async def test_beyond_size_and_overflow_a_caller_waits_then_times_out(tmp_path: Path) -> None:
     engine = pool(tmp_path / "db.sqlite3", size=1, timeout=0.2)
-    held = await engine.acquire()
+    held = await engine.acquire(write=False)
     with pytest.raises(sa_exc.TimeoutError, match="RPC_SERVER_DB_POOL_SIZE"):
-        await engine.acquire()
+        await engine.acquire(write=False)
     await engine.release(held)
     again = await asyncio.wait_for(engine.acquire(), 2)  # the same, pooled
     assert again is held

@@ -1,7 +1,8 @@
-"""SQLite writers of one process take turns before ``BEGIN IMMEDIATE``
+"""SQLite writers of one process take turns before they take a connection
 (``rpc_server.db.sqlite``): a second writer never asks SQLite for the write lock while
 the first holds it (so it never sleeps in SQLite's busy handler), gets its turn as soon
-as the first transaction ends however it ends, and gives up after the busy timeout as
+as the first gives its connection back however its transaction ended, then writes on
+that same connection (its page cache current), and gives up after the busy timeout as
 SQLite would."""
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ async def begin_insert(engine: SqliteEngine, value: Any) -> Any:
 
 
 async def values(engine: SqliteEngine) -> list[int]:
-    connection = await engine.acquire()
+    connection = await engine.acquire(write=False)
     try:
         rows = await engine.fetch(connection, "SELECT x FROM t ORDER BY rowid", ())
     finally:
@@ -61,23 +62,42 @@ async def test_a_second_writer_waits_for_its_turn_without_asking_sqlite(
     sqlite_engine: SqliteEngine,
 ) -> None:
     first = await begin_insert(sqlite_engine, 1)
-    connection = await sqlite_engine.acquire()
-    second = asyncio.create_task(
-        sqlite_engine.begin_and_fetch(connection, "INSERT INTO t (x) VALUES (2)", ())
-    )
+    second = asyncio.create_task(begin_insert(sqlite_engine, 2))
     await asyncio.sleep(0.1)
     assert not second.done(), "waiting for the first writer's turn to end"
-    # Its connection's thread is free: it is not sleeping in SQLite's busy handler,
-    # which a BEGIN IMMEDIATE sent while the first writer holds the lock would be.
-    assert await asyncio.wait_for(sqlite_engine.fetch(connection, "SELECT 1", ()), 0.2)
-    assert not connection.in_transaction
     await sqlite_engine.commit(first)
+    assert not second.done(), "the turn ends when the connection is given back"
     await sqlite_engine.release(first)
-    await asyncio.wait_for(second, 1.0)
+    connection = await asyncio.wait_for(second, 1.0)
+    # It waited for its turn before it took a connection (none was idle while the
+    # first held its own: it would have opened another), then took the one given back.
+    assert connection is first
     assert connection.in_transaction
     await sqlite_engine.commit(connection)
     await sqlite_engine.release(connection)
     assert await values(sqlite_engine) == [1, 2]
+
+
+async def test_a_connection_taken_to_read_takes_its_turn_before_it_begins(
+    sqlite_engine: SqliteEngine,
+) -> None:
+    first = await begin_insert(sqlite_engine, 1)
+    reader = await sqlite_engine.acquire(write=False)
+    begun = asyncio.create_task(
+        sqlite_engine.begin_and_fetch(reader, "INSERT INTO t (x) VALUES (2)", ())
+    )
+    await asyncio.sleep(0.1)
+    assert not begun.done() and not reader.in_transaction
+    await sqlite_engine.commit(first)
+    await sqlite_engine.release(first)
+    await asyncio.wait_for(begun, 1.0)
+    await sqlite_engine.commit(reader)
+    await sqlite_engine.release(reader)
+    assert await values(sqlite_engine) == [1, 2]
+    # Given back, its turn ended: the next writer goes at once.
+    third = await asyncio.wait_for(begin_insert(sqlite_engine, 3), 1.0)
+    await sqlite_engine.commit(third)
+    await sqlite_engine.release(third)
 
 
 async def test_a_writer_that_waits_past_the_busy_timeout_fails_as_sqlite_would(
