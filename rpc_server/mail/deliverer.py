@@ -240,14 +240,20 @@ class ReceiptDeliverer:
 
     async def _send_all(self, jobs: list[ReceiptJob]) -> list[Outcome]:
         """Send the claimed messages, ``concurrency`` at a time, in claim order; once
-        stopping, the ones not started are left out."""
-        gate = asyncio.Semaphore(self.concurrency)
+        stopping, the ones not started are left out.
 
-        async def send(job: ReceiptJob) -> Outcome | None:
-            async with gate:
-                return None if self._stopping else await self._send(job)
+        ``concurrency`` senders take the next message each when free, rather than a task
+        per message waiting on a semaphore: a claim holds up to ``max_claim`` of them."""
+        outcomes: list[Outcome | None] = [None] * len(jobs)
+        pending = iter(range(len(jobs)))
 
-        outcomes = await asyncio.gather(*(send(job) for job in jobs))
+        async def sender() -> None:
+            for index in pending:
+                if self._stopping:
+                    return
+                outcomes[index] = await self._send(jobs[index])
+
+        await asyncio.gather(*(sender() for _ in range(min(self.concurrency, len(jobs)))))
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def _renew(self, token: str) -> None:
