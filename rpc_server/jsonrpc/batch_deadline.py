@@ -1,13 +1,13 @@
 """A batch's deadline: the whole batch is answered within ``RPC_SERVER_BATCH_TIMEOUT``.
 
 ``handle_rpc`` (``rpc_server.app``) starts one for each batch and puts it in the batch's
-``RpcContext``; each call (``RpcMethod.__call__`` in ``rpc_server.jsonrpc.registry``) runs until
-the sooner of its own timeout (``RPC_SERVER_CALL_TIMEOUT``) and the batch's deadline. A
-call the deadline cuts answers -32001 "Timed out" with ``{"batch_timeout_seconds": N}``
-and its unit of work rolls back, as a call cut by its own timeout does; an item that had
-not started by then answers the same without running. Items already answered keep their
-answers. Without it, a batch of 100 slow calls run 10 at a time could hold its
-connection for ten call timeouts.
+``RpcContext``; each call runs until the sooner of its own timeout
+(``RPC_SERVER_CALL_TIMEOUT``) and the batch's deadline, kept by the lane that runs it
+(``rpc_server.jsonrpc.envelope.answer``). A call the deadline cuts answers -32001 "Timed
+out" with ``{"batch_timeout_seconds": N}`` and its unit of work rolls back, as a call cut
+by its own timeout does; an item that had not started by then answers the same without
+running. Items already answered keep their answers. Without it, a batch of 100 slow calls
+run 10 at a time could hold its connection for ten call timeouts.
 """
 
 from __future__ import annotations
@@ -31,10 +31,6 @@ class BatchDeadline:
     @classmethod
     def from_now(cls, seconds: float) -> BatchDeadline:
         return cls(asyncio.get_running_loop().time() + seconds, seconds)
-
-    def cuts(self, call_timeout: float) -> bool:
-        """True if a call starting now with ``call_timeout`` would outlive the batch."""
-        return self.at < asyncio.get_running_loop().time() + call_timeout
 
     def passed(self) -> bool:
         return asyncio.get_running_loop().time() >= self.at

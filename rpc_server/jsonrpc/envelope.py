@@ -280,10 +280,7 @@ def _cut(item: JsonObject, ctx: RpcContext, started: float) -> JsonObject | None
     """The answer of a batch item its lane's timer cut (None for a notification): the
     batch's -32001 once the batch's deadline has passed, else the call's own."""
     batch = ctx.batch_deadline
-    cut_by_batch = batch is not None and batch.passed()
-    result = (
-        batch.timed_out() if batch is not None and cut_by_batch else timed_out(ctx.call_timeout)
-    )
+    result = batch.timed_out() if batch and batch.passed() else timed_out(ctx.call_timeout)
     request = create_request(item)
     if ctx.metrics is not None:
         ctx.metrics.observe_call(
