@@ -20,7 +20,7 @@ from jsonrpcserver.async_dispatcher import call
 from jsonrpcserver.dispatcher import create_request, to_response
 from jsonrpcserver.request import Request
 from jsonrpcserver.response import to_serializable_one
-from jsonrpcserver.result import Error, MethodNotFoundResult
+from jsonrpcserver.result import Error, MethodNotFoundResult, Result
 from jsonrpcserver.sentinels import NOID
 
 from rpc_server.jsonrpc import json_codec
@@ -158,12 +158,16 @@ async def _run_call(
         if ctx.metrics is None and ctx.tracing is None:
             return None, None
         unanswered = Request(request.method, request.params, None)
-        unsent = to_serializable_one(to_response(unanswered, result))
-        assert isinstance(unsent, dict)
-        return None, _error_code(unsent)
+        return None, _error_code(_response(unanswered, result))
+    answer = _response(request, result)
+    return answer, _error_code(answer)
+
+
+def _response(request: Request, result: Result) -> JsonObject:
+    """jsonrpcserver's response object to ``request`` with ``result``."""
     answer = to_serializable_one(to_response(request, result))
     assert isinstance(answer, dict)  # one response in, one response object out
-    return answer, _error_code(answer)
+    return answer
 
 
 def _error_code(answer: JsonObject) -> int | None:
@@ -286,8 +290,4 @@ def _cut(item: JsonObject, ctx: RpcContext, started: float) -> JsonObject | None
         ctx.metrics.observe_call(
             ctx.metrics.method_label(request.method), str(TIMED_OUT), time.perf_counter() - started
         )
-    if request.id is NOID:
-        return None
-    answer = to_serializable_one(to_response(request, result))
-    assert isinstance(answer, dict)
-    return answer
+    return None if request.id is NOID else _response(request, result)

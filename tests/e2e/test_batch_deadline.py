@@ -29,6 +29,7 @@ from tests.e2e.conftest import (
     send,
 )
 from tests.e2e.test_envelope_limits import SLOW_REGISTRY, NoParams
+from tests.e2e.test_metrics import scrape_of
 
 BATCH_TIMEOUT = 0.5
 CALL_TIMEOUT = 5.0  # test.slow sleeps 5 s: only the batch's deadline can cut it in time
@@ -150,11 +151,7 @@ async def test_each_call_of_a_lane_gets_its_own_timeout_and_the_lane_goes_on_aft
     # 1 % later), not at the first call's, nor after the 5 s a slow call takes.
     assert 4 * NAP + 3 * CALL_TIMEOUT_IN_LANE <= elapsed < 4 * NAP + 3 * CALL_TIMEOUT_IN_LANE + 1.5
     # The cut calls are counted as -32001, the notification's too, each once.
-    metrics = await client.get("/metrics")
-    text = await metrics.text()
-    cut = [
-        line
-        for line in text.splitlines()
-        if line.startswith("rpc_server_calls_total{") and 'method="test.slow"' in line
-    ]
-    assert cut == ['rpc_server_calls_total{method="test.slow",outcome="-32001"} 3.0'], cut
+    calls = (await scrape_of(client)).calls()
+    assert {key: n for key, n in calls.items() if key[0] == "test.slow"} == {
+        ("test.slow", str(TIMED_OUT)): 3
+    }
