@@ -3,11 +3,13 @@
 A bucket holds up to ``burst`` calls and refills at ``rate`` calls per second; taking
 ``n`` grants ``min(n, floor(tokens))``. Buckets live in this process (``MemoryBuckets``,
 on SQLite: one process) or in PostgreSQL (``DatabaseBuckets``, shared by every process
-of the deployment: one UPSERT per HTTP request, however many items it holds), and then
+of the deployment: at most one UPSERT per HTTP request, however many items it holds), and then
 in this process's memory for as long as PostgreSQL cannot be reached
-(``FallbackBuckets``; why: ``rpc_server.jsonrpc.rate_limit``). The takes of one bucket
-that requests make at the same moment (the same turn of the event loop) go to PostgreSQL
-as one (``CoalescedBuckets``).
+(``FallbackBuckets``; why: ``rpc_server.jsonrpc.rate_limit``). A busy caller's next
+calls are taken ahead with its current ones, a little at a time, so that most of its
+requests need no statement (``LeasedBuckets``), and the takes of one bucket that requests
+make at the same moment (the same turn of the event loop) go to PostgreSQL as one
+(``CoalescedBuckets``).
 
 Buckets are never kept longer than needed: a bucket left idle for ``burst / rate``
 seconds is full again, the same as no bucket at all, so it may be forgotten. In memory
@@ -223,6 +225,116 @@ class CoalescedBuckets:
             left -= granted
             if not future.done():
                 future.set_result(Grant(granted, grant.tokens_left))
+
+
+class LeasedBuckets:
+    """``store``'s buckets, a busy caller's next calls taken ahead with the current ones.
+
+    Every take of ``store`` is a statement on PostgreSQL: for a caller sending many
+    requests through this process that is a statement per request (or per turn of the
+    event loop, ``CoalescedBuckets``), which cost a cheap call a quarter of its
+    throughput. So a take that goes to the store also takes, ahead, as many calls as
+    this caller asked of this process in the last ``window`` seconds (0.1), at most
+    ``share`` of its burst (a tenth) and never more than the store holds: the caller's
+    next calls are granted from that lease here, without a statement, while it lasts
+    and for ``hold`` seconds at most (then what is left of it is dropped). A caller
+    whose requests are further apart than ``window`` never takes ahead: each of its
+    takes is the store's, as without this layer.
+
+    What it does not change: a call is granted only from tokens the shared bucket gave,
+    and a call is refused only when the shared bucket cannot cover it together with
+    what this process holds for the caller. What it changes, within a tenth of the
+    burst: tokens a process took ahead are no longer in the shared bucket, so a caller
+    spread over several processes may be refused while another process still holds up
+    to a tenth of its burst for it (dropped after ``hold``); and a lease taken when the
+    bucket was nearly full, used after it refilled, lets the caller have up to that
+    tenth more than one burst in a moment. A limit whose tenth of a burst is below one
+    call (a burst under 10) is never leased.
+    """
+
+    def __init__(
+        self,
+        store: Buckets,
+        *,
+        window: float = 0.1,
+        hold: float = 1.0,
+        share: float = 0.1,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.store, self.window, self.hold, self.share = store, window, hold, share
+        self.max_keys, self.clock = max_keys, clock
+        self._leases: OrderedDict[str, _Lease] = OrderedDict()
+
+    def held(self, key: str) -> int:
+        """The calls this process holds for ``key`` now (expired leases hold none)."""
+        lease = self._leases.get(key)
+        if lease is None or self.clock() >= lease.expires:
+            return 0
+        return lease.held
+
+    async def take(self, key: str, calls: int, limit: Limit) -> Grant:
+        now = self.clock()
+        lease = self._leases.get(key)
+        if lease is None:
+            lease = self._leases[key] = _Lease(now)
+            while len(self._leases) > self.max_keys:
+                self._leases.popitem(last=False)
+        else:
+            self._leases.move_to_end(key)
+        asked_before = lease.asked(now, calls, self.window)
+        if now >= lease.expires:
+            lease.held = 0
+        if lease.held >= calls:
+            lease.held -= calls
+            return Grant(calls, lease.store_left + lease.held)
+        # Not enough here: this take goes to the store, with what is held counted in,
+        # and (unless another take of this caller is asking ahead already) the calls
+        # of the last window taken ahead.
+        have, lease.held = lease.held, 0
+        ahead = 0
+        if not lease.refilling:
+            ahead = min(asked_before, int(limit.burst * self.share))
+        lease.refilling = lease.refilling or ahead > 0
+        try:
+            grant = await self.store.take(key, calls - have + ahead, limit)
+        except BaseException:
+            lease.held += have  # still this caller's
+            raise
+        finally:
+            if ahead:
+                lease.refilling = False
+        available = have + grant.granted
+        granted = min(calls, available)
+        if available > granted:
+            lease.held += available - granted
+            lease.expires = self.clock() + self.hold
+        lease.store_left = grant.tokens_left
+        return Grant(granted, grant.tokens_left + lease.held)
+
+
+class _Lease:
+    """What one process holds for one caller, and what the caller asked of it lately."""
+
+    __slots__ = ("count", "expires", "held", "last", "refilling", "started", "store_left")
+
+    def __init__(self, now: float) -> None:
+        self.held = 0  # calls taken ahead from the store, not yet granted
+        self.expires = now  # when what is held is dropped
+        self.store_left = 0.0  # what the store said the bucket held after the last take
+        self.refilling = False  # a take asking ahead is on its way to the store
+        self.started, self.count, self.last = now, 0, 0  # this window's calls, the last's
+
+    def asked(self, now: float, calls: int, window: float) -> int:
+        """Count ``calls`` in this window; return the calls asked in the window before it
+        and in this one before these."""
+        elapsed = now - self.started
+        if elapsed >= window:
+            self.last = self.count if elapsed < 2 * window else 0
+            self.started, self.count = now, 0
+        asked = self.last + self.count
+        self.count += calls
+        return asked
 
 
 class FallbackBuckets:

@@ -56,6 +56,7 @@ from rpc_server.jsonrpc.buckets import (
     CoalescedBuckets,
     DatabaseBuckets,
     FallbackBuckets,
+    LeasedBuckets,
     Limit,
     MemoryBuckets,
 )
@@ -148,5 +149,5 @@ def build_rate_limits(settings: Settings, engine: Engine) -> RateLimits | None:
     if engine.dialect_name != "sqlite":
         idle_after = max(limit.full_after for limit in limits)
         shared = CoalescedBuckets(DatabaseBuckets(engine, idle_after=idle_after))
-        buckets = FallbackBuckets(shared, memory)
+        buckets = FallbackBuckets(LeasedBuckets(shared), memory)
     return RateLimits(buckets, per_user=per_user, anonymous=anonymous)

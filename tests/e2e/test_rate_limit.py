@@ -285,6 +285,67 @@ async def test_the_bucket_is_shared_by_processes_on_postgresql(
     assert sum(a.get("error", {}).get("code") == RATE_LIMITED for a in one + two) == 2
 
 
+async def hurry(
+    aiohttp_client: AiohttpClient, settings: Settings, token: str, burst: int, rate: float
+) -> tuple[list[dict[str, Any]], float]:
+    """300 requests of one user, 12 at a time, through two apps (as two processes would
+    be): the answers and the seconds they took."""
+    busy = limited_settings(settings, rate_limit=rate, rate_burst=burst)
+    apps = [await aiohttp_client(create_app(busy)) for _ in range(2)]
+    started = asyncio.get_running_loop().time()
+    answers: list[dict[str, Any]] = []
+
+    async def caller(number: int) -> None:
+        for i in range(25):
+            answers.append(await post(apps[(number + i) % 2], call("course.list", i), token))
+
+    await asyncio.gather(*(caller(n) for n in range(12)))
+    return answers, asyncio.get_running_loop().time() - started
+
+
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The calls asked of PostgreSQL by each bucket statement."""
+    asked: list[int] = []
+    take = DatabaseBuckets.take
+
+    async def counted(self: DatabaseBuckets, key: str, calls: int, limit: Limit) -> Any:
+        asked.append(calls)
+        return await take(self, key, calls, limit)
+
+    monkeypatch.setattr(DatabaseBuckets, "take", counted)
+    return asked
+
+
+@pytest.mark.backends("postgresql")
+async def test_a_busy_caller_under_its_limit_needs_a_statement_for_few_of_its_requests(
+    aiohttp_client: AiohttpClient, settings: Settings, world: World, statements: list[int]
+) -> None:
+    answers, _ = await hurry(aiohttp_client, settings, world.alice.token, burst=1000, rate=0.5)
+    assert all("result" in a for a in answers)
+    # Most requests were granted from what each app took ahead (up to 100 calls, a tenth
+    # of the burst), the rest coalesced: here about 40 statements; one per request
+    # would be 300, coalesced alone about 180.
+    assert len(statements) <= 300 // 3, statements
+    assert max(statements) > 1, "some took ahead"
+    assert sum(statements) <= 300 + 2 * 1000 // 10
+
+
+@pytest.mark.backends("postgresql")
+async def test_two_processes_taking_ahead_grant_no_more_than_the_bucket_and_strand_little(
+    aiohttp_client: AiohttpClient, settings: Settings, world: World, statements: list[int]
+) -> None:
+    burst, rate = 200, 0.5  # a tenth of the burst: 20 calls
+    answers, elapsed = await hurry(aiohttp_client, settings, world.alice.token, burst, rate)
+    granted = sum("result" in a for a in answers)
+    refused = [a for a in answers if "error" in a]
+    assert {a["error"]["code"] for a in refused} == {RATE_LIMITED}
+    assert granted + len(refused) == 300
+    # At most the burst and the refill; at least the burst less what each app may hold.
+    assert burst - 2 * burst // 10 <= granted <= burst + rate * elapsed + 1
+    assert max(statements) > 1, "some took ahead"
+
+
 async def add_bucket(engine: AsyncEngine, key: str, tokens: float, idle_seconds: float) -> None:
     async with engine.begin() as connection:
         await connection.execute(
