@@ -36,11 +36,13 @@ from aiohttp.web import BaseRequest, RequestKey, StreamResponse
 
 from rpc_server.http.request_id import HEADER as REQUEST_ID_HEADER
 from rpc_server.http.request_id import current_request_id
-from rpc_server.log_output import escape
+from rpc_server.log_output import escape, plain_handler
 
 # The same line as ``FORMAT`` produces with aiohttp's AccessLogger (for printable
 # values without quotes), kept for reference and for the test that compares both.
 FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i" request_id=%{X-Request-ID}o'
+# The text line (its arguments: FORMAT's fields in order).
+_TEXT_LINE = '%s "%s %s HTTP/%d.%d" %d %d %.6f "%s" request_id=%s'
 # ``AppRunner(access_log_format=JSON_FORMAT)``: the fields as JSON fields.
 JSON_FORMAT = "json"
 LOGGER = access_logger
@@ -80,22 +82,23 @@ class AccessLogger(AbstractAccessLogger):
         if self.json:
             self._log_json(request, response, status, time, extra or {})
             return
-        self._info(
-            '%s "%s %s HTTP/%d.%d" %d %d %.6f "%s" request_id=%s',
-            (
-                escape(request.remote or "-"),
-                request.method,
-                escape(request.raw_path),
-                version.major,
-                version.minor,
-                status,
-                response.body_length,
-                time,
-                escape(request.headers.get("User-Agent", "-")),
-                response.headers.get(REQUEST_ID_HEADER, "-"),
-            ),
-            extra,
+        args = (
+            escape(request.remote or "-"),
+            request.method,
+            escape(request.raw_path),
+            version.major,
+            version.minor,
+            status,
+            response.body_length,
+            time,
+            escape(request.headers.get("User-Agent", "-")),
+            response.headers.get(REQUEST_ID_HEADER, "-"),
         )
+        if extra is None and (handler := plain_handler(self.logger)) is not None:
+            # Logging is as ``configure_logging`` set it up: the same line, no record.
+            handler.write_plain(self.logger.name, _TEXT_LINE % args)
+            return
+        self._info(_TEXT_LINE, args, extra)
 
     def _info(
         self, message: str, args: tuple[object, ...], extra: dict[str, object] | None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from pathlib import Path
 
@@ -40,6 +41,14 @@ async def test_access_log_lines_follow_the_setting(
         assert [line.rsplit("request_id=", 1)[1] for line in lines] == [
             f"access-log-test-{n}" for n in range(3)
         ]
+        # The whole line, as the text format writes a record (written without one).
+        for line in lines:
+            assert re.fullmatch(
+                r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO aiohttp\.access \[-\] "
+                r'127\.0\.0\.1 "POST /rpc HTTP/1\.1" 200 \d+ \d+\.\d{6} '
+                r'"Python-urllib/3\.\d+" request_id=access-log-test-\d',
+                line,
+            ), line
     else:
         assert lines == []
         assert "JSON-RPC 2.0 endpoint" in log  # the server did log, just not requests

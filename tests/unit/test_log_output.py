@@ -11,7 +11,8 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given
@@ -20,7 +21,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Tracer, format_trace_id
 
 from rpc_server.http.request_id import RequestIdFilter, current_request_id
-from rpc_server.log_output import LoopBatchedStreamHandler, escape, formatter
+from rpc_server.log_output import LoopBatchedStreamHandler, escape, formatter, plain_handler
 from rpc_server.observability.tracing import TraceIdFilter
 
 
@@ -382,3 +383,77 @@ def test_text_lines_show_the_time_as_logging_formats_it(moments: list[float]) ->
         record.created, record.msecs = moment, int((moment - int(moment)) * 1000)
         assert ours.formatTime(record) == standard.formatTime(record)
         assert ours.formatTime(record, "%H:%M") == standard.formatTime(record, "%H:%M")
+
+
+# --- lines written without a record (the access log's) ----------------------------------
+
+
+def plain_logger(stream: io.StringIO, name: str) -> tuple[logging.Logger, LoopBatchedStreamHandler]:
+    """A logger set up as ``configure_logging`` sets up the root logger for text."""
+    handler = LoopBatchedStreamHandler(stream)
+    handler.setFormatter(formatter("text"))
+    handler.addFilter(RequestIdFilter())
+    log = logging.getLogger(name)
+    log.handlers[:] = [handler]
+    log.filters[:] = []
+    log.propagate, log.disabled = False, False
+    log.setLevel(logging.INFO)
+    return log, handler
+
+
+@given(
+    message=st.text(),
+    name=st.sampled_from(["aiohttp.access", "test_log_output.plain", "x"]),
+    request_id=st.sampled_from(["-", "abc-1", "0123456789abcdef0000000000000001"]),
+    moment=st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False),
+)
+def test_a_plain_line_is_the_line_its_record_would_have_given(
+    message: str, name: str, request_id: str, moment: float
+) -> None:
+    stream = io.StringIO()
+    log, handler = plain_logger(stream, name)
+    assert plain_handler(log) is handler
+    reset = current_request_id.set(request_id)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(time, "time", lambda: moment)  # both read the clock through it
+            log.info(message)  # a record: no arguments, so the message is as given
+            handler.write_plain(name, message)
+    finally:
+        current_request_id.reset(reset)
+    from_record, plain = stream.getvalue().splitlines(keepends=True)
+    assert plain == from_record
+    assert plain.startswith(time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(moment)))
+    assert plain.endswith(f" INFO {name} [{request_id}] {escape(message, quotes=False)}\n")
+
+
+def test_only_the_configured_plain_handler_untouched_takes_lines_without_records() -> None:
+    stream = io.StringIO()
+    name = "test_log_output.plain_handler"
+    log, handler = plain_logger(stream, name)
+    assert plain_handler(log) is handler
+    child = logging.getLogger(f"{name}.child")  # reaches the handler through its parent
+    assert plain_handler(child) is handler
+
+    changes: list[Callable[[logging.Logger, LoopBatchedStreamHandler], object]] = [
+        lambda log, handler: log.addFilter(logging.Filter("elsewhere")),
+        lambda log, handler: log.addHandler(logging.StreamHandler(io.StringIO())),  # a capture
+        lambda log, handler: handler.addFilter(TraceIdFilter()),  # trace ids on
+        lambda log, handler: handler.setFormatter(formatter("json")),
+        lambda log, handler: handler.setFormatter(formatter("text", trace_ids=True)),
+        lambda log, handler: handler.setFormatter(logging.Formatter("%(message)s")),
+        lambda log, handler: handler.setLevel(logging.WARNING),
+        lambda log, handler: setattr(log, "disabled", True),
+        lambda log, handler: setattr(log, "propagate", True),  # the root's would see it too
+        lambda log, handler: log.removeHandler(handler),  # then the root's, or none
+    ]
+    for change in changes:
+        log, handler = plain_logger(stream, name)
+        change(log, handler)
+        assert plain_handler(log) is None
+    log, handler = plain_logger(stream, name)
+    child.addFilter(logging.Filter("elsewhere"))  # a filter of the logger that logs
+    try:
+        assert plain_handler(child) is None and plain_handler(log) is handler
+    finally:
+        child.filters.clear()
