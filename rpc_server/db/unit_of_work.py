@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Generic, Self, TypeVar, overload
 
 from rpc_server.db.coalescing import PurchaseLookups
 from rpc_server.db.connection import Engine, PoolObserver, UnitOfWorkConnection
@@ -37,6 +37,34 @@ from rpc_server.db.repositories import (
 )
 from rpc_server.db.repositories.events import Transition
 from rpc_server.domain.records import Purchase
+
+R = TypeVar("R")
+
+
+class _Repository(Generic[R]):
+    """A unit of work's repository, made on first use and then kept as an instance
+    attribute (a call uses one or two of the six): ``functools.cached_property`` without
+    the lock Python 3.11 takes on every first use."""
+
+    def __init__(self, make: Callable[[SqlUnitOfWork], R]):
+        self.make = make
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, uow: None, owner: type | None = None) -> Self: ...
+
+    @overload
+    def __get__(self, uow: SqlUnitOfWork, owner: type | None = None) -> R: ...
+
+    def __get__(self, uow: SqlUnitOfWork | None, owner: type | None = None) -> R | Self:
+        if uow is None:
+            return self
+        # Not a data descriptor: from now on the instance's attribute is found first.
+        repository = uow.__dict__[self.name] = self.make(uow)
+        return repository
 
 
 class SqlUnitOfWork:
@@ -52,15 +80,17 @@ class SqlUnitOfWork:
         self._after_receipts = after_receipts
         self._after_events = after_events
         self._after_transitions = after_transitions
-        self._lookups = lookups
+        # Where this unit of work's purchases by id are read (a batch's coalesced reads).
+        self.lookups = lookups
+
+    users = _Repository(lambda uow: SqlUserRepository(uow.connection))
+    courses = _Repository(lambda uow: SqlCourseRepository(uow.connection))
+    purchases = _Repository(lambda uow: SqlPurchaseRepository(uow.connection, uow.lookups))
+    registrations = _Repository(lambda uow: SqlRegistrationRepository(uow.connection))
+    receipts = _Repository(lambda uow: SqlReceiptOutboxRepository(uow.connection))
+    events = _Repository(lambda uow: SqlPurchaseEventRepository(uow.connection))
 
     async def __aenter__(self) -> Self:
-        self.users = SqlUserRepository(self.connection)
-        self.courses = SqlCourseRepository(self.connection)
-        self.purchases = SqlPurchaseRepository(self.connection, self._lookups)
-        self.registrations = SqlRegistrationRepository(self.connection)
-        self.receipts = SqlReceiptOutboxRepository(self.connection)
-        self.events = SqlPurchaseEventRepository(self.connection)
         return self
 
     async def __aexit__(
@@ -74,12 +104,14 @@ class SqlUnitOfWork:
 
     async def commit(self) -> None:
         await self.connection.commit()
-        if self.receipts.added:
+        # Only repositories this unit of work used can have added anything.
+        used = self.__dict__
+        if "receipts" in used and self.receipts.added:
             # Receipts are committed: tell the deliverer, so they leave now, not at
             # its next poll.
             for listener in self._after_receipts:
                 listener()
-        if self.events.appended:
+        if "events" in used and self.events.appended:
             # Purchase events are committed: the live feed reads them now (on
             # PostgreSQL other processes learn of them by NOTIFY: rpc_server.live).
             for listener in self._after_events:

@@ -70,6 +70,10 @@ def invalid_request(reason: str) -> JsonObject:
     return error_object(INVALID_REQUEST, "Invalid Request", reason)
 
 
+# The members a request object may have.
+_MEMBERS = frozenset({"jsonrpc", "method", "params", "id"})
+
+
 def problem_with(item: Any) -> str | None:
     """Return why ``item`` is not a valid JSON-RPC 2.0 request object, or None if it is."""
     if not isinstance(item, dict):
@@ -84,21 +88,26 @@ def problem_with(item: Any) -> str | None:
         id_ = item["id"]
         if isinstance(id_, bool) or not isinstance(id_, ID_TYPES):
             return 'The "id" member must be a string, a number or null.'
-    extra = set(item) - {"jsonrpc", "method", "params", "id"}
-    if extra:
-        return f"Unknown members: {', '.join(sorted(extra))}."
+    if not _MEMBERS.issuperset(item):
+        return f"Unknown members: {', '.join(sorted(set(item) - _MEMBERS))}."
     return None
 
 
 async def answer_one(
-    item: Any, registry: MethodRegistry, ctx: RpcContext, *, retry_after: float | None = None
+    item: Any,
+    registry: MethodRegistry,
+    ctx: RpcContext,
+    *,
+    retry_after: float | None = None,
+    problem: str | None,
 ) -> JsonObject | None:
     """Answer one request object; None for a notification (never answered).
 
     With ``retry_after`` set, the call is over its rate limit: it is not run. Each valid
     request object is one call for the metrics and traces (``ctx.metrics``, ``ctx.tracing``).
+    ``problem``: what ``problem_with(item)`` returned (asked once per item, before the
+    rate limits count the valid ones).
     """
-    problem = problem_with(item)
     if problem is not None:
         if ctx.metrics is not None:
             ctx.metrics.observe_refusal("invalid_request")
@@ -176,17 +185,18 @@ def _error_code(answer: JsonObject) -> int | None:
 
 
 async def _over_limit(
-    items: list[Any], ctx: RpcContext, limits: RateLimits | None
+    items: list[Any], problems: list[str | None], ctx: RpcContext, limits: RateLimits | None
 ) -> list[float | None]:
     """For each item, None if it may run, else the seconds after which to retry.
 
-    Every valid request object is a call, counted at its cost (``rpc_server.jsonrpc.rate_limit``:
-    the caller's user pays, or without a valid token the client address).
+    Every valid request object (``problems``: each item's ``problem_with``) is a call,
+    counted at its cost (``rpc_server.jsonrpc.rate_limit``: the caller's user pays, or
+    without a valid token the client address).
     """
     verdicts: list[float | None] = [None] * len(items)
     if limits is None:
         return verdicts
-    valid = [i for i, item in enumerate(items) if problem_with(item) is None]
+    valid = [i for i, problem in enumerate(problems) if problem is None]
     admitted = await limits.admit(ctx, [cost_of(items[i]) for i in valid])
     for index, verdict in zip(valid, admitted, strict=True):
         verdicts[index] = verdict
@@ -209,8 +219,9 @@ async def answer(
     A batch's items run concurrently, at most ``concurrency`` at a time.
     """
     if not isinstance(payload, list):
-        [verdict] = await _over_limit([payload], ctx, limiter)
-        return await answer_one(payload, registry, ctx, retry_after=verdict)
+        problem = problem_with(payload)
+        [verdict] = await _over_limit([payload], [problem], ctx, limiter)
+        return await answer_one(payload, registry, ctx, retry_after=verdict, problem=problem)
     metrics = ctx.metrics
     if not payload:
         if metrics is not None:
@@ -224,7 +235,8 @@ async def answer(
         )
     if metrics is not None:
         metrics.observe_batch(len(payload))
-    verdicts = await _over_limit(payload, ctx, limiter)
+    problems = [problem_with(item) for item in payload]
+    verdicts = await _over_limit(payload, problems, ctx, limiter)
     answers: list[JsonObject | None] = [None] * len(payload)
     pending = iter(range(len(payload)))
     loop = asyncio.get_running_loop()
@@ -257,7 +269,11 @@ async def answer(
                             timer.reschedule(min(due + slack, batch_at))
                         started = time.perf_counter()
                         answers[index] = await answer_one(
-                            payload[index], registry, ctx, retry_after=verdicts[index]
+                            payload[index],
+                            registry,
+                            ctx,
+                            retry_after=verdicts[index],
+                            problem=problems[index],
                         )
                 return
             except TimeoutError:

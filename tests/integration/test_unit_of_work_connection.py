@@ -34,6 +34,7 @@ from rpc_server.domain import services
 from rpc_server.domain.states import PurchaseState
 from rpc_server.jsonrpc.errors import SERVICE_UNAVAILABLE
 from tests.conftest import World
+from tests.integration.paying import pay_and_fulfil
 from tests.unit.test_errors import error_of
 
 SIZE = 2
@@ -380,3 +381,28 @@ async def test_a_connection_lost_mid_unit_of_work_fails_the_call_with_service_un
     assert error_of(raised.value).code == SERVICE_UNAVAILABLE
     assert await count_users(uow_factory) == 4
     await assert_all_back(small_engine)
+
+
+async def test_a_unit_of_work_makes_only_the_repositories_it_uses_and_its_commit_tells(
+    small_engine: Engine, world: World
+) -> None:
+    factory = SqlUnitOfWorkFactory(small_engine)
+    woken: list[str] = []
+    factory.after_receipts.append(lambda: woken.append("receipts"))
+    factory.after_events.append(lambda: woken.append("events"))
+    factory.after_transitions.append(lambda changes: woken.append(f"{len(changes)} changes"))
+    async with factory() as uow:
+        assert await uow.courses.get_by_slug("python-basics") is not None
+        assert uow.courses is uow.courses  # made once
+        assert set(vars(uow)) & {"users", "purchases", "receipts", "events"} == set()
+    async with factory(write=True) as uow:
+        await uow.users.hold(world.alice.actor.user_id)
+        await uow.commit()  # neither receipts nor events used: nothing to tell
+    assert woken == []
+    purchase = await services.create_purchase(
+        factory, world.alice.actor, course="python-basics", idempotency_key="lazy-1"
+    )
+    assert woken == ["events", "1 changes"]  # created: an event, no receipt yet
+    woken.clear()
+    await pay_and_fulfil(factory, world.alice.actor, purchase)
+    assert woken == ["receipts", "events", "1 changes"]
