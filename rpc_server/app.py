@@ -134,6 +134,17 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
     The body must arrive within ``RPC_SERVER_READ_TIMEOUT``; a client's fault on the way
     (too slow, gone, broken framing) raises an HTTP answer (``rpc_server.server.client_faults``).
     """
+    content, length = request.content, request.content_length
+    if (
+        length is not None
+        and 0 < length <= limit
+        and content.is_eof()
+        and content.exception() is None
+        and content_encoding.coding_of(request) is None
+    ):
+        # The whole body came with the headers (a usual call): nothing to wait for, and
+        # no fault of the client's left to meet on the way.
+        return content.read_nowait(length)
     async with receiving_body(request, request.app[SETTINGS].read_timeout):
         return await _read_body(request, limit)
 
