@@ -304,10 +304,13 @@ class LeasedBuckets:
         finally:
             if ahead:
                 lease.refilling = False
-        available = have + grant.granted
-        granted = min(calls, available)
-        if available > granted:
-            lease.held += available - granted
+        # All of it goes to the lease, and this take's calls come out of the lease: a take
+        # answered by the same statement as one asking ahead may thus have what that one
+        # took ahead before its own calls (``CoalescedBuckets`` gives out in order).
+        lease.held += have + grant.granted
+        granted = min(calls, lease.held)
+        lease.held -= granted
+        if lease.held:
             lease.expires = self.clock() + self.hold
         lease.store_left = grant.tokens_left
         return Grant(granted, grant.tokens_left + lease.held)

@@ -176,6 +176,25 @@ async def test_while_one_take_asks_ahead_the_takes_made_with_it_ask_only_for_the
     assert buckets.held(KEY) == 3
 
 
+async def test_a_take_answered_with_one_asking_ahead_may_use_what_that_one_took_ahead(
+    clock: Clock, store: RecordingStore
+) -> None:
+    """The takes of one moment share a statement, the grant given out in their order: the
+    one asking ahead may get its calls ahead before a later one gets its own. That later
+    one then takes them from the lease rather than being refused."""
+    buckets = LeasedBuckets(CoalescedBuckets(store), clock=clock)
+    limit = Limit(rate=0.001, burst=100)  # a tenth: 10 calls
+    for _ in range(3):
+        await buckets.take(KEY, 1, limit)
+    await store.memory.take(KEY, 94, limit)  # other processes took all but 3 calls
+    grants = await asyncio.gather(*(buckets.take(KEY, 1, limit) for _ in range(3)))
+    # One statement: 1 + 3 ahead, then 1 and 1; the bucket held 3, all to the first.
+    assert store.asked()[-1] == 4 + 1 + 1
+    assert [g.granted for g in grants] == [1, 1, 1]
+    assert buckets.held(KEY) == 0
+    assert (await buckets.take(KEY, 1, limit)).granted == 0  # now it is empty
+
+
 async def test_a_failed_take_keeps_what_the_caller_held_and_raises(
     clock: Clock, store: RecordingStore
 ) -> None:
