@@ -19,16 +19,9 @@ from rpc_server.jsonrpc.buckets import (
     Limit,
     MemoryBuckets,
 )
+from tests.unit.test_rate_limit import Clock
 
 KEY = "user:1"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclasses.dataclass
