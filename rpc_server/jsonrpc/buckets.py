@@ -295,7 +295,7 @@ class LeasedBuckets:
         ahead = 0
         if not lease.refilling:
             ahead = min(asked_before, int(limit.burst * self.share))
-        lease.refilling = lease.refilling or ahead > 0
+            lease.refilling = ahead > 0
         try:
             grant = await self.store.take(key, calls - have + ahead, limit)
         except BaseException:
