@@ -38,6 +38,7 @@ from rpc_server.http.readiness import Readiness
 from rpc_server.http.request_id import request_id_middleware
 from rpc_server.jsonrpc import json_codec
 from rpc_server.jsonrpc.batch_deadline import BatchDeadline
+from rpc_server.jsonrpc.call_timer import CallTimer
 from rpc_server.jsonrpc.context import LiveSession, RpcContext, failed_logins_log
 from rpc_server.jsonrpc.credentials import read_credentials
 from rpc_server.jsonrpc.envelope import ParseError, answer, invalid_request, parse, parse_error
@@ -98,6 +99,7 @@ ACTORS = web.AppKey("actors", ActorCache)
 LIMITER = web.AppKey("rate_limiter", RateLimits)
 CLIENTS = web.AppKey("client_addresses", ClientAddresses)
 FAILED_LOGINS = web.AppKey("failed_logins", ThrottledLog)
+CALL_TIMER = web.AppKey("call_timer", CallTimer)
 LINKS = web.AppKey("links", FrontendLinks)
 PAYMENTS = web.AppKey("payments", PaymentSignatures)
 READINESS = web.AppKey("readiness", Readiness)
@@ -253,6 +255,7 @@ def rpc_context(
         ambiguous_credentials=ambiguous,
         client=app[CLIENTS].label_of(request),
         call_timeout=settings.call_timeout,
+        call_timer=app[CALL_TIMER],
         max_pending_purchases=settings.max_pending_purchases,
         batch_deadline=BatchDeadline.from_now(settings.batch_timeout) if batch else None,
         service_description=app[OPENRPC].fragment,
@@ -498,6 +501,7 @@ def create_app(
     app[ACTORS] = ActorCache(settings.token_cache_seconds)
     app[CLIENTS] = ClientAddresses(settings.trusted_proxies)
     app[FAILED_LOGINS] = failed_logins_log()
+    app[CALL_TIMER] = CallTimer()
     document = build_document(registry, server_url=settings.rpc_url())
     app[OPENRPC] = ServiceDescription(
         document, docs_page.render(document), json_codec.Fragment(json_codec.dumps(document))

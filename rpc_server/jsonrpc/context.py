@@ -23,6 +23,7 @@ from rpc_server.domain.ports import PaymentVerifier, UnitOfWorkFactory
 from rpc_server.domain.records import Actor, UpdateScope
 from rpc_server.domain.tokens import hash_token
 from rpc_server.jsonrpc.batch_deadline import BatchDeadline
+from rpc_server.jsonrpc.call_timer import CallTimer
 from rpc_server.jsonrpc.token_cache import ActorCache
 from rpc_server.log_throttle import ThrottledLog
 
@@ -74,6 +75,8 @@ class RpcContext:
     # The client's address, as rpc_server.http.client_address names it (limits and logs).
     client: str = "unknown"
     call_timeout: float = 30.0
+    # What cuts a single call past call_timeout: the app's one (rpc_server.jsonrpc.call_timer).
+    call_timer: CallTimer = field(default_factory=CallTimer)
     # Open (pending) purchases one user may hold at once (None: no cap).
     max_pending_purchases: int | None = None
     # A batch's deadline, which cuts every call still running (rpc_server.jsonrpc.batch_deadline).

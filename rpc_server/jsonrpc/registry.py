@@ -134,16 +134,21 @@ class RpcMethod:
                 return await self._call(ctx, args, kwargs)
             except Exception as exc:  # a TimeoutError here is one of something inside
                 return self._failed(ctx, exc)
-        deadline = asyncio.timeout(ctx.call_timeout)
+        # A single call: the app's one timer cuts it (rpc_server.jsonrpc.call_timer).
+        watch = ctx.call_timer.start(ctx.call_timeout)
         try:
-            async with deadline:
-                return await self._call(ctx, args, kwargs)
-        except TimeoutError as exc:
-            if deadline.expired():  # not a timeout of something inside
+            result = await self._call(ctx, args, kwargs)
+        except asyncio.CancelledError:
+            if watch.cut():  # the timer's, not a shutdown's or anybody else's
                 return timed_out(ctx.call_timeout)
-            return self._failed(ctx, exc)
-        except Exception as exc:
-            return self._failed(ctx, exc)
+            raise
+        except BaseException as exc:
+            watch.end()
+            if not isinstance(exc, Exception):
+                raise
+            return self._failed(ctx, exc)  # a TimeoutError too: one of something inside
+        watch.end()
+        return result
 
     def _failed(self, ctx: RpcContext, exc: Exception) -> Result:
         if isinstance(exc, PaymentNotVerified) and ctx.metrics is not None:
