@@ -12,7 +12,8 @@ arbiter sets ``PROMETHEUS_MULTIPROC_DIR`` to a fresh directory before it forks
 there, and whichever worker answers a scrape adds them all up (``MultiProcessCollector``).
 Gauges of a process (sockets, connections in use) are summed over the live processes
 only (``livesum``); a dead worker's files are marked dead by the arbiter. One process
-(``serve``) keeps its values in memory and also exports the ``process_*`` series.
+(``serve``) keeps its values in plain numbers of its own (``local_series``: no lock per
+update) and also exports the ``process_*`` series.
 
 Label values come from a closed set whatever a client sends: a method is a registered
 name or ``_OTHER``, an outcome ``ok`` or an error code this server answers with.
@@ -40,6 +41,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from rpc_server.domain.outbox import ReceiptBacklog
 from rpc_server.observability.labels import MULTIPROCESS_DIR_VARIABLE, method_label
+from rpc_server.observability.local_series import LocalCounter, LocalGauge, LocalHistogram
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -77,99 +79,81 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         # Multiprocess mode: values live in the directory's files, not in a registry.
         self.registry = None if self.multiprocess else CollectorRegistry(auto_describe=True)
-        registry = self.registry
         self.methods = frozenset(methods)
-        self.call_duration = Histogram(
+        self.call_duration = self._histogram(
             "rpc_server_call_duration_seconds",
             "Duration of JSON-RPC calls (each batch item is one call), by method and "
             "outcome (ok, or the error code answered).",
             ["method", "outcome"],
             buckets=CALL_DURATION_BUCKETS,
-            registry=registry,
         )
-        self.calls = Counter(
+        self.calls = self._counter(
             "rpc_server_calls",
             "JSON-RPC calls (each batch item is one call; notifications included), by "
             "method and outcome.",
             ["method", "outcome"],
-            registry=registry,
         )
-        self.requests = Counter(
+        self.requests = self._counter(
             "rpc_server_requests",
             "JSON-RPC bodies received: HTTP POST bodies and WebSocket text frames.",
             ["transport"],
-            registry=registry,
         )
-        self.batch_size = Histogram(
+        self.batch_size = self._histogram(
             "rpc_server_batch_size",
             "Request objects per batch (batches that were run).",
             buckets=BATCH_SIZE_BUCKETS,
-            registry=registry,
         )
-        self.refused = Counter(
+        self.refused = self._counter(
             "rpc_server_requests_refused",
             "Bodies (or request objects, for invalid_request) refused before any method "
             "ran, by reason.",
             ["reason"],
-            registry=registry,
         )
-        self.rate_limited = Counter(
+        self.rate_limited = self._counter(
             "rpc_server_rate_limited_calls",
             "Calls refused by the rate limits (answered 429, not run).",
-            registry=registry,
         )
-        self.auth_failures = Counter(
+        self.auth_failures = self._counter(
             "rpc_server_authentication_failures",
             "Requests whose credentials did not authenticate, by reason.",
             ["reason"],
-            registry=registry,
         )
-        self.receipt_attempts = Counter(
+        self.receipt_attempts = self._counter(
             "rpc_server_receipt_delivery_attempts",
             "Receipt sends attempted by this server's deliverer, by outcome (sent; retry: "
             "failed, will be retried; dead: failed for good).",
             ["outcome"],
-            registry=registry,
         )
-        self.payments_refused = Counter(
+        self.payments_refused = self._counter(
             "rpc_server_payment_events_refused",
             "Payment events and proofs refused, by reason and by where they came from "
             "(webhook, or a proof in purchase.fulfill).",
             ["source", "reason"],
-            registry=registry,
         )
-        self.transitions = Counter(
+        self.transitions = self._counter(
             "rpc_server_purchase_transitions",
             "Purchase state changes committed by this server, by transition.",
             ["from_state", "to_state"],
-            registry=registry,
         )
-        self.websockets = Gauge(
+        self.websockets = self._gauge(
             "rpc_server_websocket_connections",
             "Open WebSocket connections.",
-            registry=registry,
-            multiprocess_mode="livesum",
         )
-        self.subscriptions = Gauge(
+        self.subscriptions = self._gauge(
             "rpc_server_websocket_subscriptions",
             "Open purchase subscriptions on WebSocket connections.",
-            registry=registry,
-            multiprocess_mode="livesum",
         )
-        self.pool_in_use = Gauge(
+        self.pool_in_use = self._gauge(
             "rpc_server_db_connections_in_use",
             "Database connections checked out of the pool.",
-            registry=registry,
-            multiprocess_mode="livesum",
         )
-        self.pool_wait = Histogram(
+        self.pool_wait = self._histogram(
             "rpc_server_db_pool_wait_seconds",
             "Time to check a connection out of the database pool (waits included).",
             buckets=POOL_WAIT_BUCKETS,
-            registry=registry,
         )
-        if registry is not None:
-            ProcessCollector(registry=registry)
+        if self.registry is not None:
+            ProcessCollector(registry=self.registry)
         # Every series a label set can reach, made once: the hot path looks a child up
         # in a dict instead of calling ``labels``, and a scrape shows zeros rather than
         # nothing for what has not happened yet.
@@ -178,6 +162,40 @@ class Metrics:
         self._ws_requests = self.requests.labels("websocket")
         for reason in REFUSAL_REASONS:
             self.refused.labels(reason)
+
+    # One process keeps its values in plain numbers (rpc_server.observability.local_series);
+    # several keep them in prometheus-client's multiprocess files.
+
+    def _counter(
+        self, name: str, documentation: str, labelnames: Sequence[str] = ()
+    ) -> Counter | LocalCounter:
+        if self.registry is None:
+            return Counter(name, documentation, labelnames, registry=None)
+        series = LocalCounter(name, documentation, labelnames)
+        self.registry.register(series)
+        return series
+
+    def _gauge(self, name: str, documentation: str) -> Gauge | LocalGauge:
+        if self.registry is None:
+            # Summed over the live processes only (a dead worker's connections are gone).
+            return Gauge(name, documentation, registry=None, multiprocess_mode="livesum")
+        series = LocalGauge(name, documentation)
+        self.registry.register(series)
+        return series
+
+    def _histogram(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+    ) -> Histogram | LocalHistogram:
+        if self.registry is None:
+            return Histogram(name, documentation, labelnames, buckets=buckets, registry=None)
+        series = LocalHistogram(name, documentation, labelnames, buckets=buckets)
+        self.registry.register(series)
+        return series
 
     def method_label(self, method: str) -> str:
         """The label of a method name: itself if registered, else ``_OTHER``."""
