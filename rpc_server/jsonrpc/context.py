@@ -135,7 +135,10 @@ class RpcContext:
 
     def token_is_new(self) -> bool:
         """Whether identifying the caller would send a token this process knows nothing
-        of (neither trusted, known unknown, nor ever authenticated here) to the database."""
+        of (neither trusted, known unknown, nor ever authenticated here) to the database.
+
+        A token this process trusts identifies the caller here and now (``identify``
+        then answers without looking in the cache again)."""
         if self.token is None or self.ambiguous_credentials:
             return False
         if self._settled or self._lookup_task is not None:
@@ -143,11 +146,10 @@ class RpcContext:
         if self.actors is None:
             return True
         token_hash = self.token_hash()
-        return not (
-            self.actors.get(token_hash) is not None
-            or self.actors.is_unknown(token_hash)
-            or self.actors.has_authenticated(token_hash)
-        )
+        if (cached := self.actors.get(token_hash)) is not None:
+            self._settle(cached)
+            return False
+        return not (self.actors.is_unknown(token_hash) or self.actors.has_authenticated(token_hash))
 
     def token_hash(self) -> str:
         assert self.token is not None
