@@ -119,7 +119,10 @@ class RateLimits:
                 return [None] * len(costs)
             key, limit = f"ip:{ctx.client}", anonymous
         costs = [min(cost, limit.burst) for cost in costs]
-        grant = await self.buckets.take(key, sum(costs), limit)
+        asked = sum(costs)
+        grant = await self.buckets.take(key, asked, limit)
+        if grant.granted >= asked:
+            return [None] * len(costs)  # all of them (the usual case)
         verdicts: list[float | None] = []
         budget, refusing = grant.granted, False
         for cost in costs:
