@@ -5,10 +5,11 @@ task; past its timeout that task is cancelled at the call's await and the call a
 -32001 (``RpcMethod.__call__``). ``asyncio.timeout`` does this with a timer per call: a
 handle pushed on the event loop's heap and cancelled a few hundred microseconds later
 (about 4 µs a call, 2 % of a ``purchase.get`` on SQLite: tests/benchmarks/profile.md).
-Here the calls in flight are a dict, task to deadline, and one timer is armed at the
-soonest deadline; when it fires, it cancels the tasks whose deadline has passed and is
-armed again at the next one. Every call of an app has the same timeout, so deadlines
-come in order and the timer fires about once per timeout, not once per call.
+Here the calls in flight are kept in the order they started (a ``Watch`` each: the
+task and its deadline), and one timer is armed at the soonest deadline; when it fires,
+it cancels the tasks whose deadline has passed and is armed again at the next one.
+Every call of an app has the same timeout, so deadlines come in order and the timer
+fires about once per timeout, not once per call.
 
 The cancellation is ``asyncio.timeout``'s protocol, on the task's public counters: the
 timer calls ``task.cancel()``; when the call ends with ``CancelledError``, ``Watch.cut``
