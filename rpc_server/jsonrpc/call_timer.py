@@ -71,7 +71,6 @@ class CallTimer:
         # In order of start (an ordered set: a task could time a call inside a call).
         self._watches: dict[Watch, None] = {}
         self._handle: asyncio.TimerHandle | None = None
-        self._armed_at = 0.0
 
     def start(self, timeout: float) -> Watch:
         """Time the call the current task is about to run: cancel the task if the call
@@ -86,7 +85,7 @@ class CallTimer:
             raise RuntimeError("a call is timed inside a task")
         watch = Watch(self, task, loop.time() + timeout)
         self._watches[watch] = None
-        if self._handle is None or watch.deadline < self._armed_at:
+        if self._handle is None or watch.deadline < self._handle.when():
             self._arm(watch.deadline)
         return watch
 
@@ -101,7 +100,7 @@ class CallTimer:
         assert self._loop is not None
         if self._handle is not None:
             self._handle.cancel()
-        self._handle, self._armed_at = self._loop.call_at(when, self._fire), when
+        self._handle = self._loop.call_at(when, self._fire)
 
     def _fire(self) -> None:
         assert self._loop is not None
