@@ -15,8 +15,10 @@ must ask for ``write=True``.
 Write units of work run in one transaction (``BEGIN IMMEDIATE`` on SQLite).
 
 The calls of one batch request get their units of work from a ``BatchUnitOfWorkFactory``:
-the same, except that their reads of a purchase by id, made at the same moment by the
-batch's concurrent calls, are read with one statement (``rpc_server.db.coalescing``).
+the same, except that their reads of a purchase by id are read several at once: the ids
+the batch's calls said they would read (``expect_purchase``) in one statement, others
+made at the same moment by the batch's concurrent calls in one statement
+(``rpc_server.db.coalescing``).
 """
 
 from __future__ import annotations
@@ -148,6 +150,9 @@ class SqlUnitOfWorkFactory:
             self.after_transitions,
         )
 
+    def expect_purchase(self, purchase_id: str) -> None:
+        """A hint that a call will read this purchase: nothing to do outside a batch."""
+
     def for_batch(self) -> BatchUnitOfWorkFactory:
         """The factory for one batch request's calls (see ``BatchUnitOfWorkFactory``)."""
         return BatchUnitOfWorkFactory(self)
@@ -161,12 +166,22 @@ class SqlUnitOfWorkFactory:
 
 class BatchUnitOfWorkFactory:
     """Units of work for the calls of one batch request: like the engine's, except that
-    their reads of a purchase by id are coalesced across the batch's concurrent calls
-    into one statement (``rpc_server.db.coalescing``). Write units of work are unchanged."""
+    their reads of a purchase by id are read several at once: the purchases the batch's
+    calls will read (``expect_purchase``) together, others made at the same moment
+    together (``rpc_server.db.coalescing``). Write units of work are unchanged; the first
+    one made ends the reading ahead, so that no read started after a write began answers
+    from a read made before it."""
 
     def __init__(self, factory: SqlUnitOfWorkFactory):
         self._factory = factory
         self._lookups = PurchaseLookups(factory.read_purchases)
 
+    def expect_purchase(self, purchase_id: str) -> None:
+        """A call of the batch will read this purchase (the envelope says so before the
+        batch runs): it is read ahead with the others expected."""
+        self._lookups.expect(purchase_id)
+
     def __call__(self, *, write: bool = False) -> SqlUnitOfWork:
+        if write:
+            self._lookups.stop_reading_ahead()
         return self._factory(write=write, lookups=self._lookups)

@@ -322,3 +322,9 @@ class UnitOfWorkFactory(Protocol):
     def __call__(self, *, write: bool = False) -> UnitOfWork:
         """Return a new unit of work; ``write=True`` if it will write."""
         ...
+
+    def expect_purchase(self, purchase_id: str) -> None:
+        """A hint: a unit of work made by this factory will soon read this purchase by id
+        (``purchases.get``). A factory may read several expected purchases at once, or
+        ignore the hint; what each read answers is the same either way."""
+        ...

@@ -237,6 +237,14 @@ async def answer(
         metrics.observe_batch(len(payload))
     problems = [problem_with(item) for item in payload]
     verdicts = await _over_limit(payload, problems, ctx, limiter)
+    if reading_ahead := registry.reading_ahead:
+        # The calls that will run say what they will read, so that it is read together
+        # before they need it (``RpcMethod.read_ahead``).
+        for item, problem, verdict in zip(payload, problems, verdicts, strict=True):
+            if problem is None and verdict is None:
+                method = reading_ahead.get(item["method"])
+                if method is not None:
+                    method.announce(ctx, item.get("params"))
     answers: list[JsonObject | None] = [None] * len(payload)
     pending = iter(range(len(payload)))
     loop = asyncio.get_running_loop()

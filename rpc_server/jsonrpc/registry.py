@@ -28,6 +28,9 @@ from schemas.dumping import Dumper, compile_dumper
 from schemas.loading import Loader, compile_loader
 
 Handler = Callable[..., Awaitable[Any]]
+# Told, before a batch runs, the loaded params of one of its calls to this method: a
+# chance to say what the call will read (``RpcMethod.read_ahead``).
+ReadAhead = Callable[[RpcContext, Mapping[str, Any]], None]
 
 
 def _dumper(schema: Schema | None) -> Dumper | None:
@@ -68,6 +71,9 @@ class RpcMethod:
     result_without_params: Schema | None = None
     # "websocket": offered over a WebSocket connection to /rpc only (rpc_server.live).
     transport: str = "any"
+    # In a batch, called with each valid call's params before any call runs, so that
+    # what the calls will read can be read together (``rpc_server.db.coalescing``).
+    read_ahead: ReadAhead | None = None
     summary: str = field(init=False)
     description: str = field(init=False)
     # One params schema per method, built once: Marshmallow schemas are reusable, and
@@ -122,6 +128,21 @@ class RpcMethod:
                 )
             kwargs = dict(zip(names, args, strict=False))
         return self.params_loader(kwargs)
+
+    def announce(self, ctx: RpcContext, params: Any) -> None:
+        """Before a batch runs, hand a call's params (as sent) to ``read_ahead``, loaded,
+        if they are valid; invalid params are the call's own -32602 when it runs."""
+        if self.read_ahead is None:
+            return
+        # As jsonrpcserver passes them to the method: an array by position, an object
+        # by name.
+        args: Sequence[Any] = params if isinstance(params, list) else ()
+        kwargs: Mapping[str, Any] = params if isinstance(params, dict) else {}
+        try:
+            loaded = self.load_params(args, kwargs)
+        except ValidationError:
+            return
+        self.read_ahead(ctx, loaded)
 
     async def __call__(self, ctx: RpcContext, /, *args: Any, **kwargs: Any) -> Result:
         # ctx is positional-only, so a client param named "ctx" is just an unknown field.
@@ -198,6 +219,8 @@ class MethodRegistry:
                 raise ValueError(f"method {method.name} registered twice")
             self.methods[method.name] = method
         self._table: dict[str, Callable[..., Awaitable[Result]]] = dict(self.methods)
+        # The methods whose calls can say ahead what they will read.
+        self.reading_ahead = {n: m for n, m in self.methods.items() if m.read_ahead is not None}
 
     def dispatch_table(self) -> dict[str, Callable[..., Awaitable[Result]]]:
         """The ``{name: function}`` dict the envelope dispatches over (built once)."""

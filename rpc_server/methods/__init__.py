@@ -57,7 +57,7 @@ REGISTRY = MethodRegistry(
         RpcMethod(
             "purchase.get", purchases.get_purchase, PurchaseGetParams, PurchaseOut(),
             errors=(UNAUTHENTICATED, NOT_FOUND), result_name="purchase",
-            example=examples.PURCHASE_GET,
+            example=examples.PURCHASE_GET, read_ahead=purchases.read_purchase_ahead,
         ),
         RpcMethod(
             "purchase.list", purchases.list_purchases, PurchaseListParams, PurchasePageOut(),

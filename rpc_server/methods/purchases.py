@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from rpc_server.domain import services
 from rpc_server.domain.records import (
     Actor,
@@ -35,6 +38,11 @@ async def create_purchase(
 async def get_purchase(ctx: RpcContext, actor: Actor, *, purchase_id: str) -> Purchase:
     """Return one purchase: the caller's own, or any for staff."""
     return await services.get_purchase(ctx.uow, actor, purchase_id=purchase_id)
+
+
+def read_purchase_ahead(ctx: RpcContext, params: Mapping[str, Any]) -> None:
+    """purchase.get in a batch: the purchase is read with the batch's others."""
+    ctx.uow.expect_purchase(params["purchase_id"])
 
 
 async def list_purchases(

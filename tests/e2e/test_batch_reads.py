@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import pytest
 
 from rpc_server.db.unit_of_work import SqlUnitOfWorkFactory
 from rpc_server.domain import services
+from rpc_server.domain.records import Purchase
+from rpc_server.domain.states import PurchaseState
 from tests.conftest import RpcCall, World
+from tests.integration.paying import pay_and_fulfil
 
 
 async def post(client: Any, body: Any, token: str) -> Any:
@@ -77,3 +83,67 @@ async def test_a_batch_mixing_reads_and_writes_answers_every_item(
         world.alice.token,
     )
     assert again[0]["result"]["purchase_id"] == created["purchase_id"]
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], int | None]]:
+    """Each read of purchases by id a batch makes: (the ids, the owner scope)."""
+    made: list[tuple[list[str], int | None]] = []
+    original = SqlUnitOfWorkFactory.read_purchases
+
+    async def recorded(
+        self: SqlUnitOfWorkFactory, purchase_ids: Sequence[str], owner_id: int | None
+    ) -> dict[str, Purchase]:
+        made.append((list(purchase_ids), owner_id))
+        return await original(self, purchase_ids, owner_id)
+
+    monkeypatch.setattr(SqlUnitOfWorkFactory, "read_purchases", recorded)
+    return made
+
+
+async def test_a_batch_of_gets_is_read_with_one_statement(
+    client: Any,
+    uow_factory: SqlUnitOfWorkFactory,
+    world: World,
+    reads: list[tuple[list[str], int | None]],
+) -> None:
+    """More gets than the batch runs at once (the pool's 10): still one read, of every
+    id asked with valid params, in the caller's scope."""
+    made = [
+        await services.create_purchase(uow_factory, world.alice.actor, course="python-basics")
+        for _ in range(25)
+    ]
+    ids = [p.purchase_id for p in made]
+    bobs = await services.create_purchase(uow_factory, world.bob.actor, course="python-basics")
+    params: list[Any] = [{"purchase_id": i} for i in ids[:12]]
+    params += [[bobs.purchase_id], {"purchase_id": "X" * 65}, {"purchase_id": ids[0]}]
+    params += [[i] for i in ids[12:]]
+    batch = [
+        {"jsonrpc": "2.0", "method": "purchase.get", "params": p, "id": n}
+        for n, p in enumerate(params)
+    ]
+    answers = await post(client, batch, world.alice.token)
+    got = {a["id"]: a.get("result", {}).get("purchase_id") or a["error"]["code"] for a in answers}
+    assert got == {
+        **{n: ids[n] for n in range(12)},
+        12: 404,  # bob's
+        13: -32602,  # invalid params: not read ahead
+        14: ids[0],  # asked twice
+        **{15 + n: ids[12 + n] for n in range(13)},
+    }
+    assert reads == [([*ids[:12], bobs.purchase_id, *ids[12:]], world.alice.actor.user_id)]
+
+
+async def test_a_get_after_a_write_of_the_batch_reads_afresh(
+    uow_factory: SqlUnitOfWorkFactory, world: World
+) -> None:
+    """The first write unit of work of a batch ends its reading ahead: a get that starts
+    after the write sees it, not what was read ahead before."""
+    made = await services.create_purchase(uow_factory, world.alice.actor, course="python-basics")
+    batch = uow_factory.for_batch()
+    batch.expect_purchase(made.purchase_id)
+    before = await services.get_purchase(batch, world.alice.actor, purchase_id=made.purchase_id)
+    assert before.state is PurchaseState.PENDING
+    await pay_and_fulfil(batch, world.alice.actor, made)  # a call of the batch writes
+    after = await services.get_purchase(batch, world.alice.actor, purchase_id=made.purchase_id)
+    assert after.state is PurchaseState.FULFILLED

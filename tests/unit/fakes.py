@@ -918,6 +918,9 @@ class FakeUnitOfWorkFactory:
         self.opened.append(write)
         return FakeUnitOfWork(self, write=write)
 
+    def expect_purchase(self, purchase_id: str) -> None:
+        """A hint the fake has no use for: it reads nothing ahead."""
+
     # Concurrency.
 
     def interleave(self, before: str, writer: Writer) -> None:

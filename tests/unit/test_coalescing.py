@@ -115,3 +115,111 @@ async def test_lookups_all_cancelled_before_the_read_starts_read_nothing() -> No
     for _ in range(5):  # time for the scheduled read to start and look
         await asyncio.sleep(0)
     assert reads.calls == []
+
+
+# Reading ahead: the ids a batch's calls said they would look up (``expect``).
+
+
+def answered_at_once(lookup: Any) -> Any:
+    """The answer of a lookup coroutine that must not wait for anything."""
+    with pytest.raises(StopIteration) as returned:
+        lookup.send(None)
+    return returned.value.value
+
+
+async def test_the_first_expected_lookup_reads_every_expected_id_at_once() -> None:
+    reads = Reads(ROWS)
+    lookups = PurchaseLookups(reads)
+    for id_ in ("p1", "p2", "p3", "nope"):
+        lookups.expect(id_)
+    assert reads.calls == []  # noting reads nothing
+    assert await lookups.get("p2", 1) == "alice's p2"
+    assert reads.calls == [(["p1", "p2", "p3", "nope"], 1)]
+    # The others are answered from that read, without waiting for anything.
+    assert answered_at_once(lookups.get("p1", 1)) == "alice's p1"
+    assert answered_at_once(lookups.get("p3", 1)) is None  # bob's: not alice's
+    assert answered_at_once(lookups.get("nope", 1)) is None
+    assert answered_at_once(lookups.get("p1", 1)) == "alice's p1"  # asked twice
+    assert len(reads.calls) == 1
+
+
+async def test_lookups_waiting_for_the_read_ahead_share_it() -> None:
+    reads = Reads(ROWS)
+    reads.gate.clear()
+    lookups = PurchaseLookups(reads)
+    lookups.expect("p1")
+    lookups.expect("p2")
+    waiting = [asyncio.ensure_future(lookups.get(id_, 1)) for id_ in ("p1", "p2", "p1")]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    reads.gate.set()
+    assert await asyncio.gather(*waiting) == ["alice's p1", "alice's p2", "alice's p1"]
+    assert reads.calls == [(["p1", "p2"], 1)]
+
+
+async def test_each_owner_scope_reads_ahead_on_its_own() -> None:
+    reads = Reads(ROWS)
+    lookups = PurchaseLookups(reads)
+    lookups.expect("p3")
+    assert await lookups.get("p3", 1) is None
+    assert await lookups.get("p3", 2) == "bob's p3"
+    assert await lookups.get("p3", None) == "bob's p3"
+    assert reads.calls == [(["p3"], 1), (["p3"], 2), (["p3"], None)]
+
+
+async def test_an_id_nobody_expected_is_read_the_coalesced_way() -> None:
+    reads = Reads(ROWS)
+    lookups = PurchaseLookups(reads)
+    lookups.expect("p1")
+    assert await asyncio.gather(lookups.get("p1", 1), lookups.get("p2", 1)) == [
+        "alice's p1",
+        "alice's p2",
+    ]
+    assert sorted(reads.calls) == [(["p1"], 1), (["p2"], 1)]
+
+
+async def test_after_a_write_begins_lookups_read_afresh() -> None:
+    rows = dict(ROWS)
+    reads = Reads(rows)
+    lookups = PurchaseLookups(reads)
+    lookups.expect("p1")
+    assert await lookups.get("p1", 1) == "alice's p1"
+    lookups.stop_reading_ahead()  # a call of the batch writes
+    rows["p1"] = (1, "alice's p1, changed")
+    assert await lookups.get("p1", 1) == "alice's p1, changed"
+    assert reads.calls == [(["p1"], 1), (["p1"], 1)]
+
+
+async def test_a_failed_read_ahead_fails_its_waiting_lookups_and_the_next_reads_afresh() -> None:
+    reads = Reads(ROWS)
+    reads.error = ConnectionError("database gone")
+    lookups = PurchaseLookups(reads)
+    lookups.expect("p1")
+    lookups.expect("p2")
+    results = await asyncio.gather(
+        lookups.get("p1", 1), lookups.get("p2", 1), return_exceptions=True
+    )
+    assert [type(r) for r in results] == [ConnectionError, ConnectionError]
+    await asyncio.sleep(0)  # the failed read's callback has run
+    reads.error = None
+    assert await lookups.get("p2", 1) == "alice's p2"
+    assert reads.calls == [(["p1", "p2"], 1), (["p1", "p2"], 1)]
+
+
+async def test_a_lookup_cancelled_while_the_read_ahead_runs_leaves_it_to_the_others() -> None:
+    reads = Reads(ROWS)
+    reads.gate.clear()
+    lookups = PurchaseLookups(reads)
+    lookups.expect("p1")
+    lookups.expect("p2")
+    quitter = asyncio.ensure_future(lookups.get("p1", 1))
+    stayer = asyncio.ensure_future(lookups.get("p2", 1))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    quitter.cancel()  # its call timed out
+    reads.gate.set()
+    assert await stayer == "alice's p2"
+    with pytest.raises(asyncio.CancelledError):
+        await quitter
+    assert answered_at_once(lookups.get("p1", 1)) == "alice's p1"  # the read went on
+    assert len(reads.calls) == 1
