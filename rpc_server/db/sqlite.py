@@ -1,11 +1,16 @@
 """SQLite: plain aiosqlite connections, a small pool of our own and a shared reader.
 
 SQLite is tuned for a server: WAL (readers never block the writer), a busy timeout,
-foreign keys on, ``synchronous=NORMAL``, and the sqlite3 module leaving BEGIN to us
-(``isolation_level=None``). A unit of work that will write starts with ``BEGIN
-IMMEDIATE``: a deferred transaction that reads and then writes fails at once with
-"database is locked" whatever the busy timeout, because SQLite cannot upgrade its read
-lock while another writer holds the database.
+foreign keys on, ``synchronous=NORMAL``. A unit of work that will write runs in a
+``BEGIN IMMEDIATE`` transaction: a deferred transaction that reads and then writes
+fails at once with "database is locked" whatever the busy timeout, because SQLite
+cannot upgrade its read lock while another writer holds the database. When its first
+statement changes rows (``INSERT``, ``UPDATE``, ``DELETE``, ``REPLACE``), the sqlite3
+module opens that transaction itself, in the same trip to the connection's thread
+(``isolation_level="IMMEDIATE"``: the module's documented implicit ``BEGIN IMMEDIATE``
+before such a statement when no transaction is open); when it starts with anything
+else (a ``SELECT``, a ``SAVEPOINT``), ``BEGIN IMMEDIATE`` is sent first. No other
+statement ever opens a transaction: reads are ``SELECT`` only.
 
 Writers of one process take turns on an ``asyncio.Lock`` before they take a connection,
 and hold it until they give the connection back. Without it they would contend for
@@ -86,6 +91,16 @@ def sqlite_dialect() -> SQLiteDialect_aiosqlite:
     return SQLiteDialect_aiosqlite(dbapi=SQLiteDialect_aiosqlite.import_dbapi())
 
 
+def opens_transaction(sql: str) -> bool:
+    """Whether the sqlite3 module opens a transaction before ``sql`` (with an
+    ``isolation_level`` set, outside a transaction): when its first word, after
+    whitespace, is one of the four its implicit ``BEGIN`` is documented for."""
+    return sql.lstrip(" \t\r\n")[:7].upper().startswith(_IMPLICIT_BEGIN)
+
+
+_IMPLICIT_BEGIN = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+
 class SqliteEngine:
     """The SQLite side of ``rpc_server.db.connection.Engine``."""
 
@@ -109,7 +124,9 @@ class SqliteEngine:
         dialect = sqlite_dialect()
         # The same file name and sqlite3 arguments SQLAlchemy would use for this URL.
         self._args, kwargs = dialect.create_connect_args(url)
-        self._kwargs = {**kwargs, "isolation_level": None}
+        # The sqlite3 module opens the transaction before a first statement that changes
+        # rows (``begin_and_fetch``); commits and rollbacks are ours.
+        self._kwargs = {**kwargs, "isolation_level": "IMMEDIATE"}
         self._private_file = private_file
         # SQLite hands back decimals and datetimes as floats and text: results processed.
         self.statements = StatementCache(dialect, process_results=True)
@@ -242,7 +259,8 @@ class SqliteEngine:
         if self._writer is not connection:  # taken to read: its turn to write first
             await self._wait_for_write_turn()
             self._writer = connection
-        await connection.execute_fetchall(self.begin_sql)
+        if not opens_transaction(sql):
+            await connection.execute_fetchall(self.begin_sql)
         return cast(Sequence[Any], await connection.execute_fetchall(sql, arguments))
 
     async def commit(self, connection: aiosqlite.Connection) -> None:

@@ -300,13 +300,18 @@ async def fulfill_purchase(
             return _Approval(Backing.PAYMENTS_SCOPE)
         return _Approval(None)
 
+    # Read before the write transaction: the change is conditional on the state read
+    # (``_request_state``), so a purchase changed in between is read again inside it.
+    # A repeat, a conflict or a refusal then opens no transaction at all, and a change
+    # holds the write lock (SQLite's, or the row's) for its writes only.
+    async with uow_factory() as uow:
+        seen = await uow.purchases.get(purchase_id, owner_id=owner)
+    if seen is None:
+        raise NotFound("Purchase not found", {"purchase_id": purchase_id})
     async with uow_factory(write=True) as uow:
-        purchase = await uow.purchases.get(purchase_id, owner_id=owner)
-        if purchase is None:
-            raise NotFound("Purchase not found", {"purchase_id": purchase_id})
         purchase, step = await _request_state(
             uow,
-            purchase,
+            seen,
             purchase_state,
             approve=approve,
             actor=EventActor.of(actor),

@@ -2,7 +2,8 @@
 
 On SQLite every trip to aiosqlite's thread is counted (each of ``aiosqlite.Connection``'s
 coroutine methods is one): a statement is one trip, a read is one trip, with no BEGIN
-and no rollback; a fulfillment is BEGIN IMMEDIATE, its seven statements and COMMIT. On
+and no rollback; a fulfillment is its read, then its six writes and COMMIT (the sqlite3
+module opening BEGIN IMMEDIATE with the first write). On
 both engines a read runs outside any transaction and a write inside one, and a
 connection goes back to the pool without a statement of its own (no rollback after a
 read, no reset query), as the statements the driver is given show.
@@ -120,8 +121,8 @@ async def test_a_read_is_one_trip_on_sqlite(
 
 
 @pytest.mark.backends("sqlite")
-async def test_a_fulfillment_is_its_statements_in_one_transaction_on_sqlite(
-    uow_factory: SqlUnitOfWorkFactory, world: World, purchase: Purchase, trips: Counter[str]
+async def test_a_fulfillment_is_a_read_then_its_writes_in_one_transaction_on_sqlite(
+    uow_factory: SqlUnitOfWorkFactory, world: World, purchase: Purchase, statements: list[Sent]
 ) -> None:
     # The payment backend's call (a payments-scope token: no proof to check).
     await services.fulfill_purchase(
@@ -129,10 +130,37 @@ async def test_a_fulfillment_is_its_statements_in_one_transaction_on_sqlite(
         purchase_id=purchase.purchase_id, purchase_state=PurchaseState.FULFILLED,
         verifier=VERIFIER,
     )  # fmt: skip
-    # BEGIN IMMEDIATE; the read; conditional UPDATE … RETURNING what it changed (no
-    # read back); registration; receipt; the audit event's seq (UPDATE event_sequence …
-    # RETURNING) and its row; COMMIT: one trip each.
-    assert trips == Counter({"BEGIN": 1, "SELECT": 1, "UPDATE": 2, "INSERT": 3, "COMMIT": 1})
+    # The read, outside the transaction (on the shared read connection); then the
+    # conditional UPDATE … RETURNING what it changed, given outside a transaction: the
+    # sqlite3 module opens BEGIN IMMEDIATE with it, in the same trip; registration;
+    # receipt; the audit event's seq (UPDATE event_sequence … RETURNING) and its row;
+    # COMMIT. One trip each, no BEGIN of its own.
+    assert [(s.word, s.in_transaction) for s in statements] == [
+        ("SELECT", False),
+        ("UPDATE", False),
+        ("INSERT", True),
+        ("INSERT", True),
+        ("UPDATE", True),
+        ("INSERT", True),
+        ("COMMIT", True),
+    ]
+
+
+@pytest.mark.backends("sqlite")
+async def test_a_repeated_fulfillment_is_one_read_on_sqlite(
+    uow_factory: SqlUnitOfWorkFactory, world: World, purchase: Purchase, trips: Counter[str]
+) -> None:
+    async def fulfil() -> None:
+        await services.fulfill_purchase(
+            uow_factory, world.payments.actor, FrontendLinks(FRONTEND_URL),
+            purchase_id=purchase.purchase_id, purchase_state=PurchaseState.FULFILLED,
+            verifier=VERIFIER,
+        )  # fmt: skip
+
+    await fulfil()
+    trips.clear()
+    await fulfil()  # a repeat: nothing to write, so no transaction
+    assert trips == Counter({"SELECT": 1})
 
 
 @pytest.mark.backends("sqlite")

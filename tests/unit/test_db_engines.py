@@ -8,13 +8,15 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from rpc_server.db.connection import Engine
 from rpc_server.db.errors import pool_timeout
 from rpc_server.db.postgres import PostgresEngine
-from rpc_server.db.sqlite import SqliteEngine
+from rpc_server.db.sqlite import SqliteEngine, opens_transaction
 from rpc_server.jsonrpc.errors import INTERNAL_ERROR, SERVICE_UNAVAILABLE
 from tests.unit.test_errors import error_of
 
@@ -114,3 +116,41 @@ def test_a_pool_timeout_answers_service_unavailable() -> None:
     assert isinstance(error, sa_exc.TimeoutError)
     assert "RPC_SERVER_DB_POOL_SIZE" in str(error)
     assert error_of(error).code == SERVICE_UNAVAILABLE
+
+
+FIRST_WORDS = ("insert", "INSERT", "Update", "delete", "REPLACE", "replace", "select")
+FIRST_WORDS += ("SELECT", "with", "pragma", "values")
+
+
+@given(
+    st.tuples(
+        st.text(" \t\r\n", max_size=3),
+        # (Not SAVEPOINT: outside a transaction SQLite itself opens one with it; it is
+        # never the first statement sent without BEGIN IMMEDIATE before it.)
+        st.sampled_from(FIRST_WORDS),
+    )
+)
+def test_opens_transaction_is_what_the_sqlite3_module_does(statement: tuple[str, str]) -> None:
+    """``begin_and_fetch`` leaves BEGIN IMMEDIATE to the sqlite3 module exactly when the
+    module opens it: checked against the module itself, on every first word it may see."""
+    space, word = statement
+    bodies = {
+        "insert": "INTO t VALUES (1)",
+        "update": "t SET x = 2",
+        "delete": "FROM t",
+        "replace": "INTO t VALUES (3)",
+        "select": "x FROM t",
+        "with": "c AS (SELECT 1) SELECT * FROM c",
+        "pragma": "user_version",
+        "values": "(1)",
+    }
+    sql = f"{space}{word} {bodies[word.lower()]}"
+    connection = sqlite3.connect(":memory:", isolation_level="IMMEDIATE")
+    try:
+        connection.execute("CREATE TABLE t (x)")
+        connection.commit()
+        assert not connection.in_transaction
+        connection.execute(sql)
+        assert opens_transaction(sql) is connection.in_transaction
+    finally:
+        connection.close()
