@@ -216,12 +216,15 @@ class PurchaseEvent(Base):
 class EventSequence(Base):
     """One row: the last ``purchase_events.seq`` handed out.
 
-    A transaction takes the next number with ``UPDATE … SET last_seq = last_seq + 1
-    RETURNING last_seq`` as its last statement before COMMIT. The row lock that UPDATE
-    takes is held until the transaction ends, so on PostgreSQL a second writer waits
-    for the first to commit (or roll back) before it numbers its event: numbers follow
-    commit order and a rolled-back number is given out again, never skipped. On SQLite
-    writers are serialized by ``BEGIN IMMEDIATE`` anyway.
+    A transaction takes the next number in the statement that inserts its event, its
+    last before COMMIT (``rpc_server.db.repositories.events``): on PostgreSQL with
+    ``UPDATE … SET last_seq = last_seq + 1 RETURNING last_seq`` in a WITH of that
+    INSERT. The row lock that UPDATE takes is held until the transaction ends, so a
+    second writer waits for the first to commit (or roll back) before it numbers its
+    event: numbers follow commit order and a rolled-back number is given out again,
+    never skipped. On SQLite the INSERT reads ``last_seq + 1`` and the trigger
+    ``purchase_events_sequence`` (migration 0009) moves ``last_seq``; writers are
+    serialized by ``BEGIN IMMEDIATE`` anyway.
     """
 
     __tablename__ = "event_sequence"

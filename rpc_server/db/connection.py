@@ -106,6 +106,12 @@ class UnitOfWorkConnection:
         self._connection: Any = None
         self._savepoints = 0
 
+    @property
+    def dialect_name(self) -> str:
+        """The engine's SQL dialect (``sqlite`` or ``postgresql``), for the rare statement
+        written one way per engine."""
+        return self._engine.dialect_name
+
     async def execute(
         self, statement: ClauseElement, params: Mapping[str, Any] | None = None
     ) -> Rows:

@@ -30,15 +30,41 @@ from rpc_server.domain.states import PurchaseState, Scope
 # A committed state change as the metrics count it: (from state or None, to state).
 Transition = tuple[str | None, str]
 
-# The next sequence number; its row lock is held until the transaction ends, which is
-# what makes numbers follow commit order (models.EventSequence).
-_NEXT_SEQ = (
+# An event's values, bound by name (its seq comes from ``event_sequence``).
+_EVENT_COLUMNS = (
+    "purchase_id", "from_state", "to_state", "actor_user_id", "actor_scope", "source",
+    "evidence", "payment_event_id", "payment_ref", "error_msg", "created_at",
+)  # fmt: skip
+_EVENT_VALUES = [
+    bindparam(name, type_=PurchaseEventRow.__table__.c[name].type) for name in _EVENT_COLUMNS
+]
+# The event's row, numbered in the same statement with the next sequence number
+# (models.EventSequence), one trip to the database:
+# - PostgreSQL: the sequence's UPDATE in a WITH, the INSERT from what it returns. Its row
+#   lock is held until the transaction ends, which is what makes numbers follow commit
+#   order.
+# - SQLite (no UPDATE inside a WITH): the INSERT reads ``last_seq + 1`` and the trigger
+#   ``purchase_events_sequence`` (migration 0009) moves ``last_seq`` to the row's seq, in
+#   the same statement; SQLite's writers are serialized.
+_TAKE_SEQ = (
     update(EventSequenceRow)
     .where(EventSequenceRow.id == 1)
     .values(last_seq=EventSequenceRow.last_seq + 1)
     .returning(EventSequenceRow.last_seq)
+    .cte("next_seq")
 )
-_INSERT_EVENT = insert(PurchaseEventRow)
+_APPEND_EVENT = {
+    "postgresql": insert(PurchaseEventRow)
+    .from_select(["seq", *_EVENT_COLUMNS], select(_TAKE_SEQ.c.last_seq, *_EVENT_VALUES))
+    .add_cte(_TAKE_SEQ)
+    .returning(PurchaseEventRow.seq),
+    "sqlite": insert(PurchaseEventRow)
+    .from_select(
+        ["seq", *_EVENT_COLUMNS],
+        select(EventSequenceRow.last_seq + 1, *_EVENT_VALUES).where(EventSequenceRow.id == 1),
+    )
+    .returning(PurchaseEventRow.seq),
+}
 _EVENTS_OF_PURCHASE = (
     select(
         PurchaseEventRow.seq,
@@ -150,12 +176,9 @@ class SqlPurchaseEventRepository:
         return bool(self.transitions)
 
     async def append(self, event: NewPurchaseEvent, *, now: datetime) -> int:
-        seq = await self.connection.scalar(_NEXT_SEQ)
-        assert seq is not None, "event_sequence has no row: run rpc-server migrate"
-        await self.connection.execute(
-            _INSERT_EVENT,
+        seq = await self.connection.scalar(
+            _APPEND_EVENT[self.connection.dialect_name],
             {
-                "seq": seq,
                 "purchase_id": event.purchase_pk,
                 "from_state": None if event.from_state is None else event.from_state.value,
                 "to_state": event.to_state.value,
@@ -169,6 +192,7 @@ class SqlPurchaseEventRepository:
                 "created_at": now,
             },
         )
+        assert seq is not None, "event_sequence has no row: run rpc-server migrate"
         self.transitions.append(
             (None if event.from_state is None else event.from_state.value, event.to_state.value)
         )
