@@ -139,10 +139,11 @@ class RpcMethod:
         args: Sequence[Any] = params if isinstance(params, list) else ()
         kwargs: Mapping[str, Any] = params if isinstance(params, dict) else {}
         try:
-            loaded = self.load_params(args, kwargs)
-        except ValidationError:
+            self.read_ahead(ctx, self.load_params(args, kwargs))
+        except Exception:
+            # A hint only: invalid params (ValidationError), or anything else, are the
+            # call's own to answer when it runs; the batch goes on without the hint.
             return
-        self.read_ahead(ctx, loaded)
 
     async def __call__(self, ctx: RpcContext, /, *args: Any, **kwargs: Any) -> Result:
         # ctx is positional-only, so a client param named "ctx" is just an unknown field.

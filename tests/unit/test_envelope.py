@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -18,8 +20,14 @@ from rpc_server.jsonrpc.envelope import (
     parse_error,
     problem_with,
 )
-from rpc_server.jsonrpc.errors import INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR
+from rpc_server.jsonrpc.errors import (
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+)
 from rpc_server.jsonrpc.json_codec import ExactNumber
+from rpc_server.jsonrpc.registry import MethodRegistry
 from rpc_server.methods import REGISTRY
 from rpc_server.payment_signatures import PaymentSignatures
 from tests.unit.conftest import FRONTEND_URL, FakeWorld
@@ -230,3 +238,25 @@ async def test_batch_length_is_limited(fake: FakeWorld) -> None:
     assert isinstance(over, dict)
     assert over["error"]["code"] == INVALID_REQUEST
     assert "at most 3" in over["error"]["data"]
+
+
+async def test_a_read_ahead_hook_that_fails_leaves_the_batch_answered(fake: FakeWorld) -> None:
+    """A method's ``read_ahead`` is a hint: whatever it raises, every call still runs
+    and answers as it would without it; calls with invalid params never reach it."""
+    told: list[Mapping[str, Any]] = []
+
+    def failing(ctx: RpcContext, params: Mapping[str, Any]) -> None:
+        told.append(params)
+        raise RuntimeError("the hint broke")
+
+    listed = dataclasses.replace(REGISTRY.methods["course.list"], read_ahead=failing)
+    registry = MethodRegistry([listed])
+    batch = [{**VALID, "id": 1}, {**VALID, "params": {"nope": 1}, "id": 2}, {**VALID, "id": 3}]
+    responses = await answer(batch, registry, ctx(fake), max_batch_length=10)
+    assert isinstance(responses, list)
+    assert [("result" in r, r.get("error", {}).get("code")) for r in responses] == [
+        (True, None),
+        (False, INVALID_PARAMS),
+        (True, None),
+    ]
+    assert told == [{}, {}]  # the two valid calls' loaded params, before they ran
